@@ -1,0 +1,139 @@
+"""``FusedLoRALinear`` and ``replace_linear_with_lora``: thin nn.Module wrappers over ``lora_linear``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._checks import check_rank, check_scaling
+from .backends import BACKEND_NAMES
+from .functional import lora_linear
+
+
+class FusedLoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank adapter, computed in one fused pass.
+
+    ``y = x Wᵀ + b + scaling·(x Aᵀ) Bᵀ`` with ``W = weight [out, in]`` and ``b = bias [out]`` frozen,
+    ``A = lora_A [r, in]`` and ``B = lora_B [out, r]`` trainable (PEFT's layout), and
+    ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``, as in rsLoRA). ``lora_A`` is
+    kaiming-uniform (a=√5) and ``lora_B`` zero, as in PEFT and the LoRA paper, so a new layer equals
+    its base. ``adapter_dtype`` (default: the weight's) may be float32 with an fp16/bf16 base, which
+    is PEFT's default.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        alpha: float = 16,
+        bias: bool = True,
+        *,
+        use_rslora: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+        adapter_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = check_rank(r)
+        self.alpha = check_scaling(alpha)
+        self.use_rslora = use_rslora
+        self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        self.backend = backend
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight = base.weight.requires_grad_(False)
+        self.bias = base.bias.requires_grad_(False) if bias else None
+        if self.bias is None:
+            self.register_parameter("bias", None)
+        adapter_dtype = adapter_dtype or self.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, device=self.weight.device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, device=self.weight.device, dtype=adapter_dtype))
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        alpha: float = 16,
+        *,
+        use_rslora: bool = False,
+        backend: str = "auto",
+        adapter_dtype: torch.dtype | None = None,
+    ) -> "FusedLoRALinear":
+        """Wrap an existing ``nn.Linear``: its ``weight`` and ``bias`` Parameters are shared (not
+        copied) and frozen; new adapters are created on its device."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            r,
+            alpha,
+            bias=linear.bias is not None,
+            use_rslora=use_rslora,
+            backend=backend,
+            device="meta",
+            dtype=weight.dtype,
+            adapter_dtype=adapter_dtype,
+        )
+        layer.weight = weight.requires_grad_(False)
+        layer.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
+        layer.lora_A = nn.Parameter(torch.empty_like(layer.lora_A, device=weight.device))
+        layer.lora_B = nn.Parameter(torch.empty_like(layer.lora_B, device=weight.device))
+        layer.reset_lora_parameters()
+        return layer
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, backend={self.backend!r}"
+        )
+
+
+def _matches(name: str, target_modules) -> bool:
+    """PEFT's rule: a module matches a target when its name equals it or ends with '.' + it."""
+    return target_modules is None or any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def replace_linear_with_lora(
+    model: nn.Module,
+    r: int,
+    alpha: float,
+    target_modules=None,
+    **layer_kwargs,
+) -> nn.Module:
+    """Replace, recursively and in place, every ``nn.Linear`` of ``model`` (or those whose qualified
+    name equals or ends with one of ``target_modules``, e.g. ``["q_proj", "v_proj"]``) by
+    ``FusedLoRALinear.from_linear(linear, r, alpha, **layer_kwargs)``. Returns ``model``.
+
+    Only the replaced layers' base weights are frozen; freeze the rest of the model as you wish
+    (``model.requires_grad_(False)`` before the call freezes everything but the new adapters).
+    """
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and name and _matches(name, target_modules)
+    ]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, FusedLoRALinear.from_linear(linear, r, alpha, **layer_kwargs))
+    return model

@@ -1,0 +1,1 @@
+"""Backend op families: one file each (kernels → launcher → torch.library registration)."""

@@ -1,0 +1,104 @@
+"""One contract for every backend, registered as ``torch.library`` ops with fakes and autograd.
+
+A backend supplies two functions on 2-D inputs (the public wrapper flattens leading dims):
+
+``forward(x [M, K], weight [N, K], bias [N] | None, lora_A [R, K], lora_B [N, R], scaling)``
+    returns ``(y [M, N] in x.dtype, xa [M, R])`` with ``y = x Wᵀ + b + scaling·(x Aᵀ) Bᵀ`` and
+    ``xa = x Aᵀ`` unscaled, held in float32 (float64 for float64 inputs) so that an fp16 input
+    whose low-rank product exceeds fp16's range stays correct. ``xa`` is what the backward needs.
+
+``backward(gy [M, N], x, xa, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, need_bias)``
+    returns ``(grad_x [M, K], grad_A [R, K], grad_B [N, R], grad_bias [N])``, each in the dtype of
+    its input, or an empty tensor where its ``need_*`` flag is False:
+    ``grad_x = gy W + scaling·(gy B) A``, ``grad_A = scaling·(gy B)ᵀ x``,
+    ``grad_B = scaling·gyᵀ xa``, ``grad_bias = Σ_m gy``.
+
+``register_backend`` turns the pair into ``fastlora::<name>_forward`` / ``fastlora::<name>_backward``
+custom ops; ``attach_autograd`` gives ops defined elsewhere (the C++ extension's) the same fakes and
+autograd. The autograd saves only ``x`` and ``xa`` besides the parameters; a ``weight`` that
+requires grad gets ``gyᵀ x`` from one unfused matmul (LoRA training freezes it).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+# The schemas every backend implements; csrc/ declares the same two for its ops.
+FORWARD_SCHEMA = "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling) -> (Tensor, Tensor)"
+BACKWARD_SCHEMA = (
+    "(Tensor gy, Tensor x, Tensor xa, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, "
+    "bool need_x, bool need_A, bool need_B, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+class LoRAOps(NamedTuple):
+    """The two ops of one backend."""
+
+    forward: Callable
+    backward: Callable
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of ``xa`` and of the low-rank accumulators: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(x, weight, bias, lora_A, lora_B, scaling):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    xa = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=wide_dtype(x.dtype))
+    return y, xa
+
+
+def _fake_backward(gy, x, xa, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, need_bias):
+    def maybe(needed, like, shape):
+        return like.new_empty(shape if needed else (0,))
+
+    return (
+        maybe(need_x, x, x.shape),
+        maybe(need_A, lora_A, lora_A.shape),
+        maybe(need_B, lora_B, lora_B.shape),
+        maybe(need_bias, x, (weight.shape[0],)),
+    )
+
+
+def attach_autograd(forward_op, backward_op) -> LoRAOps:
+    """Register fakes and autograd for an existing forward/backward op pair (see module doc)."""
+    torch.library.register_fake(forward_op)(_fake_forward)
+    torch.library.register_fake(backward_op)(_fake_backward)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_A, lora_B, scaling = inputs
+        ctx.save_for_backward(x, output[1], weight, lora_A, lora_B)
+        ctx.scaling = scaling
+
+    def backward(ctx, gy, _grad_xa):
+        x, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_w, need_bias, need_A, need_B, _ = ctx.needs_input_grad
+        grad_x, grad_A, grad_B, grad_bias = backward_op(
+            gy, x, xa, weight, lora_A, lora_B, ctx.scaling, need_x, need_A, need_B, need_bias
+        )
+        grad_w = gy.t().mm(x) if need_w else None
+        return (
+            grad_x if need_x else None,
+            grad_w,
+            grad_bias if need_bias else None,
+            grad_A if need_A else None,
+            grad_B if need_B else None,
+            None,
+        )
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    return LoRAOps(forward_op, backward_op)
+
+
+def register_backend(name: str, forward: Callable, backward: Callable, device_types=None) -> LoRAOps:
+    """Define ``fastlora::<name>_forward`` / ``_backward`` from Python functions and attach autograd."""
+    forward_op = torch.library.custom_op(
+        f"fastlora::{name}_forward", forward, mutates_args=(), device_types=device_types, schema=FORWARD_SCHEMA
+    )
+    backward_op = torch.library.custom_op(
+        f"fastlora::{name}_backward", backward, mutates_args=(), device_types=device_types, schema=BACKWARD_SCHEMA
+    )
+    return attach_autograd(forward_op, backward_op)

@@ -1,0 +1,54 @@
+"""The ``"torch"`` backend: the fastest plain-PyTorch composition, with a hand-written backward.
+
+Forward is the Unsloth recipe: one GEMM for the base (bias folded in), the rank-r product ``x Aᵀ``,
+then ``addmm_`` of the low-rank term straight into the base output, so no M×N temporary exists
+beside ``y``. Backward mirrors it for ``grad_x``; ``grad_A`` and ``grad_B`` are two skinny GEMMs.
+It runs on any device and dtype (float64 included) and is the default on the CPU.
+
+fp16 is the one dtype whose range is narrower than float32's: its low-rank products are formed in
+float32 (see ``_mm_wide``) and added to the fp16 output in float32, which costs an M×N float32
+temporary; bf16 and wider dtypes take the in-place path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._registry import register_backend, wide_dtype
+
+
+def _mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` returned in ``wide_dtype(a.dtype)``; fp16 operands are upcast before multiplying."""
+    if a.dtype == torch.float16:
+        a = a.float()
+    return torch.mm(a, b.to(a.dtype)).to(wide_dtype(a.dtype))
+
+
+def _add_low_rank(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``out + scaling·left @ right`` with ``left`` wide; in place unless ``out`` is fp16."""
+    if out.dtype == torch.float16:
+        return torch.addmm(out.float(), left, right.float(), alpha=scaling).half()
+    return out.addmm_(left.to(out.dtype), right.to(out.dtype), alpha=scaling)
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
+
+
+def torch_forward(x, weight, bias, lora_A, lora_B, scaling):
+    xa = _mm_wide(x, lora_A.t())
+    y = _add_low_rank(F.linear(x, weight, bias), xa, lora_B.t(), scaling)
+    return y, xa
+
+
+def torch_backward(gy, x, xa, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, need_bias):
+    g_xa = _mm_wide(gy, lora_B) if (need_x or need_A) else None
+    grad_x = _add_low_rank(gy.mm(weight), g_xa, lora_A, scaling) if need_x else _empty(x)
+    grad_A = _mm_wide(x.t(), g_xa).t().mul_(scaling).to(lora_A.dtype) if need_A else _empty(lora_A)
+    grad_B = _mm_wide(gy.t(), xa).mul_(scaling).to(lora_B.dtype) if need_B else _empty(lora_B)
+    grad_bias = gy.sum(0, dtype=wide_dtype(gy.dtype)).to(gy.dtype) if need_bias else _empty(gy)
+    return grad_x, grad_A, grad_B, grad_bias
+
+
+TORCH_OPS = register_backend("torch", torch_forward, torch_backward)
