@@ -9,8 +9,6 @@ dict look-up.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .ops._registry import LoRAOps
@@ -49,14 +47,6 @@ def available_backends() -> dict[str, str | None]:
     return {name: None if isinstance(ops, LoRAOps) else ops for name, ops in _BACKENDS.items()}
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _fused_runs_on(name: str, device: torch.device) -> bool:
-    return device.type == "cuda" or (name == "triton" and triton_interpreting())
-
-
 def _fused_supports(x: torch.Tensor, rank: int) -> bool:
     return x.dtype in FUSED_DTYPES and rank <= MAX_FUSED_RANK
 
@@ -75,9 +65,10 @@ def resolve_backend(name: str, x: torch.Tensor, rank: int) -> str:
         return name
     if isinstance(_BACKENDS[name], str):
         raise BackendUnavailableError(f"backend={name!r} is unavailable: {_BACKENDS[name]}")
-    if not _fused_runs_on(name, x.device):
+    runs_on = _BACKENDS[name].runs_on
+    if runs_on is not None and x.device.type not in runs_on:
         raise ValueError(
-            f"backend={name!r} runs on CUDA tensors only, got tensors on {x.device}; use backend='torch' or 'auto'"
+            f"backend={name!r} runs on {'/'.join(runs_on)} tensors, got tensors on {x.device}; use backend='torch' or 'auto'"
         )
     if x.dtype not in FUSED_DTYPES:
         raise TypeError(f"backend={name!r} supports float16, bfloat16 and float32, got {x.dtype}; use backend='torch'")

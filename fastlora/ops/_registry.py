@@ -34,10 +34,11 @@ BACKWARD_SCHEMA = (
 
 
 class LoRAOps(NamedTuple):
-    """The two ops of one backend."""
+    """The two ops of one backend, and the device types it runs on (None: any)."""
 
     forward: Callable
     backward: Callable
+    runs_on: tuple[str, ...] | None = None
 
 
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,7 +64,7 @@ def _fake_backward(gy, x, xa, weight, lora_A, lora_B, scaling, need_x, need_A, n
     )
 
 
-def attach_autograd(forward_op, backward_op) -> LoRAOps:
+def attach_autograd(forward_op, backward_op, runs_on: tuple[str, ...] | None = None) -> LoRAOps:
     """Register fakes and autograd for an existing forward/backward op pair (see module doc)."""
     torch.library.register_fake(forward_op)(_fake_forward)
     torch.library.register_fake(backward_op)(_fake_backward)
@@ -90,15 +91,15 @@ def attach_autograd(forward_op, backward_op) -> LoRAOps:
         )
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
-    return LoRAOps(forward_op, backward_op)
+    return LoRAOps(forward_op, backward_op, runs_on)
 
 
-def register_backend(name: str, forward: Callable, backward: Callable, device_types=None) -> LoRAOps:
+def register_backend(name: str, forward: Callable, backward: Callable, runs_on: tuple[str, ...] | None = None) -> LoRAOps:
     """Define ``fastlora::<name>_forward`` / ``_backward`` from Python functions and attach autograd."""
     forward_op = torch.library.custom_op(
-        f"fastlora::{name}_forward", forward, mutates_args=(), device_types=device_types, schema=FORWARD_SCHEMA
+        f"fastlora::{name}_forward", forward, mutates_args=(), schema=FORWARD_SCHEMA
     )
     backward_op = torch.library.custom_op(
-        f"fastlora::{name}_backward", backward, mutates_args=(), device_types=device_types, schema=BACKWARD_SCHEMA
+        f"fastlora::{name}_backward", backward, mutates_args=(), schema=BACKWARD_SCHEMA
     )
-    return attach_autograd(forward_op, backward_op)
+    return attach_autograd(forward_op, backward_op, runs_on)

@@ -1,0 +1,317 @@
+"""The ``"triton"`` backend: fused LoRA forward and backward kernels.
+
+Two kernels serve all of forward and backward:
+
+``_lora_matmul_kernel`` computes ``out = a·w + scaling·(a·la)·lb + bias`` and ``t = a·la`` in one pass:
+each program owns one ``[BLOCK_M, BLOCK_N]`` output tile, and every ``a`` tile it loads feeds both
+the base product (``acc``) and the rank-r product (``acc_t``, fp32, ``R_PAD`` columns). The
+low-rank term and the bias are added to the fp32 accumulator in the epilogue and the output is
+written once; the programs of the first column of tiles also write ``t``.
+
+    forward : a = x [M, K],  w = Wᵀ, la = Aᵀ, lb = Bᵀ  →  out = y,      t = x Aᵀ   (saved for backward)
+    grad_x  : a = gy [M, N], w = W,  la = B,  lb = A   →  out = grad_x, t = gy B   (feeds grad_A)
+
+``_lora_reduce_kernel`` computes ``scaling·lhsᵀ·rhs`` over the long M axis for the two adapter
+gradients, ``grad_A = scaling·(gy B)ᵀ x`` and ``grad_B = scaling·gyᵀ (x Aᵀ)``, optionally with
+the column sums of ``lhs`` (the bias gradient, read from the same ``gy`` tiles). M is split across
+programs that write fp32 partials to a workspace, summed afterwards: deterministic, no atomics.
+
+Precision: fp16/bf16 tiles go to the tensor cores with fp32 accumulation; fp32 adapters are cast
+to the activation dtype on load (no fp32 copy of ``x`` is ever made). ``t`` stays fp32, so an fp16
+input whose ``x Aᵀ`` exceeds fp16's range is still right; products with ``t`` run in fp32 (TF32 on
+the tensor cores, whose 10-bit mantissa holds fp16/bf16 operands exactly). fp32 inputs use exact
+fp32 products unless ``torch.set_float32_matmul_precision`` allows TF32.
+
+Under ``TRITON_INTERPRET=1`` (the CPU test suite) each kernel runs one fixed configuration, and
+bf16 operands are upcast to fp32 before ``tl.dot`` because the interpreter's bf16 dot is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._registry import register_backend
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the kernels fill comes from here (the tests patch it to poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _lora_matmul_kernel(
+    a_ptr, w_ptr, la_ptr, lb_ptr, bias_ptr, out_ptr, t_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar, stride_lbr, stride_lbn,
+    stride_om, stride_on, stride_tm, stride_tr,
+    scaling,
+    HAS_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr, STORE_T: tl.constexpr, R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr, LOW_RANK_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Grouped tile order: GROUP_M row blocks share each w column block while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    if WRITE_OUT:
+        num_n = tl.cdiv(N, BLOCK_N)
+    else:
+        num_n = 1
+    group_width = GROUP_M * num_n
+    first_m = (pid // group_width) * GROUP_M
+    group_height = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_width) % group_height
+    pid_n = (pid % group_width) // group_height
+
+    # int64 row/column offsets: M·stride can pass 2³¹ on large activations.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    la_ptrs = la_ptr + offs_k[:, None] * stride_lak + offs_r[None, :] * stride_lar
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if WRITE_OUT:
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = _dot(a, w, acc, PRECISION, UPCAST)
+        la = tl.load(la_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(a.dtype)
+        acc_t = _dot(a, la, acc_t, PRECISION, UPCAST)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+        la_ptrs += BLOCK_K * stride_lak
+
+    if STORE_T:
+        if pid_n == 0:
+            t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+            tl.store(t_ptrs, acc_t, mask=mask_m[:, None] & mask_r[None, :])
+    if WRITE_OUT:
+        lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
+        lb = tl.load(lb_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        acc += scaling * tl.dot(acc_t, lb, input_precision=LOW_RANK_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _lora_reduce_kernel(
+    lhs_ptr, rhs_ptr, ws_ptr, col_sum_ptr,
+    M, P, Q, rows_per_split,
+    stride_lm, stride_lp, stride_rm, stride_rq,
+    stride_ws_split, stride_ws_p, stride_ws_q, stride_cs_split,
+    scaling,
+    COL_SUM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):  # fmt: skip
+    # ws[split] = scaling · lhs[rows, :]ᵀ · rhs[rows, :] over this split's rows; col_sum[split] = Σ lhs[rows, :].
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
+    row_start = split.to(tl.int64) * rows_per_split
+    row_end = min(row_start + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        lhs = tl.load(
+            lhs_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp,
+            mask=mask_m[:, None] & mask_p[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        rhs = tl.load(
+            rhs_ptr + offs_m[:, None] * stride_rm + offs_q[None, :] * stride_rq,
+            mask=mask_m[:, None] & mask_q[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc = tl.dot(tl.trans(lhs), rhs, acc, input_precision=PRECISION)
+        if COL_SUM:
+            col_sum += tl.sum(lhs, axis=0)
+
+    ws_ptrs = ws_ptr + split * stride_ws_split + offs_p[:, None] * stride_ws_p + offs_q[None, :] * stride_ws_q
+    tl.store(ws_ptrs, acc * scaling, mask=mask_p[:, None] & mask_q[None, :])
+    if COL_SUM:
+        if pid_q == 0:
+            tl.store(col_sum_ptr + split * stride_cs_split + offs_p, col_sum, mask=mask_p)
+
+
+def _matmul_configs() -> list[triton.Config]:
+    if INTERPRET:
+        # The interpreter cannot benchmark; its cost grows with programs × K steps, so one big tile.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8})]
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (64, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (32, 128, 128, 4, 4),
+        (16, 128, 128, 4, 4),
+        (16, 64, 256, 4, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+# Accumulator registers a thread may hold (acc and acc_t, fp32) before a config is not worth timing.
+_MAX_ACC_REGISTERS = 160
+
+
+def prune_matmul_configs(configs, named_args, **kwargs):
+    """Drop configs whose accumulators spill (large ``R_PAD``) or whose row block dwarfs M."""
+    args = {**named_args, **kwargs}
+    rank, m_bucket = args["R_PAD"], args["M_BUCKET"]
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + rank) <= _MAX_ACC_REGISTERS * 32 * c.num_warps
+        and c.kwargs["BLOCK_M"] <= max(16, m_bucket)
+    ]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + rank) / c.num_warps)]
+
+
+_lora_matmul = triton.autotune(
+    configs=_matmul_configs(),
+    key=["M_BUCKET", "N", "K", "R_PAD", "WRITE_OUT", "STORE_T"],
+    prune_configs_by={"early_config_prune": prune_matmul_configs},
+)(_lora_matmul_kernel)
+
+
+def _padded_rank(size: int) -> int:
+    return max(16, triton.next_power_of_2(size))  # tl.dot needs every dimension >= 16
+
+
+def _precisions(dtype: torch.dtype) -> tuple[str, str]:
+    """``tl.dot`` input precision of the main loop and of the fp32 low-rank products."""
+    fp32 = "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
+    return fp32, ("tf32" if dtype in (torch.float16, torch.bfloat16) else fp32)
+
+
+def _launch_matmul(a, w, la, lb, bias, out, t, scaling: float) -> None:
+    """``out = a·w + scaling·(a·la)·lb + bias`` and ``t = a·la`` (fp32), for logical 2-D views
+    ``a [M, K]``, ``w [K, N]``, ``la [K, R]``, ``lb [R, N]``. ``out`` or ``t`` may be None (not written)."""
+    M, K = a.shape
+    N = w.shape[1]
+    R = la.shape[1]
+    precision, low_rank_precision = _precisions(a.dtype)
+    write_out = out is not None
+    out_or_t = out if write_out else t
+    t_strides = t.stride() if t is not None else (0, 0)
+
+    def grid(meta):
+        num_n = triton.cdiv(N, meta["BLOCK_N"]) if write_out else 1
+        return (triton.cdiv(M, meta["BLOCK_M"]) * num_n,)
+
+    _lora_matmul[grid](
+        a, w, la, lb, bias if bias is not None else out_or_t, out_or_t, t if t is not None else out_or_t,
+        M, N, K, R, triton.next_power_of_2(M),
+        *a.stride(), *w.stride(), *la.stride(), *lb.stride(), *out_or_t.stride(), *t_strides,
+        scaling,
+        HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=t is not None, R_PAD=_padded_rank(R),
+        PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
+        UPCAST=INTERPRET and a.dtype == torch.bfloat16,
+    )  # fmt: skip
+
+
+def _split_count(device: torch.device, tiles: int, row_blocks: int) -> int:
+    """Splits of M that give about two programs per SM (a few on the CPU, to exercise splitting)."""
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(row_blocks, programs // tiles))
+
+
+def _reduce_blocks(P: int, Q: int) -> tuple[int, int]:
+    """Output tile of the reduction: each side up to 128, at most 8192 fp32 accumulators a program."""
+    block_p = min(128, _padded_rank(P))
+    block_q = min(128, _padded_rank(Q))
+    while block_p * block_q > 8192:
+        if block_p >= block_q:
+            block_p //= 2
+        else:
+            block_q //= 2
+    return block_p, block_q
+
+
+def _reduce_over_m(lhs, rhs, scaling: float, out_dtype: torch.dtype, col_sum: bool = False):
+    """``(scaling·lhsᵀ·rhs [P, Q] in out_dtype, Σ_m lhs [P] fp32 or None)`` for ``lhs [M, P]``, ``rhs [M, Q]``."""
+    M, P = lhs.shape
+    Q = rhs.shape[1]
+    if M == 0:
+        sums = torch.zeros(P, dtype=torch.float32, device=lhs.device) if col_sum else None
+        return torch.zeros((P, Q), dtype=out_dtype, device=lhs.device), sums
+    block_m = 64
+    block_p, block_q = _reduce_blocks(P, Q)
+    tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
+    row_blocks = triton.cdiv(M, block_m)
+    rows_per_split = triton.cdiv(row_blocks, _split_count(lhs.device, tiles, row_blocks)) * block_m
+    splits = triton.cdiv(M, rows_per_split)
+    ws = _empty((splits, P, Q), torch.float32, lhs.device)
+    sums = _empty((splits, P), torch.float32, lhs.device) if col_sum else ws
+    _, low_rank_precision = _precisions(rhs.dtype)
+    _lora_reduce_kernel[(triton.cdiv(P, block_p), triton.cdiv(Q, block_q), splits)](
+        lhs, rhs, ws, sums,
+        M, P, Q, rows_per_split,
+        *lhs.stride(), *rhs.stride(), *ws.stride(), sums.stride(0),
+        scaling,
+        COL_SUM=col_sum, PRECISION=low_rank_precision,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,
+    )  # fmt: skip
+    return ws.sum(0).to(out_dtype), (sums.sum(0) if col_sum else None)
+
+
+def triton_forward(x, weight, bias, lora_A, lora_B, scaling):
+    M = x.shape[0]
+    y = _empty((M, weight.shape[0]), x.dtype, x.device)
+    xa = _empty((M, lora_A.shape[0]), torch.float32, x.device)
+    if M:
+        _launch_matmul(x, weight.t(), lora_A.t(), lora_B.t(), bias, y, xa, scaling)
+    return y, xa
+
+
+def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, need_bias):
+    M = x.shape[0]
+    grad_x = _empty(x.shape, x.dtype, x.device) if need_x else x.new_empty((0,))
+    g_xa = _empty((M, lora_A.shape[0]), torch.float32, x.device) if need_A else None
+    if M and (need_x or need_A):
+        _launch_matmul(gy, weight, lora_B, lora_A, None, grad_x if need_x else None, g_xa, scaling)
+    grad_A = _reduce_over_m(g_xa, x, scaling, lora_A.dtype)[0] if need_A else lora_A.new_empty((0,))
+    grad_B, grad_bias = lora_B.new_empty((0,)), gy.new_empty((0,))
+    if need_B or need_bias:
+        grad_B, col_sums = _reduce_over_m(gy, xa, scaling, lora_B.dtype, col_sum=need_bias)
+        grad_bias = col_sums.to(gy.dtype) if need_bias else grad_bias
+    return grad_x, grad_A, grad_B, grad_bias
+
+
+TRITON_OPS = register_backend(
+    "triton", triton_forward, triton_backward, runs_on=("cuda", "cpu") if INTERPRET else ("cuda",)
+)
