@@ -49,9 +49,7 @@ class FusedLoRALinear(nn.Module):
         self.backend = backend
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight = base.weight.requires_grad_(False)
-        self.bias = base.bias.requires_grad_(False) if bias else None
-        if self.bias is None:
-            self.register_parameter("bias", None)
+        self.register_parameter("bias", base.bias.requires_grad_(False) if bias else None)
         adapter_dtype = adapter_dtype or self.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(self.r, in_features, device=self.weight.device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.empty(out_features, self.r, device=self.weight.device, dtype=adapter_dtype))

@@ -45,7 +45,7 @@ def torch_forward(x, weight, bias, lora_A, lora_B, scaling):
 def torch_backward(gy, x, xa, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, need_bias):
     g_xa = _mm_wide(gy, lora_B) if (need_x or need_A) else None
     grad_x = _add_low_rank(gy.mm(weight), g_xa, lora_A, scaling) if need_x else _empty(x)
-    grad_A = _mm_wide(x.t(), g_xa).t().mul_(scaling).to(lora_A.dtype) if need_A else _empty(lora_A)
+    grad_A = _mm_wide(x.t(), g_xa).mul_(scaling).t().contiguous().to(lora_A.dtype) if need_A else _empty(lora_A)
     grad_B = _mm_wide(gy.t(), xa).mul_(scaling).to(lora_B.dtype) if need_B else _empty(lora_B)
     grad_bias = gy.sum(0, dtype=wide_dtype(gy.dtype)).to(gy.dtype) if need_bias else _empty(gy)
     return grad_x, grad_A, grad_B, grad_bias

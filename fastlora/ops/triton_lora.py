@@ -107,6 +107,8 @@ def _lora_matmul_kernel(
             t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
             tl.store(t_ptrs, acc_t, mask=mask_m[:, None] & mask_r[None, :])
     if WRITE_OUT:
+        # Padding columns of t are a·0, which is NaN where a holds an inf: zero them explicitly.
+        acc_t = tl.where(mask_r[None, :], acc_t, 0.0)
         lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
         lb = tl.load(lb_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         acc += scaling * tl.dot(acc_t, lb, input_precision=LOW_RANK_PRECISION)

@@ -1,0 +1,12 @@
+"""Test set-up: on a machine without a GPU the Triton kernels run under Triton's interpreter.
+
+``TRITON_INTERPRET`` must be set before any ``@triton.jit`` function is defined, i.e. before
+``fastlora`` is imported, so it is set here, at collection time.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,115 @@
+"""Shared test utilities: the tolerance table, input factories, float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastlora
+
+try:
+    from fastlora.ops import triton_lora
+except ImportError:  # no triton here: nothing to poison
+    triton_lora = None
+
+# ‖out − ref‖ / ‖ref‖ against a float64 reference, by the dtype of the computation.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+TF32_TOLERANCE = 5e-4
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def tolerance(dtype: torch.dtype, device: str | torch.device) -> float:
+    tf32 = torch.device(device).type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+    return TF32_TOLERANCE if dtype == torch.float32 and tf32 else TOLERANCE[dtype]
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (0 when both are empty or zero)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / denom if denom else out.norm().item()
+
+
+def backends_on(device: str) -> list[str]:
+    """Every backend that can run on ``device`` here (triton on the CPU under the interpreter)."""
+    runnable = []
+    for name, reason in fastlora.available_backends().items():
+        if reason is None:
+            ops = fastlora.backends.backend_ops(name)
+            if ops.runs_on is None or torch.device(device).type in ops.runs_on:
+                runnable.append(name)
+    return runnable
+
+
+BACKEND_DEVICE = [pytest.param(b, d, id=f"{b}-{d}") for d in DEVICES for b in backends_on(d)]
+
+
+def make_inputs(
+    m_shape,
+    in_features: int,
+    out_features: int,
+    r: int,
+    dtype: torch.dtype,
+    device="cpu",
+    *,
+    bias: bool = True,
+    adapter_dtype: torch.dtype | None = None,
+    x_noncontiguous: bool = False,
+    weight_requires_grad: bool = False,
+):
+    """Fresh random ``(x, weight, bias, lora_A, lora_B)``, scaled so every term of y matters.
+
+    ``m_shape`` is the leading shape of x (an int for 2-D x). x, bias, lora_A and lora_B require grad.
+    """
+    lead = (m_shape,) if isinstance(m_shape, int) else tuple(m_shape)
+    adapter_dtype = adapter_dtype or dtype
+    if x_noncontiguous:  # every other column of a twice-as-wide tensor: a strided, non-contiguous view
+        x = torch.randn(*lead, 2 * in_features, device=device, dtype=dtype)[..., ::2]
+    else:
+        x = torch.randn(*lead, in_features, device=device, dtype=dtype)
+    weight = (torch.randn(out_features, in_features, device=device) / in_features**0.5).to(dtype)
+    b = torch.randn(out_features, device=device, dtype=dtype) if bias else None
+    lora_A = (torch.randn(r, in_features, device=device) / in_features**0.5).to(adapter_dtype)
+    lora_B = (torch.randn(out_features, r, device=device) / r**0.5).to(adapter_dtype)
+    for t in (x, b, lora_A, lora_B):
+        if t is not None:
+            t.requires_grad_(True)
+    weight.requires_grad_(weight_requires_grad)
+    return x, weight, b, lora_A, lora_B
+
+
+def _float64(t):
+    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+
+def check_against_reference(inputs, scaling: float, backend: str, *, tol: float | None = None) -> None:
+    """Forward and every input gradient of ``lora_linear(backend)`` vs the float64 reference."""
+    x = inputs[0]
+    tol = tol if tol is not None else tolerance(x.dtype, x.device)
+    out = fastlora.lora_linear(*inputs, scaling, backend=backend)
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], inputs[1].shape[0])
+    inputs64 = [_float64(t) for t in inputs]
+    ref = fastlora.reference.lora_linear(*inputs64, scaling)
+    assert rel_error(out, ref) <= tol, f"forward: {rel_error(out, ref):.3e} > {tol}"
+
+    grad_out = torch.randn_like(out)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out)
+    grads64 = torch.autograd.grad(ref, [inputs64[i] for i in wanted], grad_out.double())
+    names = ["x", "weight", "bias", "lora_A", "lora_B"]
+    for i, g, g64 in zip(wanted, grads, grads64):
+        assert g.dtype == inputs[i].dtype, f"grad of {names[i]} has dtype {g.dtype}"
+        assert rel_error(g, g64) <= tol, f"grad of {names[i]}: {rel_error(g, g64):.3e} > {tol}"
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Fill every buffer the Triton kernels write with NaN first, so an unwritten element fails."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    if triton_lora is not None:
+        monkeypatch.setattr(triton_lora, "_empty", nan_empty)
