@@ -136,7 +136,7 @@ def _lora_reduce_kernel(
     offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_p = offs_p < P
     mask_q = offs_q < Q
-    row_start = split.to(tl.int64) * rows_per_split
+    row_start = split * rows_per_split
     row_end = min(row_start + rows_per_split, M)
 
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
@@ -144,6 +144,7 @@ def _lora_reduce_kernel(
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
+        offs_m = offs_m.to(tl.int64)
         lhs = tl.load(
             lhs_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp,
             mask=mask_m[:, None] & mask_p[None, :],
@@ -158,7 +159,7 @@ def _lora_reduce_kernel(
         if COL_SUM:
             col_sum += tl.sum(lhs, axis=0)
 
-    ws_ptrs = ws_ptr + split * stride_ws_split + offs_p[:, None] * stride_ws_p + offs_q[None, :] * stride_ws_q
+    ws_ptrs = ws_ptr + split.to(tl.int64) * stride_ws_split + offs_p[:, None] * stride_ws_p + offs_q[None, :] * stride_ws_q
     tl.store(ws_ptrs, acc * scaling, mask=mask_p[:, None] & mask_q[None, :])
     if COL_SUM:
         if pid_q == 0:
