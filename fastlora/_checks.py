@@ -1,16 +1,22 @@
 """Argument validation shared by every public entry point.
 
 Each check raises TypeError (wrong kind of object or dtype) or ValueError (wrong shape, device or
-value) with a message naming the argument, what was expected and what was given. The checks read
-only shapes, dtypes and devices, so they cost no device sync and trace under ``torch.compile``.
+value) with a message naming the argument, what was expected and what was given. The tensor
+checks read only shapes, dtypes and devices, so they cost no device sync and trace under
+``torch.compile``.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
+from collections.abc import Iterable
 
 import torch
+from torch import nn
+
+from .backends import BACKEND_NAMES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -29,20 +35,39 @@ def _require_dim(name: str, t: torch.Tensor, dim: int, layout: str) -> None:
         raise ValueError(f"{name} must be {dim}-D {layout}, got shape {tuple(t.shape)}")
 
 
-def check_scaling(scaling: object) -> float:
-    """``scaling`` as a finite Python float."""
+def check_scaling(scaling: object, name: str = "scaling") -> float:
+    """``scaling`` (or the ``alpha`` it is made from, named by ``name``) as a finite Python float."""
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"scaling must be a real number (a Python float), got {type(scaling).__name__}")
-    scaling = float(scaling)
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling}")
-    return scaling
+        raise TypeError(f"{name} must be a real number (a Python float), got {type(scaling).__name__}")
+    value = float(scaling)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
 
 
 def check_rank(r: object) -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ValueError(f"r (the LoRA rank) must be a positive integer, got {r!r}")
-    return int(r)
+    return _positive_int("r (the LoRA rank)", r)
+
+
+def check_layer_args(in_features: object, out_features: object, r: object, alpha: object, backend: object) -> tuple[int, float]:
+    """Validate ``FusedLoRALinear``'s configuration; returns ``(r, alpha)`` as int and float.
+
+    Whether the backend supports the tensors' device and dtype is settled per call, since a module
+    can be moved and cast after it is built.
+    """
+    _positive_int("in_features", in_features)
+    _positive_int("out_features", out_features)
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    return check_rank(r), check_scaling(alpha, "alpha")
 
 
 def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling) -> float:
@@ -62,6 +87,8 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling) -> float:
     _require_dim("lora_A", lora_A, 2, "[r, in_features]")
     _require_dim("lora_B", lora_B, 2, "[out_features, r]")
     out_features, in_features = weight.shape
+    if out_features == 0 or in_features == 0:
+        raise ValueError(f"weight must have shape [out_features, in_features] with both >= 1, got {tuple(weight.shape)}")
     r = lora_A.shape[0]
     if x.shape[-1] != in_features:
         raise ValueError(f"x's last dimension must equal weight.shape[1] = in_features = {in_features}, got x of shape {tuple(x.shape)}")
@@ -85,5 +112,56 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling) -> float:
     if lora_B.dtype != lora_A.dtype:
         raise TypeError(f"lora_B's dtype must equal lora_A's dtype {lora_A.dtype}, got {lora_B.dtype}")
     if lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"adapters (lora_A, lora_B) must be in x's dtype {x.dtype} or float32, got {lora_A.dtype}")
+        raise TypeError(f"adapters (lora_A, lora_B) must be float32 or x's dtype {x.dtype}, got {lora_A.dtype}")
     return check_scaling(scaling)
+
+
+def check_dropout(p: object) -> float:
+    """LoRA dropout probability as a float in [0, 1], as ``nn.Dropout`` accepts."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {p!r}")
+    return float(p)
+
+
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule: a module matches a target when its qualified name equals it or ends with '.' + it."""
+    return name == target or name.endswith("." + target)
+
+
+def check_target_modules(model: nn.Module, target_modules: object) -> list[tuple[str, nn.Linear]]:
+    """The ``(name, nn.Linear)`` submodules of ``model`` that ``target_modules`` selects.
+
+    ``target_modules`` is None (every ``nn.Linear``), one name or an iterable of names. Every name
+    must select at least one ``nn.Linear``: a misspelt target would otherwise leave layers without
+    adapters and training would go on, silently weaker. The error names each such target with the
+    modules it does match (e.g. ones already converted) or, failing that, the closest names.
+    """
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and name]
+    if target_modules is None:
+        if not linears:
+            raise ValueError(f"model ({type(model).__name__}) has no nn.Linear submodule to replace")
+        return linears
+    single = isinstance(target_modules, str) or not isinstance(target_modules, Iterable)
+    targets = [target_modules] if single else list(target_modules)
+    if not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"target_modules must be None, a module name or a list of names, got {target_modules!r}")
+    if not targets:
+        raise ValueError("target_modules must name at least one module, got an empty list (None selects every nn.Linear)")
+
+    problems = []
+    for target in targets:
+        if any(_matches(name, target) for name, _ in linears):
+            continue
+        others = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if name and _matches(name, target)]
+        if others:
+            problems.append(f"{target!r} matches only modules that are not nn.Linear: {', '.join(others[:3])}")
+            continue
+        leaf_names = {name.rpartition(".")[2] for name, _ in linears}
+        close = difflib.get_close_matches(target, sorted(leaf_names), n=3)
+        problems.append(f"{target!r} matches no module" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ""))
+    if problems:
+        raise ValueError(
+            f"target_modules={targets} must each match an nn.Linear (a module whose qualified name equals the "
+            f"target or ends with '.' + target): " + "; ".join(problems)
+        )
+    return [(name, m) for name, m in linears if any(_matches(name, t) for t in targets)]

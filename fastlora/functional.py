@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_lora_inputs
+from ._checks import check_dropout, check_lora_inputs
 from .backends import backend_ops, resolve_backend
+
+# Seeds are drawn below 2³¹ so that every backend's RNG takes them as they are.
+_SEED_BOUND = 2**31 - 1
 
 
 def lora_linear(
@@ -16,16 +19,22 @@ def lora_linear(
     lora_B: torch.Tensor,
     scaling: float,
     *,
+    dropout: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``x @ weight.T + bias + scaling * (x @ lora_A.T) @ lora_B.T``, differentiable.
+    """``x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``, differentiable.
 
     Shapes: ``x [..., in]``, ``weight [out, in]``, ``bias [out]`` or None, ``lora_A [r, in]``,
     ``lora_B [out, r]`` (PEFT's layout); returns ``[..., out]`` in ``x``'s dtype. The adapters may
-    be float32 while ``x`` and ``weight`` are fp16/bf16 (PEFT's default). ``backend`` is one of
-    ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` (see ``fastlora.backends``).
+    be float32 while ``x`` and ``weight`` are fp16/bf16 (PEFT's default). ``dropout`` is the
+    probability of LoRA dropout on the low-rank branch's input, as PEFT's ``lora_dropout``: the
+    mask comes from a counter-based RNG seeded from torch's default generator (reproducible under
+    ``torch.manual_seed``) and is regenerated, not stored, for the backward; pass 0 in eval mode.
+    ``backend`` is one of ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` (see ``fastlora.backends``).
     """
     scaling = check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling)
+    dropout = check_dropout(dropout)
     ops = backend_ops(resolve_backend(backend, x, lora_A.shape[0]))
-    y, _ = ops.forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling)
+    seed = torch.randint(_SEED_BOUND, (), dtype=torch.int64) if dropout else None
+    y, _ = ops.forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout, seed)
     return y.reshape(*x.shape[:-1], weight.shape[0])

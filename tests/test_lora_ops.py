@@ -121,12 +121,18 @@ def test_llm_shapes_on_gpu(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
-def test_opcheck(backend, device):
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_opcheck(backend, device, dropout_p):
     """torch.library's own checks: schema, fake tensors, autograd registration, AOT dispatch."""
     ops = backend_ops(backend)
     x, w, b, A, B = make_inputs(9, 16, 12, 4, torch.float32, device)
-    torch.library.opcheck(ops.forward, (x.detach(), w, b.detach(), A.detach(), B.detach(), 0.5))
-    torch.library.opcheck(ops.forward, (x, w, b, A, B, 0.5), test_utils=("test_schema", "test_autograd_registration"))
+    seed = torch.tensor(1234) if dropout_p else None
+    detached = (x.detach(), w, b.detach(), A.detach(), B.detach(), 0.5, dropout_p, seed)
+    torch.library.opcheck(ops.forward, detached)
+    torch.library.opcheck(
+        ops.forward, (x, w, b, A, B, 0.5, dropout_p, seed), test_utils=("test_schema", "test_autograd_registration")
+    )
     gy = torch.randn(9, 12, device=device)
     xa = torch.randn(9, 4, device=device)
-    torch.library.opcheck(ops.backward, (gy, x.detach(), xa, w, A.detach(), B.detach(), 0.5, True, True, True, True))
+    args = (gy, x.detach(), xa, w, A.detach(), B.detach(), 0.5, dropout_p, seed, True, True, True, True)
+    torch.library.opcheck(ops.backward, args)

@@ -2,15 +2,19 @@
 
 A backend supplies two functions on 2-D inputs (the public wrapper flattens leading dims):
 
-``forward(x [M, K], weight [N, K], bias [N] | None, lora_A [R, K], lora_B [N, R], scaling)``
-    returns ``(y [M, N] in x.dtype, xa [M, R])`` with ``y = x Wᵀ + b + scaling·(x Aᵀ) Bᵀ`` and
-    ``xa = x Aᵀ`` unscaled, held in float32 (float64 for float64 inputs) so that an fp16 input
+``forward(x [M, K], weight [N, K], bias [N] | None, lora_A [R, K], lora_B [N, R], scaling, dropout_p, seed)``
+    returns ``(y [M, N] in x.dtype, xa [M, R])`` with ``y = x Wᵀ + b + scaling·(D(x) Aᵀ) Bᵀ`` and
+    ``xa = D(x) Aᵀ`` unscaled, held in float32 (float64 for float64 inputs) so that an fp16 input
     whose low-rank product exceeds fp16's range stays correct. ``xa`` is what the backward needs.
+    ``D`` is LoRA dropout on the low-rank branch's input: ``D(x) = x ⊙ mask / (1 − dropout_p)``
+    with ``mask ~ Bernoulli(1 − dropout_p)`` drawn from a counter-based RNG keyed by ``seed`` (a
+    0-d int64 CPU tensor; None when ``dropout_p`` is 0) and each element's flat index ``m·K + k``,
+    so the backward regenerates the mask instead of storing it.
 
-``backward(gy [M, N], x, xa, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, need_bias)``
+``backward(gy [M, N], x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias)``
     returns ``(grad_x [M, K], grad_A [R, K], grad_B [N, R], grad_bias [N])``, each in the dtype of
     its input, or an empty tensor where its ``need_*`` flag is False:
-    ``grad_x = gy W + scaling·(gy B) A``, ``grad_A = scaling·(gy B)ᵀ x``,
+    ``grad_x = gy W + scaling·D((gy B) A)``, ``grad_A = scaling·(gy B)ᵀ D(x)``,
     ``grad_B = scaling·gyᵀ xa``, ``grad_bias = Σ_m gy``.
 
 ``register_backend`` turns the pair into ``fastlora::<name>_forward`` / ``fastlora::<name>_backward``
@@ -26,10 +30,13 @@ from typing import Callable, NamedTuple
 import torch
 
 # The schemas every backend implements; csrc/ declares the same two for its ops.
-FORWARD_SCHEMA = "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling) -> (Tensor, Tensor)"
+FORWARD_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, "
+    "Tensor? seed) -> (Tensor, Tensor)"
+)
 BACKWARD_SCHEMA = (
-    "(Tensor gy, Tensor x, Tensor xa, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, "
-    "bool need_x, bool need_A, bool need_B, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)"
+    "(Tensor gy, Tensor x, Tensor xa, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, "
+    "Tensor? seed, bool need_x, bool need_A, bool need_B, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -46,13 +53,13 @@ def wide_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_forward(x, weight, bias, lora_A, lora_B, scaling):
+def _fake_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     y = x.new_empty((x.shape[0], weight.shape[0]))
     xa = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=wide_dtype(x.dtype))
     return y, xa
 
 
-def _fake_backward(gy, x, xa, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, need_bias):
+def _fake_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
     def maybe(needed, like, shape):
         return like.new_empty(shape if needed else (0,))
 
@@ -70,15 +77,15 @@ def attach_autograd(forward_op, backward_op, runs_on: tuple[str, ...] | None = N
     torch.library.register_fake(backward_op)(_fake_backward)
 
     def setup_context(ctx, inputs, output):
-        x, weight, bias, lora_A, lora_B, scaling = inputs
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
         ctx.save_for_backward(x, output[1], weight, lora_A, lora_B)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
 
     def backward(ctx, gy, _grad_xa):
         x, xa, weight, lora_A, lora_B = ctx.saved_tensors
-        need_x, need_w, need_bias, need_A, need_B, _ = ctx.needs_input_grad
+        need_x, need_w, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         grad_x, grad_A, grad_B, grad_bias = backward_op(
-            gy, x, xa, weight, lora_A, lora_B, ctx.scaling, need_x, need_A, need_B, need_bias
+            gy, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, need_x, need_A, need_B, need_bias
         )
         grad_w = gy.t().mm(x) if need_w else None
         return (
@@ -87,6 +94,8 @@ def attach_autograd(forward_op, backward_op, runs_on: tuple[str, ...] | None = N
             grad_bias if need_bias else None,
             grad_A if need_A else None,
             grad_B if need_B else None,
+            None,
+            None,
             None,
         )
 

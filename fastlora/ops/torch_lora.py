@@ -5,6 +5,9 @@ then ``addmm_`` of the low-rank term straight into the base output, so no M×N t
 beside ``y``. Backward mirrors it for ``grad_x``; ``grad_A`` and ``grad_B`` are two skinny GEMMs.
 It runs on any device and dtype (float64 included) and is the default on the CPU.
 
+LoRA dropout draws its mask from a ``torch.Generator`` seeded with the call's seed, so the backward
+regenerates the same mask instead of saving it.
+
 fp16 is the one dtype whose range is narrower than float32's: its low-rank products are formed in
 float32 (see ``_mm_wide``) and added to the fp16 output in float32, which costs an M×N float32
 temporary; bf16 and wider dtypes take the in-place path.
@@ -36,16 +39,35 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
-def torch_forward(x, weight, bias, lora_A, lora_B, scaling):
-    xa = _mm_wide(x, lora_A.t())
+def _dropout_scale(x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """``mask / (1 − p)`` for ``x``'s shape, regenerated identically from ``seed``."""
+    generator = torch.Generator(device=x.device).manual_seed(int(seed))
+    keep = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1 - dropout_p, generator=generator)
+    return keep.mul_(1 / (1 - dropout_p)) if dropout_p < 1 else keep
+
+
+def torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    x_low_rank = x * _dropout_scale(x, dropout_p, seed) if dropout_p else x
+    xa = _mm_wide(x_low_rank, lora_A.t())
     y = _add_low_rank(F.linear(x, weight, bias), xa, lora_B.t(), scaling)
     return y, xa
 
 
-def torch_backward(gy, x, xa, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, need_bias):
+def torch_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
+    dropout_scale = _dropout_scale(x, dropout_p, seed) if dropout_p and (need_x or need_A) else None
     g_xa = _mm_wide(gy, lora_B) if (need_x or need_A) else None
-    grad_x = _add_low_rank(gy.mm(weight), g_xa, lora_A, scaling) if need_x else _empty(x)
-    grad_A = _mm_wide(x.t(), g_xa).mul_(scaling).t().contiguous().to(lora_A.dtype) if need_A else _empty(lora_A)
+    if not need_x:
+        grad_x = _empty(x)
+    elif dropout_scale is None:
+        grad_x = _add_low_rank(gy.mm(weight), g_xa, lora_A, scaling)
+    else:
+        low_rank = torch.mm(g_xa, lora_A.to(g_xa.dtype)).mul_(dropout_scale).mul_(scaling)
+        grad_x = low_rank.add_(gy.mm(weight)).to(x.dtype)
+    if need_A:
+        x_low_rank = x * dropout_scale if dropout_scale is not None else x
+        grad_A = _mm_wide(x_low_rank.t(), g_xa).mul_(scaling).t().contiguous().to(lora_A.dtype)
+    else:
+        grad_A = _empty(lora_A)
     grad_B = _mm_wide(gy.t(), xa).mul_(scaling).to(lora_B.dtype) if need_B else _empty(lora_B)
     grad_bias = gy.sum(0, dtype=wide_dtype(gy.dtype)).to(gy.dtype) if need_bias else _empty(gy)
     return grad_x, grad_A, grad_B, grad_bias

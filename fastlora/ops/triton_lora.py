@@ -11,6 +11,12 @@ written once; the programs of the first column of tiles also write ``t``.
     forward : a = x [M, K],  w = Wᵀ, la = Aᵀ, lb = Bᵀ  →  out = y,      t = x Aᵀ   (saved for backward)
     grad_x  : a = gy [M, N], w = W,  la = B,  lb = A   →  out = grad_x, t = gy B   (feeds grad_A)
 
+LoRA dropout (``D``) never stores a mask: each element's keep bit is ``tl.rand(seed, m·K + k) ≥ p``,
+a counter-based draw that the backward regenerates. The forward applies it to the ``a`` tiles that
+feed ``acc_t`` (``DROPOUT = 1``); ``grad_x`` applies it to the low-rank term of its epilogue
+(``DROPOUT = 2``: ``D`` is elementwise, so ``D(x)·Aᵀ`` transposes to ``D(g·A)``); ``grad_A``
+applies it to the ``x`` tiles of the reduction.
+
 ``_lora_reduce_kernel`` computes ``scaling·lhsᵀ·rhs`` over the long M axis for the two adapter
 gradients, ``grad_A = scaling·(gy B)ᵀ x`` and ``grad_B = scaling·gyᵀ (x Aᵀ)``, optionally with
 the column sums of ``lhs`` (the bias gradient, read from the same ``gy`` tiles). M is split across
@@ -29,6 +35,7 @@ bf16 operands are upcast to fp32 before ``tl.dot`` because the interpreter's bf1
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -58,8 +65,8 @@ def _lora_matmul_kernel(
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar, stride_lbr, stride_lbn,
     stride_om, stride_on, stride_tm, stride_tr,
-    scaling,
-    HAS_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr, STORE_T: tl.constexpr, R_PAD: tl.constexpr,
+    scaling, dropout_p, dropout_scale, seed,
+    HAS_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr, STORE_T: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, LOW_RANK_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -97,10 +104,15 @@ def _lora_matmul_kernel(
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = _dot(a, w, acc, PRECISION, UPCAST)
         la = tl.load(la_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(a.dtype)
+        if DROPOUT == 1:
+            keep = tl.rand(seed, offs_m[:, None] * K + (k0 + offs_k)[None, :]) >= dropout_p
+            a = tl.where(keep, a, 0.0)
         acc_t = _dot(a, la, acc_t, PRECISION, UPCAST)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
         la_ptrs += BLOCK_K * stride_lak
+    if DROPOUT == 1:
+        acc_t *= dropout_scale
 
     if STORE_T:
         if pid_n == 0:
@@ -111,7 +123,11 @@ def _lora_matmul_kernel(
         acc_t = tl.where(mask_r[None, :], acc_t, 0.0)
         lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
         lb = tl.load(lb_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        acc += scaling * tl.dot(acc_t, lb, input_precision=LOW_RANK_PRECISION)
+        low_rank = tl.dot(acc_t, lb, input_precision=LOW_RANK_PRECISION)
+        if DROPOUT == 2:
+            keep = tl.rand(seed, offs_m[:, None] * N + offs_n[None, :]) >= dropout_p
+            low_rank = tl.where(keep, low_rank * dropout_scale, 0.0)
+        acc += scaling * low_rank
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -124,11 +140,12 @@ def _lora_reduce_kernel(
     M, P, Q, rows_per_split,
     stride_lm, stride_lp, stride_rm, stride_rq,
     stride_ws_split, stride_ws_p, stride_ws_q, stride_cs_split,
-    scaling,
-    COL_SUM: tl.constexpr, PRECISION: tl.constexpr,
+    scaling, dropout_p, seed,
+    COL_SUM: tl.constexpr, RHS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):  # fmt: skip
-    # ws[split] = scaling · lhs[rows, :]ᵀ · rhs[rows, :] over this split's rows; col_sum[split] = Σ lhs[rows, :].
+    # ws[split] = scaling · lhs[rows, :]ᵀ · D(rhs[rows, :]) over this split's rows (D: the dropout mask,
+    # unscaled: its 1/(1 − p) is folded into scaling); col_sum[split] = Σ lhs[rows, :].
     pid_p = tl.program_id(0)
     pid_q = tl.program_id(1)
     split = tl.program_id(2)
@@ -155,6 +172,8 @@ def _lora_reduce_kernel(
             mask=mask_m[:, None] & mask_q[None, :],
             other=0.0,
         ).to(tl.float32)
+        if RHS_DROPOUT:
+            rhs = tl.where(tl.rand(seed, offs_m[:, None] * Q + offs_q[None, :]) >= dropout_p, rhs, 0.0)
         acc = tl.dot(tl.trans(lhs), rhs, acc, input_precision=PRECISION)
         if COL_SUM:
             col_sum += tl.sum(lhs, axis=0)
@@ -221,9 +240,28 @@ def _precisions(dtype: torch.dtype) -> tuple[str, str]:
     return fp32, ("tf32" if dtype in (torch.float16, torch.bfloat16) else fp32)
 
 
-def _launch_matmul(a, w, la, lb, bias, out, t, scaling: float) -> None:
+class _Dropout(NamedTuple):
+    """LoRA dropout of one call: probability, seed, and ``1/(1 − p)`` (0 when everything drops)."""
+
+    p: float
+    seed: int
+
+    @property
+    def scale(self) -> float:
+        return 1 / (1 - self.p) if self.p < 1 else 0.0
+
+
+_NO_DROPOUT = _Dropout(0.0, 0)
+
+
+def _dropout(dropout_p: float, seed) -> _Dropout:
+    return _Dropout(dropout_p, int(seed)) if dropout_p else _NO_DROPOUT
+
+
+def _launch_matmul(a, w, la, lb, bias, out, t, scaling: float, dropout: _Dropout, dropout_mode: int) -> None:
     """``out = a·w + scaling·(a·la)·lb + bias`` and ``t = a·la`` (fp32), for logical 2-D views
-    ``a [M, K]``, ``w [K, N]``, ``la [K, R]``, ``lb [R, N]``. ``out`` or ``t`` may be None (not written)."""
+    ``a [M, K]``, ``w [K, N]``, ``la [K, R]``, ``lb [R, N]``. ``out`` or ``t`` may be None (not written).
+    ``dropout_mode`` 1 drops elements of ``a`` in ``a·la``, 2 elements of ``(a·la)·lb`` (see module doc)."""
     M, K = a.shape
     N = w.shape[1]
     R = la.shape[1]
@@ -240,8 +278,9 @@ def _launch_matmul(a, w, la, lb, bias, out, t, scaling: float) -> None:
         a, w, la, lb, bias if bias is not None else out_or_t, out_or_t, t if t is not None else out_or_t,
         M, N, K, R, triton.next_power_of_2(M),
         *a.stride(), *w.stride(), *la.stride(), *lb.stride(), *out_or_t.stride(), *t_strides,
-        scaling,
+        scaling, dropout.p, dropout.scale, dropout.seed,
         HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=t is not None, R_PAD=_padded_rank(R),
+        DROPOUT=dropout_mode if dropout.p else 0,
         PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
         UPCAST=INTERPRET and a.dtype == torch.bfloat16,
     )  # fmt: skip
@@ -265,8 +304,9 @@ def _reduce_blocks(P: int, Q: int) -> tuple[int, int]:
     return block_p, block_q
 
 
-def _reduce_over_m(lhs, rhs, scaling: float, out_dtype: torch.dtype, col_sum: bool = False):
-    """``(scaling·lhsᵀ·rhs [P, Q] in out_dtype, Σ_m lhs [P] fp32 or None)`` for ``lhs [M, P]``, ``rhs [M, Q]``."""
+def _reduce_over_m(lhs, rhs, scaling: float, out_dtype: torch.dtype, col_sum: bool = False, rhs_dropout=_NO_DROPOUT):
+    """``(scaling·lhsᵀ·D(rhs) [P, Q] in out_dtype, Σ_m lhs [P] fp32 or None)`` for ``lhs [M, P]``,
+    ``rhs [M, Q]``; ``D`` is LoRA dropout, the identity by default."""
     M, P = lhs.shape
     Q = rhs.shape[1]
     if M == 0:
@@ -285,29 +325,33 @@ def _reduce_over_m(lhs, rhs, scaling: float, out_dtype: torch.dtype, col_sum: bo
         lhs, rhs, ws, sums,
         M, P, Q, rows_per_split,
         *lhs.stride(), *rhs.stride(), *ws.stride(), sums.stride(0),
-        scaling,
-        COL_SUM=col_sum, PRECISION=low_rank_precision,
+        scaling * rhs_dropout.scale, rhs_dropout.p, rhs_dropout.seed,
+        COL_SUM=col_sum, RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=low_rank_precision,
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,
     )  # fmt: skip
     return ws.sum(0).to(out_dtype), (sums.sum(0) if col_sum else None)
 
 
-def triton_forward(x, weight, bias, lora_A, lora_B, scaling):
+def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     M = x.shape[0]
     y = _empty((M, weight.shape[0]), x.dtype, x.device)
     xa = _empty((M, lora_A.shape[0]), torch.float32, x.device)
     if M:
-        _launch_matmul(x, weight.t(), lora_A.t(), lora_B.t(), bias, y, xa, scaling)
+        _launch_matmul(x, weight.t(), lora_A.t(), lora_B.t(), bias, y, xa, scaling, _dropout(dropout_p, seed), 1)
     return y, xa
 
 
-def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, need_bias):
+def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
     M = x.shape[0]
+    dropout = _dropout(dropout_p, seed)
     grad_x = _empty(x.shape, x.dtype, x.device) if need_x else x.new_empty((0,))
     g_xa = _empty((M, lora_A.shape[0]), torch.float32, x.device) if need_A else None
     if M and (need_x or need_A):
-        _launch_matmul(gy, weight, lora_B, lora_A, None, grad_x if need_x else None, g_xa, scaling)
-    grad_A = _reduce_over_m(g_xa, x, scaling, lora_A.dtype)[0] if need_A else lora_A.new_empty((0,))
+        _launch_matmul(gy, weight, lora_B, lora_A, None, grad_x if need_x else None, g_xa, scaling, dropout, 2)
+    if need_A:
+        grad_A = _reduce_over_m(g_xa, x, scaling, lora_A.dtype, rhs_dropout=dropout)[0]
+    else:
+        grad_A = lora_A.new_empty((0,))
     grad_B, grad_bias = lora_B.new_empty((0,)), gy.new_empty((0,))
     if need_B or need_bias:
         grad_B, col_sums = _reduce_over_m(gy, xa, scaling, lora_B.dtype, col_sum=need_bias)
