@@ -223,9 +223,11 @@ def prune_matmul_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + rank) / c.num_warps)]
 
 
+# Keyed on M's power-of-two bucket (M_BUCKET, an argument only the autotuner reads) rather than on M,
+# so that training on varying sequence lengths does not re-tune at every new batch size.
 _lora_matmul = triton.autotune(
     configs=_matmul_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "WRITE_OUT", "STORE_T"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "WRITE_OUT", "STORE_T", "DROPOUT"],
     prune_configs_by={"early_config_prune": prune_matmul_configs},
 )(_lora_matmul_kernel)
 
