@@ -2,15 +2,22 @@
 
 from . import reference
 from .backends import BackendUnavailableError, available_backends
+from .adapters import load_adapter, save_adapter
 from .functional import lora_linear
-from .layers import FusedLoRALinear, replace_linear_with_lora
+from .layers import FusedLoRALinear, merge_and_unload, replace_linear_with_lora
+from .peft_integration import patch_peft, unpatch_peft
 
 __all__ = [
     "BackendUnavailableError",
     "FusedLoRALinear",
     "available_backends",
+    "load_adapter",
     "lora_linear",
+    "merge_and_unload",
+    "patch_peft",
     "reference",
     "replace_linear_with_lora",
+    "save_adapter",
+    "unpatch_peft",
 ]
 __version__ = "0.1.0"

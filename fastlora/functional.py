@@ -31,7 +31,19 @@ def lora_linear(
     mask comes from a counter-based RNG seeded from torch's default generator (reproducible under
     ``torch.manual_seed``) and is regenerated, not stored, for the backward; pass 0 in eval mode.
     ``backend`` is one of ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` (see ``fastlora.backends``).
+    Under ``torch.autocast`` the inputs are cast as autocast casts ``F.linear``'s.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast does not reach inside custom ops: cast here as it casts F.linear's arguments (fp32
+        # adapters stay fp32, PEFT's default), then run with it off so the ops see consistent dtypes.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        if lora_A.dtype != torch.float32:
+            lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout=dropout, backend=backend)
     scaling = check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling)
     dropout = check_dropout(dropout)
     ops = backend_ops(resolve_backend(backend, x, lora_A.shape[0]))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_rank, check_scaling
+from ._checks import check_dropout, check_rank, check_scaling
 from .backends import BACKEND_NAMES
 from .functional import lora_linear
 
@@ -20,7 +21,11 @@ class FusedLoRALinear(nn.Module):
     ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``, as in rsLoRA). ``lora_A`` is
     kaiming-uniform (a=√5) and ``lora_B`` zero, as in PEFT and the LoRA paper, so a new layer equals
     its base. ``adapter_dtype`` (default: the weight's) may be float32 with an fp16/bf16 base, which
-    is PEFT's default.
+    is PEFT's default. ``dropout`` is LoRA dropout on the low-rank branch's input in training mode
+    (PEFT's ``lora_dropout``), fused into the kernels.
+
+    ``merge()`` folds the adapter into the weight for inference (``merged`` is then True and the
+    forward is the base product alone); ``unmerge()`` takes it back out.
     """
 
     def __init__(
@@ -32,6 +37,7 @@ class FusedLoRALinear(nn.Module):
         bias: bool = True,
         *,
         use_rslora: bool = False,
+        dropout: float = 0.0,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -46,6 +52,7 @@ class FusedLoRALinear(nn.Module):
         self.alpha = check_scaling(alpha)
         self.use_rslora = use_rslora
         self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        self.lora_dropout = check_dropout(dropout)
         self.backend = backend
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight = base.weight.requires_grad_(False)
@@ -53,6 +60,7 @@ class FusedLoRALinear(nn.Module):
         adapter_dtype = adapter_dtype or self.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(self.r, in_features, device=self.weight.device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.empty(out_features, self.r, device=self.weight.device, dtype=adapter_dtype))
+        self.merged = False
         self.reset_lora_parameters()
 
     @classmethod
@@ -63,6 +71,7 @@ class FusedLoRALinear(nn.Module):
         alpha: float = 16,
         *,
         use_rslora: bool = False,
+        dropout: float = 0.0,
         backend: str = "auto",
         adapter_dtype: torch.dtype | None = None,
     ) -> "FusedLoRALinear":
@@ -78,6 +87,7 @@ class FusedLoRALinear(nn.Module):
             alpha,
             bias=linear.bias is not None,
             use_rslora=use_rslora,
+            dropout=dropout,
             backend=backend,
             device="meta",
             dtype=weight.dtype,
@@ -94,13 +104,50 @@ class FusedLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    @torch.no_grad()
+    def _add_delta(self, sign: float) -> None:
+        """``W ← W + sign·scaling·B A``, formed in float32 (float64 for a float64 W) and rounded to
+        W's dtype once, in place (the Parameter and its storage are kept)."""
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        B, A = self.lora_B.to(wide), self.lora_A.to(wide)
+        self.weight.copy_(torch.addmm(self.weight.to(wide), B, A, alpha=sign * self.scaling))
+
+    def merge(self) -> None:
+        """Fold the adapter into the weight: ``W ← W + scaling·B A`` (a no-op if already merged).
+
+        The forward then runs ``x Wᵀ + b`` only, and the adapters get no gradient: unmerge before
+        training again. No copy of W is kept; ``unmerge`` subtracts the same product. ``merged`` is
+        not part of the state_dict, so save checkpoints unmerged.
+        """
+        if not self.merged:
+            self._add_delta(1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo ``merge``: ``W ← W − scaling·B A`` in float32, which gives back W to within one
+        rounding step of its dtype."""
+        if self.merged:
+            self._add_delta(-1.0)
+            self.merged = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, backend=self.backend)
+        dropout = self.lora_dropout if self.training else 0.0
+        if self.merged:
+            if dropout:
+                raise RuntimeError(
+                    f"a merged FusedLoRALinear cannot apply LoRA dropout (p={dropout}) in training mode: "
+                    "call unmerge() to train, or eval() for inference"
+                )
+            return F.linear(x, self.weight, self.bias)
+        return lora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dropout=dropout, backend=self.backend
+        )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, backend={self.backend!r}"
+            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.lora_dropout:g}, "
+            f"backend={self.backend!r}, merged={self.merged}"
         )
 
 
@@ -134,4 +181,26 @@ def replace_linear_with_lora(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, FusedLoRALinear.from_linear(linear, r, alpha, **layer_kwargs))
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace, in place, every ``FusedLoRALinear`` of ``model`` by a plain ``nn.Linear`` whose weight
+    is the merged ``W + scaling·B A`` (see ``FusedLoRALinear.merge``); the adapters are dropped. The
+    new layers reuse the weight and bias Parameters (still frozen). Returns ``model``, or the new
+    ``nn.Linear`` when ``model`` is itself a ``FusedLoRALinear``.
+    """
+
+    def unloaded(layer: FusedLoRALinear) -> nn.Linear:
+        layer.merge()
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight, linear.bias = layer.weight, layer.bias
+        return linear.train(layer.training)
+
+    if isinstance(model, FusedLoRALinear):
+        return unloaded(model)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, FusedLoRALinear)]
+    for name, layer in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, unloaded(layer))
     return model

@@ -134,3 +134,20 @@ def test_compiled_module_matches_eager_without_graph_breaks():
     assert torch.allclose(out, eager_out, rtol=1e-5, atol=1e-6)
     for g, e in zip(grads, eager_grads):
         assert torch.allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_applies_in_training_mode_only():
+    layer = FusedLoRALinear(32, 16, r=4, alpha=8, dropout=0.5)
+    randomize_adapters(layer)
+    x = torch.randn(6, 32)
+    no_dropout = fastlora.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    assert torch.equal(layer.eval()(x), no_dropout)
+    assert not torch.allclose(layer.train()(x), no_dropout)
+
+
+def test_merged_layer_refuses_to_train_with_dropout():
+    layer = FusedLoRALinear(8, 8, r=2, dropout=0.1)
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer(torch.randn(2, 8))
+    layer.eval()(torch.randn(2, 8))

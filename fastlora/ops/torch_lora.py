@@ -10,7 +10,7 @@ regenerates the same mask instead of saving it.
 
 fp16 is the one dtype whose range is narrower than float32's: its low-rank products are formed in
 float32 (see ``_mm_wide``) and added to the fp16 output in float32, which costs an M×N float32
-temporary; bf16 and wider dtypes take the in-place path.
+temporary, as do fp32 adapters on a bf16 base (PEFT's precision); otherwise the add is in place.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ def _mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _add_low_rank(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``out + scaling·left @ right`` with ``left`` wide; in place unless ``out`` is fp16."""
-    if out.dtype == torch.float16:
-        return torch.addmm(out.float(), left, right.float(), alpha=scaling).half()
+    """``out + scaling·left @ right`` with ``left`` wide: in place in ``out``'s dtype, or formed in
+    float32 and rounded once where ``out`` is fp16 (range) or ``right`` is wider than ``out`` (fp32
+    adapters on a half base, whose low-rank term PEFT keeps in fp32)."""
+    if out.dtype == torch.float16 or right.dtype.itemsize > out.dtype.itemsize:
+        return torch.addmm(out.to(left.dtype), left, right.to(left.dtype), alpha=scaling).to(out.dtype)
     return out.addmm_(left.to(out.dtype), right.to(out.dtype), alpha=scaling)
 
 

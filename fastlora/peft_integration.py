@@ -1,0 +1,156 @@
+"""Run HuggingFace PEFT's LoRA ``Linear`` layers on fastlora's fused forward and backward.
+
+``patch_peft(model)`` replaces, in place, the ``forward`` of each PEFT ``lora.Linear`` layer by one
+that calls ``lora_linear`` on the layer's own Parameters::
+
+    y = x Wᵀ + b + scaling·(dropout(x) Aᵀ) Bᵀ
+    W = base_layer.weight [out, in] (transposed from [in, out] for GPT-2's Conv1D, fan_in_fan_out)
+    b = base_layer.bias [out], A = lora_A[adapter].weight [r, in], B = lora_B[adapter].weight [out, r]
+    scaling = layer.scaling[adapter] (alpha / r, or alpha / √r with use_rslora)
+    dropout: lora_dropout[adapter].p while that module is training, else none
+
+No Parameter is copied or replaced, so the optimizer, ``save_pretrained``, ``merge_and_unload``,
+``set_adapter`` and ``disable_adapter`` keep working. Every call re-checks the layer's state and runs
+PEFT's own forward whenever the fused one would not compute exactly what PEFT computes: adapters
+disabled or merged, several (or no) active adapters, a DoRA or other variant adapter, a ``lora_B``
+bias, extra forward arguments (``adapter_names`` mixed batches), hooks on the sub-modules
+(accelerate's offloading) and dtypes ``lora_linear`` does not take. LoRA dropout is fused too: its mask has PEFT's distribution
+but comes from fastlora's RNG, so a training run with ``lora_dropout`` > 0 is not bitwise PEFT's.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from .functional import lora_linear
+
+
+@functools.cache
+def _peft_classes():
+    """PEFT's ``LoraLayer`` and ``Linear`` and transformers' ``Conv1D``, imported on first use so that
+    fastlora itself does not depend on PEFT."""
+    try:
+        from peft.tuners.lora.layer import Linear, LoraLayer
+        from transformers.pytorch_utils import Conv1D
+    except ImportError as err:
+        raise ImportError(f"patch_peft needs the peft and transformers packages ({err}); `pip install peft`") from err
+    return LoraLayer, Linear, Conv1D
+
+
+def _active_adapter(layer) -> tuple[str | None, str | None]:
+    """``(adapter, None)`` when a PEFT ``lora.Linear``'s active adapter has a fused form, else
+    ``(None, why)``."""
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1:
+        return None, f"{len(active)} active adapters on this layer, fastlora fuses exactly one"
+    (adapter,) = active
+    if adapter in layer.lora_variant:
+        return None, f"adapter {adapter!r} is a {type(layer.lora_variant[adapter]).__name__} (DoRA or another variant)"
+    if layer.lora_B[adapter].bias is not None:
+        return None, f"adapter {adapter!r} has lora_bias=True"
+    return adapter, None
+
+
+def _unsupported_reason(layer) -> str | None:
+    """Why a PEFT LoRA layer cannot be patched, or None."""
+    _, linear_cls, conv1d_cls = _peft_classes()
+    if type(layer) is not linear_cls:
+        return f"{type(layer).__name__} layers have no fused path (only lora.Linear)"
+    if type(layer.base_layer) not in (nn.Linear, conv1d_cls):
+        return f"base layer is a {type(layer.base_layer).__name__}, not an unquantized nn.Linear or Conv1D"
+    return _active_adapter(layer)[1]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` does more than its class's ``forward`` (hooks, accelerate's patched
+    ``forward`` for offloading), which the fused path would skip."""
+    hooks = module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks
+    return any(hooks) or "forward" in module.__dict__
+
+
+def _fusable_adapter(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+    """The adapter whose forward ``lora_linear`` computes exactly as PEFT would, or None (use PEFT's)."""
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return None
+    adapter, _ = _active_adapter(layer)
+    if adapter is None:
+        return None
+    lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
+    if type(dropout) not in (nn.Identity, nn.Dropout):
+        return None
+    if any(_has_hooks(m) for m in (layer.base_layer, lora_A, lora_B, dropout)):
+        return None
+    if x.dtype != layer.base_layer.weight.dtype or lora_A.weight.dtype not in (x.dtype, torch.float32):
+        return None
+    return adapter
+
+
+def _fused_forward(layer, backend: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The patched ``layer.forward``: ``lora_linear`` when exact, PEFT's class ``forward`` otherwise."""
+    adapter = _fusable_adapter(layer, x, args, kwargs)
+    if adapter is None:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    base, dropout = layer.base_layer, layer.lora_dropout[adapter]
+    weight = base.weight.t() if layer.fan_in_fan_out else base.weight  # Conv1D stores [in, out]
+    return lora_linear(
+        x,
+        weight,
+        base.bias,
+        layer.lora_A[adapter].weight,
+        layer.lora_B[adapter].weight,
+        layer.scaling[adapter],
+        dropout=dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0,
+        backend=backend,
+    )
+
+
+def _is_patched(module: nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _fused_forward
+
+
+def patch_peft(model: nn.Module, *, backend: str = "auto") -> int:
+    """Run every supported PEFT ``lora.Linear`` layer of ``model`` (a ``PeftModel`` or any module that
+    contains PEFT LoRA layers) on fastlora's fused forward and backward, in place. Returns the number
+    of layers patched.
+
+    Supported: ``lora.Linear`` over an unquantized ``nn.Linear`` or GPT-2 ``Conv1D`` with exactly one
+    active adapter, no DoRA or other variant, no ``lora_bias``; any rank, ``lora_alpha``, ``use_rslora``,
+    fp32 adapters with an fp16/bf16 base. Other LoRA layers are left untouched and listed, with the
+    reason, in one warning. A patched layer still runs PEFT's forward in the states listed in the
+    module doc (merged, disabled, ...), so results are PEFT's in every state, up to the
+    dropout mask's RNG. The instance-level ``forward`` is a ``functools.partial`` (picklable, deep-copyable);
+    patching again re-patches (e.g. with another ``backend``) and patches layers that became supported
+    after ``set_adapter``. ``unpatch_peft`` undoes it.
+    """
+    lora_layer_cls = _peft_classes()[0]
+    patched, skipped = 0, []
+    for name, module in model.named_modules():
+        if not isinstance(module, lora_layer_cls):
+            continue
+        reason = _unsupported_reason(module)
+        if reason is not None:
+            skipped.append(f"{name}: {reason}")
+            continue
+        module.forward = functools.partial(_fused_forward, module, backend)
+        patched += 1
+    if skipped:
+        warnings.warn(
+            f"fastlora.patch_peft left {len(skipped)} LoRA layer(s) on PEFT's forward:\n  " + "\n  ".join(skipped),
+            stacklevel=2,
+        )
+    return patched
+
+
+def unpatch_peft(model: nn.Module) -> int:
+    """Give every layer that ``patch_peft`` patched back its PEFT ``forward``. Returns how many."""
+    restored = 0
+    for module in model.modules():
+        if _is_patched(module):
+            del module.forward
+            restored += 1
+    return restored

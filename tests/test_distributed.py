@@ -1,0 +1,78 @@
+"""DistributedDataParallel over two CPU processes (gloo, loopback only) gives one process's grads."""
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from fastlora import replace_linear_with_lora
+
+WORLD_SIZE = 2
+TIMEOUT_S = 60
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    replace_linear_with_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    return model
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)
+
+
+def lora_grads(model: nn.Module) -> dict:
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        model = small_model()
+        x, y = (t.chunk(WORLD_SIZE)[rank] for t in batch())
+        ddp = nn.parallel.DistributedDataParallel(model)  # kept alive: its reducer all-reduces in backward
+        F.mse_loss(ddp(x), y).backward()
+        torch.save(lora_grads(model), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_matches_single_process(tmp_path, monkeypatch):
+    loopback = next(name for _, name in socket.if_nameindex() if name.startswith("lo"))
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", loopback)  # gloo's transport stays on the loopback device
+    workers = mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not workers.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the DDP workers did not finish within {TIMEOUT_S} s")
+
+    model, (x, y) = small_model(), batch()
+    F.mse_loss(model(x), y).backward()  # one process, the whole batch
+    expected = lora_grads(model)
+    assert set(expected) == {f"{i}.lora_{ab}" for i in (0, 2) for ab in "AB"}
+    for rank in range(WORLD_SIZE):
+        grads = torch.load(tmp_path / f"rank{rank}.pt")
+        # DDP averages the ranks' grads of their half-batch means: the grads of the full-batch mean.
+        assert grads.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-6)
