@@ -154,14 +154,15 @@ def check_target_modules(model: nn.Module, target_modules: object) -> list[tuple
             continue
         others = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if name and _matches(name, target)]
         if others:
-            problems.append(f"{target!r} matches only modules that are not nn.Linear: {', '.join(others[:3])}")
+            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+            problems.append(f"{target!r} matches only modules that are not nn.Linear: {', '.join(others[:3])}{more}")
             continue
         leaf_names = {name.rpartition(".")[2] for name, _ in linears}
         close = difflib.get_close_matches(target, sorted(leaf_names), n=3)
-        problems.append(f"{target!r} matches no module" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ""))
+        problems.append(f"{target!r} matches no module" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
     if problems:
         raise ValueError(
             f"target_modules={targets} must each match an nn.Linear (a module whose qualified name equals the "
-            f"target or ends with '.' + target): " + "; ".join(problems)
+            f"target or ends with '.' + target): {'; '.join(problems)}"
         )
     return [(name, m) for name, m in linears if any(_matches(name, t) for t in targets)]

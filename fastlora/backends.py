@@ -26,11 +26,39 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _load_triton() -> LoRAOps | str:
+    """The triton backend's ops, or why it cannot run here.
+
+    A triton that is installed but unusable (too old, or failing at import, e.g. on a driver or ABI
+    mismatch) disables this backend only, with one warning, since its user meant to use it: the
+    rest of fastlora imports and works. A triton that is simply not installed is not warned about.
+    """
+    import re
+    import sys
+    import warnings
+
+    # tl.dot(..., input_precision=) and early_config_prune(**kwargs) (the pruner reads R_PAD from
+    # the kwargs) both arrived in triton 3.0; below it the kernels cannot be compiled.
+    min_version = (3, 0)
     try:
-        from .ops.triton_lora import TRITON_OPS
-    except ImportError as err:
-        return f"the triton package is not importable ({err}); install it with `pip install triton`"
-    return TRITON_OPS
+        import triton
+        import triton.language  # noqa: F401
+    except Exception as err:  # whatever triton's import raises (e.g. RuntimeError), `import fastlora` must work
+        if isinstance(err, ModuleNotFoundError) and err.name == "triton":
+            return "the triton package is not installed; install it with `pip install triton`"
+        # torch probes for triton too (torch.utils._triton) and copes with an ImportError only:
+        # make every later `import triton` raise one instead of repeating this failure.
+        sys.modules["triton"] = None
+        reason = f"importing triton failed ({type(err).__name__}: {err}); reinstall a triton that matches your torch"
+    else:
+        version = str(getattr(triton, "__version__", "unknown"))
+        found = re.match(r"(\d+)\.(\d+)", version)
+        if found and tuple(map(int, found.groups())) >= min_version:
+            from .ops.triton_lora import TRITON_OPS
+
+            return TRITON_OPS
+        reason = f"triton {version} is too old, the kernels need triton >= 3.0; upgrade with `pip install -U 'triton>=3.0'`"
+    warnings.warn(f"fastlora: backend='triton' is disabled: {reason}", RuntimeWarning, stacklevel=2)
+    return reason
 
 
 def _load_cuda() -> LoRAOps | str:
@@ -64,7 +92,7 @@ def resolve_backend(name: str, x: torch.Tensor, rank: int) -> str:
     if name == "torch":
         return name
     if isinstance(_BACKENDS[name], str):
-        raise BackendUnavailableError(f"backend={name!r} is unavailable: {_BACKENDS[name]}")
+        raise BackendUnavailableError(f"backend={name!r} is unavailable: {_BACKENDS[name]}; use backend='torch' or 'auto'")
     runs_on = _BACKENDS[name].runs_on
     if runs_on is not None and x.device.type not in runs_on:
         raise ValueError(

@@ -33,8 +33,9 @@ def lora_linear(
     ``backend`` is one of ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` (see ``fastlora.backends``).
     Under ``torch.autocast`` the inputs are cast as autocast casts ``F.linear``'s.
     """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    # float64 is left alone, as autocast leaves it.
+    if isinstance(x, torch.Tensor) and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        device_type = x.device.type
         # Autocast does not reach inside custom ops: cast here as it casts F.linear's arguments (fp32
         # adapters stay fp32, PEFT's default), then run with it off so the ops see consistent dtypes.
         dtype = torch.get_autocast_dtype(device_type)

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_dropout, check_rank, check_scaling
-from .backends import BACKEND_NAMES
+from ._checks import check_dropout, check_layer_args, check_target_modules
 from .functional import lora_linear
 
 
@@ -44,12 +43,9 @@ class FusedLoRALinear(nn.Module):
         adapter_dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        if backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        self.r, self.alpha = check_layer_args(in_features, out_features, r, alpha, backend)
         self.in_features = in_features
         self.out_features = out_features
-        self.r = check_rank(r)
-        self.alpha = check_scaling(alpha)
         self.use_rslora = use_rslora
         self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
         self.lora_dropout = check_dropout(dropout)
@@ -151,11 +147,6 @@ class FusedLoRALinear(nn.Module):
         )
 
 
-def _matches(name: str, target_modules) -> bool:
-    """PEFT's rule: a module matches a target when its name equals it or ends with '.' + it."""
-    return target_modules is None or any(name == t or name.endswith("." + t) for t in target_modules)
-
-
 def replace_linear_with_lora(
     model: nn.Module,
     r: int,
@@ -169,14 +160,9 @@ def replace_linear_with_lora(
 
     Only the replaced layers' base weights are frozen; freeze the rest of the model as you wish
     (``model.requires_grad_(False)`` before the call freezes everything but the new adapters).
+    Raises ValueError, before changing anything, when a target matches no ``nn.Linear``.
     """
-    if isinstance(target_modules, str):
-        target_modules = [target_modules]
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and name and _matches(name, target_modules)
-    ]
+    targets = check_target_modules(model, target_modules)
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

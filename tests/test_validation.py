@@ -1,0 +1,237 @@
+"""Bad input at every public entry point fails early with a message naming the argument, the
+expected and the actual value; nothing reaches a kernel."""
+
+import math
+import re
+
+import pytest
+import torch
+from helpers import make_inputs
+from torch import nn
+
+import fastlora
+from fastlora import BackendUnavailableError, FusedLoRALinear, lora_linear, replace_linear_with_lora
+from fastlora.backends import backend_ops
+
+AVAILABLE = fastlora.available_backends()
+needs_triton = pytest.mark.skipif(AVAILABLE["triton"] is not None, reason="triton backend unavailable")
+
+
+def inputs(dtype=torch.float32, r=2):
+    """x [4, 8], weight [6, 8], bias [6], lora_A [r, 8], lora_B [6, r]: a valid call to break."""
+    return list(make_inputs(4, 8, 6, r, dtype))
+
+
+X, WEIGHT, BIAS, LORA_A, LORA_B = range(5)
+
+
+def call_with(index: int, value):
+    """``lora_linear`` on valid inputs but for argument ``index``, which is ``value``."""
+    args = inputs()
+    args[index] = value
+    return lora_linear(*args, 1.0)
+
+
+@pytest.mark.parametrize(
+    "index, value, error, message",
+    [
+        (X, [[1.0] * 8], TypeError, "x must be a torch.Tensor, got list"),
+        (X, torch.ones(4, 8, dtype=torch.int32), TypeError, "x must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.int32"),
+        (WEIGHT, torch.ones(6, 8, dtype=torch.complex64), TypeError, "weight must be a floating-point tensor"),
+        (X, torch.tensor(1.0), ValueError, "x must have at least one dimension [..., in_features], got a 0-D tensor"),
+        (WEIGHT, torch.randn(6), ValueError, "weight must be 2-D [out_features, in_features], got shape (6,)"),
+        (LORA_A, torch.randn(1, 2, 8), ValueError, "lora_A must be 2-D [r, in_features], got shape (1, 2, 8)"),
+        (X, torch.randn(4, 7), ValueError, "x's last dimension must equal weight.shape[1] = in_features = 8, got x of shape (4, 7)"),
+        (LORA_A, torch.randn(2, 7), ValueError, "lora_A must have shape [r, in_features=8], got (2, 7)"),
+        (LORA_B, torch.randn(6, 3), ValueError, "lora_B must have shape [out_features=6, r=2], got (6, 3)"),
+        (LORA_B, torch.randn(2, 6), ValueError, "lora_B must have shape [out_features=6, r=2], got (2, 6)"),
+        (BIAS, torch.randn(5), ValueError, "bias must have shape [out_features=6], got (5,)"),
+        (BIAS, torch.randn(1, 6), ValueError, "bias must have shape [out_features=6], got (1, 6)"),
+    ],
+)
+def test_wrong_kind_rank_or_size(index, value, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        call_with(index, value)
+
+
+def test_zero_in_features():
+    x, w, b, A, B = torch.randn(4, 0), torch.randn(6, 0), torch.randn(6), torch.randn(2, 0), torch.randn(6, 2)
+    with pytest.raises(ValueError, match=re.escape("weight must have shape [out_features, in_features] with both >= 1, got (6, 0)")):
+        lora_linear(x, w, b, A, B, 1.0)
+
+
+def test_zero_out_features():
+    x, w, A, B = torch.randn(4, 8), torch.randn(0, 8), torch.randn(2, 8), torch.randn(0, 2)
+    with pytest.raises(ValueError, match=re.escape("weight must have shape [out_features, in_features] with both >= 1, got (0, 8)")):
+        lora_linear(x, w, None, A, B, 1.0)
+
+
+def test_rank_zero():
+    x, w, b, _, _ = inputs()
+    with pytest.raises(ValueError, match=re.escape("lora_A must have at least one row (r >= 1), got shape (0, 8)")):
+        lora_linear(x, w, b, torch.randn(0, 8), torch.randn(6, 0), 1.0)
+
+
+@pytest.mark.parametrize("index, name", [(WEIGHT, "weight"), (BIAS, "bias"), (LORA_A, "lora_A"), (LORA_B, "lora_B")])
+def test_tensor_on_another_device(index, name):
+    # "meta" stands in for a second device: a device mismatch is caught before any kernel runs.
+    args = inputs()
+    args[index] = args[index].detach().to("meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta but x is on cpu; move all tensors to one device"):
+        lora_linear(*args, 1.0)
+
+
+@pytest.mark.parametrize(
+    "index, dtype, message",
+    [
+        (WEIGHT, torch.float16, "weight's dtype must equal x's dtype torch.float32, got torch.float16"),
+        (BIAS, torch.bfloat16, "bias's dtype must equal x's dtype torch.float32, got torch.bfloat16"),
+        (LORA_B, torch.float64, "lora_B's dtype must equal lora_A's dtype torch.float32, got torch.float64"),
+    ],
+)
+def test_mixed_dtypes(index, dtype, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        call_with(index, inputs()[index].detach().to(dtype))
+
+
+def test_adapters_in_a_third_dtype():
+    x, w, b, A, B = inputs(torch.float16)
+    with pytest.raises(TypeError, match=re.escape("adapters (lora_A, lora_B) must be float32 or x's dtype torch.float16, got torch.bfloat16")):
+        lora_linear(x, w, b, A.bfloat16(), B.bfloat16(), 1.0)
+
+
+@needs_triton
+def test_float64_on_a_fused_backend_names_the_fix():
+    with pytest.raises(TypeError, match=re.escape("backend='triton' supports float16, bfloat16 and float32, got torch.float64; use backend='torch'")):
+        lora_linear(*inputs(torch.float64), 1.0, backend="triton")
+
+
+@needs_triton
+def test_rank_above_the_fused_limit_names_the_fix():
+    with pytest.raises(ValueError, match=re.escape("backend='triton' supports r <= 256, got r=257; use backend='torch'")):
+        lora_linear(*inputs(r=257), 1.0, backend="triton")
+
+
+@needs_triton
+def test_cpu_tensors_to_a_gpu_only_backend(monkeypatch):
+    # Off the interpreter the triton backend runs on CUDA tensors only; pretend that is the case here.
+    gpu_only = backend_ops("triton")._replace(runs_on=("cuda",))
+    monkeypatch.setitem(fastlora.backends._BACKENDS, "triton", gpu_only)
+    with pytest.raises(ValueError, match=re.escape("backend='triton' runs on cuda tensors, got tensors on cpu; use backend='torch' or 'auto'")):
+        lora_linear(*inputs(), 1.0, backend="triton")
+
+
+@pytest.mark.skipif(AVAILABLE["cuda"] is None, reason="the cuda backend is available here")
+def test_unavailable_backend_says_why_and_what_to_use_instead():
+    with pytest.raises(BackendUnavailableError) as info:
+        lora_linear(*inputs(), 1.0, backend="cuda")
+    assert str(info.value) == f"backend='cuda' is unavailable: {AVAILABLE['cuda']}; use backend='torch' or 'auto'"
+
+
+@pytest.mark.parametrize(
+    "scaling, error, message",
+    [
+        (math.nan, ValueError, "scaling must be finite, got nan"),
+        (math.inf, ValueError, "scaling must be finite, got inf"),
+        (-math.inf, ValueError, "scaling must be finite, got -inf"),
+        (True, TypeError, "scaling must be a real number (a Python float), got bool"),
+        ("2.0", TypeError, "scaling must be a real number (a Python float), got str"),
+        (torch.tensor(2.0), TypeError, "scaling must be a real number (a Python float), got Tensor"),
+    ],
+    ids=repr,
+)
+def test_bad_scaling(scaling, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        lora_linear(*inputs(), scaling)
+
+
+@pytest.mark.parametrize("backend", ["trition", "Triton", "", None])
+def test_unknown_backend(backend):
+    with pytest.raises(ValueError, match=re.escape(f"backend must be one of ('auto', 'torch', 'triton', 'cuda'), got {backend!r}")):
+        lora_linear(*inputs(), 1.0, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"in_features": 0}, ValueError, "in_features must be a positive int, got 0"),
+        ({"out_features": -3}, ValueError, "out_features must be a positive int, got -3"),
+        ({"in_features": 8.0}, TypeError, "in_features must be a positive int, got float 8.0"),
+        ({"out_features": True}, TypeError, "out_features must be a positive int, got bool True"),
+        ({"r": 0}, ValueError, "r (the LoRA rank) must be a positive int, got 0"),
+        ({"r": "8"}, TypeError, "r (the LoRA rank) must be a positive int, got str '8'"),
+        ({"alpha": math.nan}, ValueError, "alpha must be finite, got nan"),
+        ({"alpha": "16"}, TypeError, "alpha must be a real number (a Python float), got str"),
+        ({"backend": "cublas"}, ValueError, "backend must be one of ('auto', 'torch', 'triton', 'cuda'), got 'cublas'"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_bad_layer_configuration(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        FusedLoRALinear(**{"in_features": 8, "out_features": 6, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"r": -1}, ValueError, "r (the LoRA rank) must be a positive int, got -1"),
+        ({"alpha": math.inf}, ValueError, "alpha must be finite, got inf"),
+        ({"backend": "gpu"}, ValueError, "backend must be one of"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_bad_from_linear_configuration(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        FusedLoRALinear.from_linear(nn.Linear(8, 6), **kwargs)
+
+
+@needs_triton
+def test_layer_rank_above_the_fused_limit_fails_on_first_call():
+    layer = FusedLoRALinear(8, 6, r=257, backend="triton")
+    with pytest.raises(ValueError, match=re.escape("backend='triton' supports r <= 256, got r=257")):
+        layer(torch.randn(3, 8))
+
+
+def attention_block():
+    return nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8), "act": nn.ReLU()})
+
+
+def test_misspelt_target_is_named_with_close_names_and_nothing_is_replaced():
+    model = attention_block()
+    with pytest.raises(ValueError, match=re.escape("'q_prj' matches no module (did you mean 'q_proj'")):
+        replace_linear_with_lora(model, r=2, alpha=4, target_modules=["v_proj", "q_prj"])
+    # Validation runs before any replacement: a failed call leaves the model as it was.
+    assert type(model["v_proj"]) is nn.Linear
+
+
+def test_target_that_matches_only_other_modules():
+    model = replace_linear_with_lora(attention_block(), r=2, alpha=4, target_modules="q_proj")
+    with pytest.raises(ValueError, match=re.escape("'q_proj' matches only modules that are not nn.Linear: q_proj (FusedLoRALinear)")):
+        replace_linear_with_lora(model, r=2, alpha=4, target_modules="q_proj")
+    with pytest.raises(ValueError, match=re.escape("'act' matches only modules that are not nn.Linear: act (ReLU)")):
+        replace_linear_with_lora(model, r=2, alpha=4, target_modules=["act"])
+
+
+@pytest.mark.parametrize(
+    "target_modules, error, message",
+    [
+        (5, TypeError, "target_modules must be None, a module name or a list of names, got 5"),
+        (["q_proj", nn.Linear], TypeError, "target_modules must be None, a module name or a list of names"),
+        ([], ValueError, "target_modules must name at least one module, got an empty list"),
+    ],
+    ids=["int", "non-str-item", "empty"],
+)
+def test_bad_target_modules(target_modules, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        replace_linear_with_lora(attention_block(), r=2, alpha=4, target_modules=target_modules)
+
+
+def test_model_without_linear_layers():
+    with pytest.raises(ValueError, match=re.escape("model (Sequential) has no nn.Linear submodule to replace")):
+        replace_linear_with_lora(nn.Sequential(nn.ReLU()), r=2, alpha=4)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"r": 0}, "r (the LoRA rank)"), ({"alpha": math.nan}, "alpha must be finite")])
+def test_bad_replace_configuration(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        replace_linear_with_lora(attention_block(), **{"r": 2, "alpha": 4, **kwargs})
