@@ -1,0 +1,195 @@
+"""The provider registry: every implementation of the LoRA linear layer that is benchmarked.
+
+A provider turns one set of ``LoRAInputs`` into a ``Layer``: a callable ``x → y`` plus the adapter
+tensors whose ``.grad`` the backward fills (PEFT's layout, ``lora_A [r, K]``, ``lora_B [N, r]``).
+All share the inputs' frozen ``weight`` (no copy); ``peft-fp32`` holds float32 copies of the
+adapters, as PEFT does by default.
+
+``base``             the frozen linear layer alone, ``F.linear(x, W)``: the yardstick of every ratio.
+``naive``            ``linear(x) + scaling·(x Aᵀ) Bᵀ`` as three autograd ops: ``fastlora.reference``,
+                     the composition of Raschka's ``LinearWithLoRA`` in PEFT's layout.
+``peft``             HuggingFace PEFT's ``lora.Linear``, adapters in the activation dtype.
+``peft-fp32``        the same with PEFT's default float32 adapters (half dtypes only).
+``addmm``            Unsloth's composition: ``y = x Wᵀ; y.addmm_(x Aᵀ, Bᵀ)``, hand-written backward.
+``fastlora-triton``, ``fastlora-cuda``, ``fastlora-torch``   ``fastlora.lora_linear(..., backend=...)``.
+``compiled``         ``torch.compile`` of ``naive`` (compiled afresh for each case).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import reference
+from ..backends import available_backends
+from ..functional import lora_linear
+from .cases import Case, LoRAInputs
+
+
+class Unavailable(Exception):
+    """The provider cannot run this case on this machine; the message says why."""
+
+
+def describe(err: BaseException) -> str:
+    """``"TypeName: first line of the message"``."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+@dataclass
+class Layer:
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    lora_A: torch.Tensor | None = None
+    lora_B: torch.Tensor | None = None
+
+    @property
+    def adapters(self) -> dict[str, torch.Tensor]:
+        return {name: t for name, t in (("lora_A", self.lora_A), ("lora_B", self.lora_B)) if t is not None}
+
+
+@dataclass(frozen=True)
+class Provider:
+    """``build`` makes a ``Layer`` of one input set; ``unavailable`` returns why a case cannot run,
+    or None; ``start_case`` runs once before a case's layers are built."""
+
+    name: str
+    build: Callable[[LoRAInputs], Layer]
+    unavailable: Callable[[Case], str | None] = lambda case: None
+    start_case: Callable[[], None] = lambda: None
+    lora: bool = True  # False: computes the base layer only (``base``)
+
+
+def _base(inp: LoRAInputs) -> Layer:
+    return Layer(lambda x: F.linear(x, inp.weight, inp.bias))
+
+
+def _naive(inp: LoRAInputs) -> Layer:
+    def forward(x):
+        return reference.lora_linear(x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling)
+
+    return Layer(forward, inp.lora_A, inp.lora_B)
+
+
+class _AddmmLoRA(torch.autograd.Function):
+    """Unsloth's ``matmul_lora`` and ``LoRA_W`` backward, for 2-D ``x`` and frozen ``W``, ``bias``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        xa = x @ lora_A.t()
+        y = F.linear(x, weight, bias).addmm_(xa, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scaling
+        dy_b = dy @ lora_B
+        grad_x = (dy @ weight).addmm_(dy_b, lora_A, alpha=s)
+        grad_A = (dy_b.t() @ x).mul_(s)
+        grad_B = (dy.t() @ xa).mul_(s)
+        return grad_x, None, None, grad_A, grad_B, None
+
+
+def _addmm(inp: LoRAInputs) -> Layer:
+    def forward(x):
+        return _AddmmLoRA.apply(x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling)
+
+    return Layer(forward, inp.lora_A, inp.lora_B)
+
+
+def _peft_builder(adapter_dtype: torch.dtype | None) -> Callable[[LoRAInputs], Layer]:
+    """PEFT's ``lora.Linear`` over an ``nn.Linear`` sharing ``W``; adapters in ``adapter_dtype``,
+    or in the activation dtype when None; scaling ``lora_alpha / r`` equal to the inputs'."""
+
+    def build(inp: LoRAInputs) -> Layer:
+        from peft import LoraConfig
+        from peft.tuners.lora.layer import Linear as PeftLoRALinear
+
+        N, K = inp.weight.shape
+        r = inp.lora_A.shape[0]
+        base = nn.Linear(K, N, bias=inp.bias is not None, device="meta")
+        base.weight = nn.Parameter(inp.weight, requires_grad=False)
+        if inp.bias is not None:
+            base.bias = nn.Parameter(inp.bias, requires_grad=False)
+        config = LoraConfig(r=r, lora_alpha=inp.scaling * r)
+        layer = PeftLoRALinear(base, "default", config=config, r=r, lora_alpha=inp.scaling * r)
+        dtype = adapter_dtype or inp.x.dtype
+        lora_A = layer.lora_A["default"].weight = nn.Parameter(inp.lora_A.detach().to(dtype, copy=True))
+        lora_B = layer.lora_B["default"].weight = nn.Parameter(inp.lora_B.detach().to(dtype, copy=True))
+        return Layer(layer, lora_A, lora_B)
+
+    return build
+
+
+def _peft_missing(case: Case) -> str | None:
+    return None if importlib.util.find_spec("peft") else "peft is not installed (pip install peft)"
+
+
+def _peft_fp32_unavailable(case: Case) -> str | None:
+    if case.dtype == "fp32":
+        return "same as peft when the activations are float32"
+    return _peft_missing(case)
+
+
+def _fastlora_builder(backend: str) -> Callable[[LoRAInputs], Layer]:
+    def build(inp: LoRAInputs) -> Layer:
+        def forward(x):
+            return lora_linear(x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling, backend=backend)
+
+        return Layer(forward, inp.lora_A, inp.lora_B)
+
+    return build
+
+
+def _fused_unavailable(backend: str) -> Callable[[Case], str | None]:
+    def unavailable(case: Case) -> str | None:
+        reason = available_backends()[backend]
+        if reason is None and case.device == "cpu":
+            # Only TRITON_INTERPRET=1 runs it on the CPU: a correctness tool, far too slow to time.
+            reason = f"the {backend} backend runs on CUDA tensors only"
+        return reason
+
+    return unavailable
+
+
+def _compiled(inp: LoRAInputs) -> Layer:
+    compiled = torch.compile(reference.lora_linear, fullgraph=True, dynamic=False)
+
+    def forward(x):
+        return compiled(x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling)
+
+    try:
+        with torch.no_grad():
+            forward(inp.x)
+    except Exception as err:  # no C++ compiler, unsupported platform, ...
+        raise Unavailable(f"torch.compile failed: {describe(err)}") from err
+    return Layer(forward, inp.lora_A, inp.lora_B)
+
+
+def _reset_dynamo() -> None:
+    """Drop graphs compiled for earlier cases: their guards would slow every call and count
+    towards dynamo's recompile limit, past which it silently runs eager."""
+    torch._dynamo.reset()
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.name: p
+    for p in (
+        Provider("base", _base, lora=False),
+        Provider("naive", _naive),
+        Provider("peft-fp32", _peft_builder(torch.float32), _peft_fp32_unavailable),
+        Provider("peft", _peft_builder(None), _peft_missing),
+        Provider("addmm", _addmm),
+        Provider("compiled", _compiled, start_case=_reset_dynamo),
+        Provider("fastlora-torch", _fastlora_builder("torch")),
+        Provider("fastlora-triton", _fastlora_builder("triton"), _fused_unavailable("triton")),
+        Provider("fastlora-cuda", _fastlora_builder("cuda"), _fused_unavailable("cuda")),
+    )
+}

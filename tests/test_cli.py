@@ -1,0 +1,85 @@
+"""Quick CPU tests of ``python -m fastlora demo`` and ``bench`` on tiny shapes."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from fastlora import reference
+from fastlora.__main__ import main
+from fastlora.bench.providers import PROVIDERS, Layer, Provider
+
+TINY = ["bench", "--device", "cpu", "--shapes", "48x64x32", "--ranks", "4"]
+
+
+def test_demo_passes_its_checks_and_times_both(capsys):
+    assert main(["demo", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "FAIL" not in out
+    assert "forward" in out and "training step" in out and "naive ÷ fused" in out
+
+
+def test_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    paths = {ext: tmp_path / f"out.{ext}" for ext in ("json", "csv", "md", "png")}
+    argv = TINY + ["--modes", "train,decode", "--providers", "naive,addmm,fastlora-torch,fastlora-cuda"]
+    argv += ["--json", str(paths["json"]), "--csv", str(paths["csv"]), "--markdown", str(paths["md"]), "--plot", str(paths["png"])]
+    assert main(argv) == 0
+
+    rows = json.loads(paths["json"].read_text())["results"]
+    assert {(r["mode"], r["M"]) for r in rows} == {("train", 48), ("decode", 48)}  # MxKxN fixes M
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["provider"] for r in ok} == {"base", "naive", "addmm", "fastlora-torch"}
+    assert all(r["ms"] > 0 and r["max_rel_error"] < 1e-4 for r in ok)
+    assert all(r["ratio_to_base"] == 1 for r in ok if r["provider"] == "base")
+    assert {r["status"] for r in rows if r["provider"] == "fastlora-cuda"} == {"skipped"}
+
+    with open(paths["csv"], newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    out = capsys.readouterr().out
+    assert out == paths["md"].read_text() + "\n"
+    assert "### train" in out and "× base" in out
+    assert paths["png"].read_bytes().startswith(b"\x89PNG")
+
+
+def _scaled_naive(factor: float):
+    def build(inp):
+        def forward(x):
+            return reference.lora_linear(x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling * factor)
+
+        return Layer(forward, inp.lora_A, inp.lora_B)
+
+    return build
+
+
+def _crash(inp):
+    raise RuntimeError("kernel launch failed")
+
+
+def test_bench_refuses_to_time_a_wrong_or_crashing_provider(tmp_path, capsys):
+    registry = {
+        **PROVIDERS,
+        "half-scaling": Provider("half-scaling", _scaled_naive(0.5)),
+        "crashing": Provider("crashing", _crash),
+    }
+    out_json = tmp_path / "out.json"
+    argv = TINY + ["--modes", "forward", "--providers", "half-scaling,crashing", "--json", str(out_json)]
+    assert main(argv, providers=registry) == 1
+
+    rows = {r["provider"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert rows["half-scaling"]["status"] == "WRONG" and rows["half-scaling"]["ms"] is None
+    assert "relative error" in rows["half-scaling"]["note"]
+    assert rows["crashing"]["status"] == "FAILED" and "kernel launch failed" in rows["crashing"]["note"]
+    assert rows["base"]["status"] == "ok"
+    table_rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|") and "half-scaling" in line]
+    assert table_rows and all("WRONG" in row for row in table_rows)  # summaries and table: never a time
+
+
+@pytest.mark.parametrize("bad", [["--shapes", "4096by4096"], ["--dtypes", "fp8"], ["--providers", "nope"]])
+def test_bench_rejects_bad_options(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(TINY[:3] + bad)
+    assert exit_info.value.code == 2
+    assert bad[0] in capsys.readouterr().err
