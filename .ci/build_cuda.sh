@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Compile the CUDA extension fastlora._C (csrc/) on a machine without a GPU: needs a CUDA build of
+# torch in $PYTHON's environment and the CUDA toolkit; fails on any compile error or a missing .so.
+#   PYTHON               interpreter whose environment holds torch (default: python3)
+#   FASTLORA_CUDA_ARCHS  GPU targets (default: "80;90a")
+#   MAX_JOBS             parallel compile jobs (default: 2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+# The toolkit root: $CUDA_HOME if set, else the usual install paths, else nvcc's real location.
+if [[ -z "${CUDA_HOME:-}" ]]; then
+  for candidate in /usr/local/cuda-13.0 /usr/local/cuda; do
+    if [[ -x "$candidate/bin/nvcc" ]]; then
+      CUDA_HOME=$candidate
+      break
+    fi
+  done
+fi
+if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null; then
+  CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+fi
+if [[ -z "${CUDA_HOME:-}" || ! -x "$CUDA_HOME/bin/nvcc" ]]; then
+  echo "build_cuda.sh: no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)" >&2
+  exit 1
+fi
+export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
+
+# torch's CUDA wheels ship headers (cuda_runtime.h, cusparse.h, ...) under nvidia/cu13/include that
+# its own headers include; the toolkit may lack some of them.
+pip_include=$("$PYTHON" -c 'import importlib.util, pathlib
+spec = importlib.util.find_spec("nvidia")
+roots = spec.submodule_search_locations if spec else []
+print(next((str(p) for r in roots for p in [pathlib.Path(r, "cu13", "include")] if p.is_dir()), ""))')
+if [[ -n "$pip_include" ]]; then
+  export CPATH="$pip_include${CPATH:+:$CPATH}"
+fi
+
+export FASTLORA_FORCE_CUDA_BUILD=1
+export FASTLORA_CUDA_ARCHS=${FASTLORA_CUDA_ARCHS:-80;90a}
+export MAX_JOBS=${MAX_JOBS:-2}
+echo "build_cuda.sh: CUDA_HOME=$CUDA_HOME archs=$FASTLORA_CUDA_ARCHS MAX_JOBS=$MAX_JOBS CPATH=${CPATH:-}"
+
+start=$SECONDS
+"$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+echo "build_cuda.sh: built in $((SECONDS - start)) s"
+
+shopt -s nullglob
+built=(fastlora/_C*.so)
+if (( ${#built[@]} == 0 )); then
+  echo "build_cuda.sh: fastlora/_C*.so was not produced" >&2
+  exit 1
+fi
+echo "build_cuda.sh: ok: ${built[*]}"

@@ -1,0 +1,95 @@
+// Launchers of the fastlora CUDA kernels (lora_kernels.cu).
+//
+// The host side (lora_ops.cpp) owns argument checks, allocation and the order of launches; these
+// launchers take raw pointers with explicit row strides and a stream, so this header and the .cu
+// file need no torch headers. Every launcher returns cudaGetLastError() after its launch.
+//
+// Element types: __half, __nv_bfloat16 or float. Every operand is read through a row stride, so an
+// operand may be any view whose inner stride is 1 (row stride 0 included, e.g. an expanded gradient).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace fastlora {
+
+// Output tile of every kernel: 64 x 64 elements per block of 128 threads.
+constexpr int kTile = 64;
+// Threads per block of the column-sum kernel (one column per thread).
+constexpr int kColumnSumThreads = 256;
+// The widest output a GEMM or reduction accepts: its column tiles lie on gridDim.y (at most 65535).
+constexpr int64_t kMaxColumns = int64_t{65535} * kTile;
+
+// LoRA dropout: element (m, c) of an [M, C] matrix is kept iff a counter-based hash of
+// (seed, m * C + c) maps to a uniform u in [0, 1) with u >= p; kept elements are scaled by 1 / (1 - p).
+// The mask is a pure function of (seed, counter), so the backward regenerates the forward's mask.
+struct Dropout {
+  float p = 0.f;      // 0: no dropout
+  float scale = 1.f;  // 1 / (1 - p); 0 when p == 1 (nothing is kept)
+  uint64_t seed = 0;
+};
+
+// Where a GEMM applies its Dropout: to A (the forward's D(x) Aᵀ: dropped elements of A are zeroed and
+// the A·B product is scaled), or to the low-rank term of the output (the backward's D((gy B) A)).
+enum class DropoutSite { kA, kLowRank };
+
+// out[M, N] = A[M, K] · B[K, N] + scaling · XA[M, R] · L[R, N] + bias[N], accumulated in fp32 and
+// rounded once to TO. With dropout.p > 0, D applies where dropout_site says: kA drops A(m, k) by
+// counter m * K + k, kLowRank drops the low-rank term at (m, n) by counter m * N + n.
+//   A(m, k) = a[m * lda + k]                   (x in the forward, gy in the backward)
+//   XA(m, r) = xa[m * ldxa + r], float32       (x Aᵀ in the forward, gy B in the backward)
+// B and L share one layout, chosen by launch_gemm's kKContig:
+//   kKContig:  B(k, n) = b[n * ldb + k], L(r, n) = l[n * ldl + r]   (forward: W [N, K], B [N, R])
+//   otherwise: B(k, n) = b[k * ldb + n], L(r, n) = l[r * ldl + n]   (backward: W [N, K], A [R, K])
+// R == 0 drops the low-rank term (xa and l unused); bias == nullptr drops the bias.
+// T is the element type of A and of bias, TB of B, TL of L. The main loop runs on tensor cores when
+// T and TB are both fp16/bf16 (TB == T), else on fp32 FMAs; L is read as float.
+template <typename T, typename TB, typename TL, typename TO>
+struct GemmParams {
+  int64_t M, N, K;
+  const T* a;
+  int64_t lda;
+  const TB* b;
+  int64_t ldb;
+  int64_t R;
+  const float* xa;
+  int64_t ldxa;
+  const TL* l;
+  int64_t ldl;
+  float scaling;
+  const T* bias;
+  TO* out;
+  int64_t ldo;
+  Dropout dropout;
+  DropoutSite dropout_site;
+};
+
+// One block per 64 x 64 output tile; nothing is launched when M or N is 0. N <= kMaxColumns.
+template <bool kKContig, typename T, typename TB, typename TL, typename TO>
+cudaError_t launch_gemm(const GemmParams<T, TB, TL, TO>& p, cudaStream_t stream);
+
+// Split-M partial products for the adapter gradients:
+//   ws[s, p, q] = Σ_{m in split s} L(m, p) · R(m, q),   L(m, p) = l[m * ldl + p], R(m, q) = r[m * ldr + q]
+// for p < P, q < Q, where split s holds rows [s * rows_per_split, min(M, (s + 1) * rows_per_split)).
+// With r_dropout, R's dropped elements (counter m * Q + q) count as 0; its scale is left to the caller.
+// ws is float32 [splits, P, Q]; every element is written. P <= kMaxColumns, splits <= 65535.
+template <typename TL, typename TR>
+cudaError_t launch_row_reduce(const TL* l, int64_t ldl, const TR* r, int64_t ldr, int64_t M, int64_t P, int64_t Q,
+                              const Dropout& r_dropout, int64_t splits, int64_t rows_per_split, float* ws,
+                              cudaStream_t stream);
+
+// Split-M column sums for the bias gradient: ws[s, n] = Σ_{m in split s} g[m * ldg + n] (float32
+// [splits, N]). splits <= 65535.
+template <typename T>
+cudaError_t launch_column_sum(const T* g, int64_t ldg, int64_t M, int64_t N, int64_t splits, int64_t rows_per_split,
+                              float* ws, cudaStream_t stream);
+
+// out[e] = scaling · Σ_s ws[s * count + e], summed in split order (deterministic), rounded to TO.
+template <typename TO>
+cudaError_t launch_sum_splits(const float* ws, int64_t splits, int64_t count, float scaling, TO* out,
+                              cudaStream_t stream);
+
+}  // namespace fastlora

@@ -1,0 +1,304 @@
+// Host side of the fastlora CUDA backend: argument checks, allocation, the order of kernel launches,
+// and the torch.library registration of fastlora::cuda_forward and fastlora::cuda_backward.
+// Semantics are those of fastlora/ops/_registry.py (FORWARD_SCHEMA, BACKWARD_SCHEMA); Python attaches
+// the fake (meta) kernels and the autograd formula there.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "lora_kernels.cuh"
+
+namespace fastlora {
+namespace {
+
+using at::Tensor;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls fn(Tag<T>{}, Tag<TA>{}) with the CUDA element types of the activations (T) and adapters (TA).
+template <typename Fn>
+void dispatch_dtypes(at::ScalarType x, at::ScalarType adapters, Fn&& fn) {
+  const bool fp32_adapters = adapters == at::kFloat;
+  switch (x) {
+    case at::kHalf:
+      return fp32_adapters ? fn(Tag<__half>{}, Tag<float>{}) : fn(Tag<__half>{}, Tag<__half>{});
+    case at::kBFloat16:
+      return fp32_adapters ? fn(Tag<__nv_bfloat16>{}, Tag<float>{})
+                           : fn(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
+    case at::kFloat:
+      return fn(Tag<float>{}, Tag<float>{});
+    default:
+      TORCH_CHECK(false, "fastlora: unsupported dtype ", x);  // unreachable: check_dtypes ran first
+  }
+}
+
+// at::Half / at::BFloat16 storage is bit-identical to __half / __nv_bfloat16.
+template <typename T>
+const T* ptr(const Tensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mutable_ptr(Tensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
+}
+
+// The kernels read every 2-D operand through its row stride (0 included), so only a non-unit inner
+// stride costs a copy.
+Tensor unit_inner_stride(const Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
+
+void check_tensor(const char* op, const char* name, const Tensor& t, const Tensor& x, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+              "; move all tensors to one device");
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+void check_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+// x, weight, lora_A, lora_B: devices, ranks, shapes and dtypes shared by both ops.
+void check_common(const char* op, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B) {
+  check_tensor(op, "x", x, x, 2);
+  check_tensor(op, "weight", weight, x, 2);
+  check_tensor(op, "lora_A", lora_A, x, 2);
+  check_tensor(op, "lora_B", lora_B, x, 2);
+  const int64_t K = x.size(1), N = weight.size(0), R = lora_A.size(0);
+  check_shape(op, "weight", weight, {N, K});
+  check_shape(op, "lora_A", lora_A, {R, K});
+  check_shape(op, "lora_B", lora_B, {N, R});
+  TORCH_CHECK(N <= kMaxColumns && K <= kMaxColumns, op, ": in_features and out_features must be at most ",
+              kMaxColumns, ", got weight of shape ", weight.sizes());
+
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
+              ": x must be float16, bfloat16 or float32, got ", dtype);
+  TORCH_CHECK(weight.scalar_type() == dtype, op, ": weight's dtype must equal x's dtype ", dtype, ", got ",
+              weight.scalar_type());
+  const auto adapters = lora_A.scalar_type();
+  TORCH_CHECK(adapters == dtype || adapters == at::kFloat, op, ": lora_A must be in x's dtype ", dtype,
+              " or float32, got ", adapters);
+  TORCH_CHECK(lora_B.scalar_type() == adapters, op, ": lora_B's dtype must equal lora_A's dtype ", adapters,
+              ", got ", lora_B.scalar_type());
+}
+
+// How the M reduction of one gradient is split: enough blocks to give every SM several, each split at
+// least kMinRowsPerSplit rows long, no split empty. A function of the shapes and the device only, so
+// a given GPU reproduces its results bit for bit.
+struct RowSplits {
+  int64_t splits, rows_per_split;
+};
+RowSplits split_rows(int64_t M, int64_t blocks_per_split) {
+  constexpr int64_t kMinRowsPerSplit = 256;
+  constexpr int64_t kBlocksPerSM = 4;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t wanted = ceil_div(kBlocksPerSM * sms, std::max<int64_t>(blocks_per_split, 1));
+  const int64_t most = std::min<int64_t>(std::max<int64_t>(M / kMinRowsPerSplit, 1), 65535);
+  const int64_t rows = ceil_div(M, std::clamp<int64_t>(wanted, 1, most));
+  return {ceil_div(M, rows), rows};
+}
+
+// out[P, Q] = scaling · Σ_m L(m, p) · D(R)(m, q), through an fp32 split-M workspace (no atomics).
+template <typename TO, typename TL, typename TR>
+void reduce_rows(const TL* l, int64_t ldl, const TR* r, int64_t ldr, int64_t M, double scaling,
+                 const Dropout& r_dropout, Tensor& out, cudaStream_t stream) {
+  const int64_t P = out.size(0), Q = out.size(1);
+  if (P == 0 || Q == 0) return;
+  const auto [splits, rows] = split_rows(M, ceil_div(P, kTile) * ceil_div(Q, kTile));
+  Tensor ws = at::empty({splits, P, Q}, out.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(
+      launch_row_reduce(l, ldl, r, ldr, M, P, Q, r_dropout, splits, rows, ws.mutable_data_ptr<float>(), stream));
+  // D(R) = scale · (mask ⊙ R): the kernel applied the mask, the scale joins scaling here.
+  const float total_scale = static_cast<float>(scaling) * (r_dropout.p > 0.f ? r_dropout.scale : 1.f);
+  C10_CUDA_CHECK(
+      launch_sum_splits(ws.const_data_ptr<float>(), splits, P * Q, total_scale, mutable_ptr<TO>(out), stream));
+}
+
+// LoRA dropout of one call (see Dropout in lora_kernels.cuh); the seed is a 0-d int64 CPU tensor.
+Dropout make_dropout(const char* op, double dropout_p, const std::optional<Tensor>& seed) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
+  Dropout d;
+  if (dropout_p == 0.0) return d;
+  TORCH_CHECK(seed.has_value() && seed->numel() == 1 && seed->scalar_type() == at::kLong, op,
+              ": dropout_p > 0 needs seed, a one-element int64 tensor");
+  d.p = static_cast<float>(dropout_p);
+  d.scale = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
+  d.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  return d;
+}
+
+std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight_in,
+                                        const std::optional<Tensor>& bias_in, const Tensor& lora_A_in,
+                                        const Tensor& lora_B_in, double scaling, double dropout_p,
+                                        const std::optional<Tensor>& seed) {
+  constexpr const char* op = "fastlora::cuda_forward";
+  check_common(op, x_in, weight_in, lora_A_in, lora_B_in);
+  const Dropout dropout = make_dropout(op, dropout_p, seed);
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0), R = lora_A_in.size(0);
+  Tensor bias;
+  if (bias_in.has_value()) {
+    check_tensor(op, "bias", *bias_in, x_in, 1);
+    check_shape(op, "bias", *bias_in, {N});
+    TORCH_CHECK(bias_in->scalar_type() == x_in.scalar_type(), op, ": bias's dtype must equal x's dtype ",
+                x_in.scalar_type(), ", got ", bias_in->scalar_type());
+    bias = bias_in->contiguous();
+  }
+
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = unit_inner_stride(x_in), weight = unit_inner_stride(weight_in);
+  const Tensor lora_A = unit_inner_stride(lora_A_in), lora_B = unit_inner_stride(lora_B_in);
+  Tensor y = at::empty({M, N}, x.options());
+  Tensor xa = at::empty({M, R}, x.options().dtype(at::kFloat));
+  if (M == 0) return {y, xa};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  dispatch_dtypes(x.scalar_type(), lora_A.scalar_type(), [&](auto t, auto ta) {
+    using T = typename decltype(t)::type;
+    using TA = typename decltype(ta)::type;
+    // xa = D(x) Aᵀ, kept in fp32: the main kernel's epilogue and the backward both read it.
+    GemmParams<T, TA, float, float> rank{};
+    rank.M = M, rank.N = R, rank.K = K;
+    rank.a = ptr<T>(x), rank.lda = x.stride(0);
+    rank.b = ptr<TA>(lora_A), rank.ldb = lora_A.stride(0);
+    rank.out = mutable_ptr<float>(xa), rank.ldo = R;
+    rank.dropout = dropout, rank.dropout_site = DropoutSite::kA;
+    C10_CUDA_CHECK(launch_gemm<true>(rank, stream));
+
+    // y = x Wᵀ + scaling · xa Bᵀ + bias.
+    GemmParams<T, T, TA, T> fused{};
+    fused.M = M, fused.N = N, fused.K = K;
+    fused.a = ptr<T>(x), fused.lda = x.stride(0);
+    fused.b = ptr<T>(weight), fused.ldb = weight.stride(0);
+    fused.R = R, fused.xa = ptr<float>(xa), fused.ldxa = R;
+    fused.l = ptr<TA>(lora_B), fused.ldl = lora_B.stride(0);
+    fused.scaling = static_cast<float>(scaling);
+    fused.bias = bias.defined() ? ptr<T>(bias) : nullptr;
+    fused.out = mutable_ptr<T>(y), fused.ldo = N;
+    C10_CUDA_CHECK(launch_gemm<true>(fused, stream));
+  });
+  return {y, xa};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, const Tensor& x_in,
+                                                         const Tensor& xa_in, const Tensor& weight_in,
+                                                         const Tensor& lora_A_in, const Tensor& lora_B_in,
+                                                         double scaling, double dropout_p,
+                                                         const std::optional<Tensor>& seed, bool need_x, bool need_A,
+                                                         bool need_B, bool need_bias) {
+  constexpr const char* op = "fastlora::cuda_backward";
+  check_common(op, x_in, weight_in, lora_A_in, lora_B_in);
+  const Dropout dropout = make_dropout(op, dropout_p, seed);
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0), R = lora_A_in.size(0);
+  check_tensor(op, "gy", gy_in, x_in, 2);
+  check_shape(op, "gy", gy_in, {M, N});
+  TORCH_CHECK(gy_in.scalar_type() == x_in.scalar_type(), op, ": gy's dtype must equal x's dtype ",
+              x_in.scalar_type(), ", got ", gy_in.scalar_type());
+  check_tensor(op, "xa", xa_in, x_in, 2);
+  check_shape(op, "xa", xa_in, {M, R});
+  TORCH_CHECK(xa_in.scalar_type() == at::kFloat, op, ": xa must be float32 (as cuda_forward returns it), got ",
+              xa_in.scalar_type());
+
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor gy = unit_inner_stride(gy_in), x = unit_inner_stride(x_in), xa = unit_inner_stride(xa_in);
+  const Tensor weight = unit_inner_stride(weight_in);
+  const Tensor lora_A = unit_inner_stride(lora_A_in), lora_B = unit_inner_stride(lora_B_in);
+  auto maybe_empty = [](bool needed, const Tensor& like, at::IntArrayRef shape) {
+    return needed ? at::empty(shape, like.options()) : at::empty({0}, like.options());
+  };
+  Tensor grad_x = maybe_empty(need_x, x, {M, K});
+  Tensor grad_A = maybe_empty(need_A, lora_A, {R, K});
+  Tensor grad_B = maybe_empty(need_B, lora_B, {N, R});
+  Tensor grad_bias = maybe_empty(need_bias, x, {N});
+  if (M == 0) {  // sums over no rows
+    grad_A.zero_();
+    grad_B.zero_();
+    grad_bias.zero_();
+    return {grad_x, grad_A, grad_B, grad_bias};
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  dispatch_dtypes(x.scalar_type(), lora_A.scalar_type(), [&](auto t, auto ta) {
+    using T = typename decltype(t)::type;
+    using TA = typename decltype(ta)::type;
+    // g_xa = gy B in fp32: the low-rank operand of grad_x and the left factor of grad_A.
+    Tensor g_xa;
+    if (need_x || need_A) {
+      g_xa = at::empty({M, R}, x.options().dtype(at::kFloat));
+      GemmParams<T, TA, float, float> rank{};
+      rank.M = M, rank.N = R, rank.K = N;
+      rank.a = ptr<T>(gy), rank.lda = gy.stride(0);
+      rank.b = ptr<TA>(lora_B), rank.ldb = lora_B.stride(0);
+      rank.out = mutable_ptr<float>(g_xa), rank.ldo = R;
+      C10_CUDA_CHECK(launch_gemm<false>(rank, stream));
+    }
+    // grad_x = gy W + scaling · D(g_xa A): the forward's kernel with W and A read untransposed.
+    if (need_x) {
+      GemmParams<T, T, TA, T> fused{};
+      fused.M = M, fused.N = K, fused.K = N;
+      fused.a = ptr<T>(gy), fused.lda = gy.stride(0);
+      fused.b = ptr<T>(weight), fused.ldb = weight.stride(0);
+      fused.R = R, fused.xa = ptr<float>(g_xa), fused.ldxa = R;
+      fused.l = ptr<TA>(lora_A), fused.ldl = lora_A.stride(0);
+      fused.scaling = static_cast<float>(scaling);
+      fused.out = mutable_ptr<T>(grad_x), fused.ldo = K;
+      fused.dropout = dropout, fused.dropout_site = DropoutSite::kLowRank;
+      C10_CUDA_CHECK(launch_gemm<false>(fused, stream));
+    }
+    // grad_A[r, k] = scaling · Σ_m g_xa[m, r] D(x)[m, k]
+    if (need_A) reduce_rows<TA>(ptr<float>(g_xa), R, ptr<T>(x), x.stride(0), M, scaling, dropout, grad_A, stream);
+    // grad_B[n, r] = scaling · Σ_m gy[m, n] xa[m, r]   (xa already holds D(x) Aᵀ)
+    if (need_B) {
+      reduce_rows<TA>(ptr<T>(gy), gy.stride(0), ptr<float>(xa), xa.stride(0), M, scaling, Dropout{}, grad_B, stream);
+    }
+    // grad_bias[n] = Σ_m gy[m, n]
+    if (need_bias) {
+      const auto [splits, rows] = split_rows(M, ceil_div(N, kColumnSumThreads));
+      Tensor ws = at::empty({splits, N}, x.options().dtype(at::kFloat));
+      C10_CUDA_CHECK(launch_column_sum(ptr<T>(gy), gy.stride(0), M, N, splits, rows, ws.mutable_data_ptr<float>(),
+                                       stream));
+      C10_CUDA_CHECK(launch_sum_splits(ws.const_data_ptr<float>(), splits, N, 1.f, mutable_ptr<T>(grad_bias), stream));
+    }
+  });
+  return {grad_x, grad_A, grad_B, grad_bias};
+}
+
+}  // namespace
+}  // namespace fastlora
+
+TORCH_LIBRARY(fastlora, m) {
+  // The fake kernels and autograd are attached from Python by fastlora.ops._registry.attach_autograd;
+  // torch requires a C++-defined op to name the module that registers its fake.
+  m.set_python_module("fastlora.ops._registry");
+  m.def(
+      "cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling,"
+      " float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_backward(Tensor gy, Tensor x, Tensor xa, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling,"
+      " float dropout_p, Tensor? seed, bool need_x, bool need_A, bool need_B, bool need_bias)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastlora, CUDA, m) {
+  m.impl("cuda_forward", &fastlora::cuda_forward);
+  m.impl("cuda_backward", &fastlora::cuda_backward);
+}
+
+// `import fastlora._C` loads this library, whose static initialisers above register the ops; the
+// Python module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
