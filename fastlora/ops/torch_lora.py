@@ -9,8 +9,9 @@ LoRA dropout draws its mask from a ``torch.Generator`` seeded with the call's se
 regenerates the same mask instead of saving it.
 
 fp16 is the one dtype whose range is narrower than float32's: its low-rank products are formed in
-float32 (see ``_mm_wide``) and added to the fp16 output in float32, which costs an M×N float32
-temporary, as do fp32 adapters on a bf16 base (PEFT's precision); otherwise the add is in place.
+float32 (see ``_low_rank_dtype``) and added to the fp16 output in float32, which costs an M×N
+float32 temporary; fp32 adapters on a half base get the same fp32 branch, as in PEFT, and copies
+of ``x`` and ``gy`` in fp32; otherwise the products run in ``x``'s dtype and the add is in place.
 """
 
 from __future__ import annotations
@@ -26,11 +27,17 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _mm_wide(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` multiplied in the activation ``dtype`` (float32 for fp16, whose products can exceed
-    its range) and returned in ``wide_dtype(dtype)``."""
-    compute = torch.float32 if dtype == torch.float16 else dtype
-    return _as(torch.mm(_as(a, compute), _as(b, compute)), wide_dtype(dtype))
+def _low_rank_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
+    """dtype the rank-r products are multiplied in: x's, or float32 for fp16 activations (whose
+    products can exceed fp16's range) and for fp32 adapters on a half base (PEFT's precision)."""
+    if x.dtype == torch.float16 or lora_A.dtype.itemsize > x.dtype.itemsize:
+        return torch.float32
+    return x.dtype
+
+
+def _mm_wide(a: torch.Tensor, b: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """``a @ b`` multiplied in ``compute`` and returned in ``wide_dtype(compute)``."""
+    return _as(torch.mm(_as(a, compute), _as(b, compute)), wide_dtype(compute))
 
 
 def _add_low_rank(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -55,14 +62,15 @@ def _dropout_scale(x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> tor
 
 def torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     x_low_rank = x * _dropout_scale(x, dropout_p, seed) if dropout_p else x
-    xa = _mm_wide(x_low_rank, lora_A.t(), x.dtype)
+    xa = _mm_wide(x_low_rank, lora_A.t(), _low_rank_dtype(x, lora_A))
     y = _add_low_rank(F.linear(x, weight, bias), xa, lora_B.t(), scaling)
     return y, xa
 
 
 def torch_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
     dropout_scale = _dropout_scale(x, dropout_p, seed) if dropout_p and (need_x or need_A) else None
-    g_xa = _mm_wide(gy, lora_B, x.dtype) if (need_x or need_A) else None
+    compute = _low_rank_dtype(x, lora_A)
+    g_xa = _mm_wide(gy, lora_B, compute) if (need_x or need_A) else None
     if not need_x:
         grad_x = _empty(x)
     elif dropout_scale is None:
@@ -72,10 +80,10 @@ def torch_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, 
         grad_x = low_rank.add_(gy.mm(weight)).to(x.dtype)
     if need_A:
         x_low_rank = x * dropout_scale if dropout_scale is not None else x
-        grad_A = _as(_mm_wide(g_xa.t(), x_low_rank, x.dtype).mul_(scaling), lora_A.dtype)
+        grad_A = _as(_mm_wide(g_xa.t(), x_low_rank, compute).mul_(scaling), lora_A.dtype)
     else:
         grad_A = _empty(lora_A)
-    grad_B = _as(_mm_wide(gy.t(), xa, x.dtype).mul_(scaling), lora_B.dtype) if need_B else _empty(lora_B)
+    grad_B = _as(_mm_wide(gy.t(), xa, compute).mul_(scaling), lora_B.dtype) if need_B else _empty(lora_B)
     grad_bias = _as(gy.sum(0, dtype=wide_dtype(gy.dtype)), gy.dtype) if need_bias else _empty(gy)
     return grad_x, grad_A, grad_B, grad_bias
 
