@@ -5,6 +5,8 @@ Examples are not derandomized, so each run explores new cases; a failure prints 
 parameters, ``seed`` included, which rebuild the exact tensors.
 """
 
+import os
+
 import pytest
 import torch
 from helpers import BACKEND_DEVICE, check_against_reference, make_inputs, poisoned  # noqa: F401
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("poisoned")
 
 ON_GPU = torch.cuda.is_available()
 # Under the CPU interpreter a triton example costs ~0.1-2 s; on a GPU, new shapes cost autotuning.
-MAX_EXAMPLES = 100 if ON_GPU else 40
+MAX_EXAMPLES = int(os.environ.get("FASTLORA_FUZZ_EXAMPLES", 100 if ON_GPU else 40))
 
 # Edge sizes (1 feature, 0 or 1 row), powers of two and their neighbours, primes: block multiples or not.
 SIZES = st.one_of(st.sampled_from([1, 2, 15, 16, 17, 31, 37, 53, 64, 67]), st.integers(1, 70))
