@@ -209,3 +209,26 @@ def test_unsupported_layers_warn_once():
     assert "5 LoRA layer(s)" in message and "DoRA" in message and "Embedding" in message
     assert not any("forward" in m.__dict__ for m in model.modules())
     torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+def test_compiled_patched_llama_has_no_graph_breaks(fused_calls):
+    """``torch.compile(fullgraph=True)`` of a whole patched model: fastlora adds no graph break."""
+    torch._dynamo.reset()
+    model = tiny_peft("llama")
+    patch_peft(model)
+    ids = input_ids()
+    ref_logits, ref_grads = logits_and_grads(model, ids)
+    fused_calls.clear()
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    assert_matches(model, ids, ref_logits, ref_grads, 1e-5)
+    assert len(fused_calls) == 2 * len(LLAMA_TARGETS)  # traced through the fused path, every layer
+
+
+def test_transformers_gradient_checkpointing():
+    ids = input_ids()
+    model = tiny_peft("llama")
+    ref_logits, ref_grads = logits_and_grads(model, ids)
+    patch_peft(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert_matches(model, ids, ref_logits, ref_grads, 1e-5)
