@@ -190,11 +190,17 @@ def _lora_reduce_kernel(
             tl.store(col_sum_ptr + split * stride_cs_split + offs_p, col_sum, mask=mask_p)
 
 
-def _matmul_configs() -> list[triton.Config]:
-    if INTERPRET:
-        # The interpreter cannot benchmark; its cost grows with programs × K steps, so one big tile.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8})]
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+def _configs(shapes) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+# The interpreter cannot benchmark, and its cost grows with programs × K steps: one big tile.
+INTERPRETER_CONFIGS = _configs([(64, 64, 64, 4, 1)])
+GPU_CONFIGS = _configs(
+    [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
         (128, 256, 64, 8, 3),
         (128, 128, 64, 8, 4),
         (128, 128, 64, 4, 4),
@@ -204,34 +210,48 @@ def _matmul_configs() -> list[triton.Config]:
         (32, 128, 128, 4, 4),
         (16, 128, 128, 4, 4),
         (16, 64, 256, 4, 3),
+        (16, 64, 128, 4, 3),
+        # Short K steps and two stages keep the Aᵀ tile of r = 256 (fp32 adapters: 32 KiB a step) in
+        # shared memory, where every config above is pruned.
+        (64, 64, 32, 4, 2),
+        (32, 64, 32, 4, 2),
     ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
+)
 
 
 # Accumulator registers a thread may hold (acc and acc_t, fp32) before a config is not worth timing.
 _MAX_ACC_REGISTERS = 160
+# Shared memory the pipelined tiles may take: the A100's 164 KiB less some room (the H100 has 227).
+_MAX_SHARED_BYTES = 160 * 1024
+
+
+def _shared_bytes(config, a_size: int, la_size: int, rank: int) -> int:
+    """Shared memory of the main loop's pipelined tiles: ``a``, ``w`` and ``la``, one set a stage."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return config.num_stages * (bk * (bm + bn) * a_size + bk * rank * la_size)
 
 
 def prune_matmul_configs(configs, named_args, **kwargs):
-    """Drop configs whose accumulators spill (large ``R_PAD``) or whose row block dwarfs M."""
+    """Drop configs whose accumulators spill or whose tiles overflow shared memory (large ``R_PAD``,
+    fp32 operands), or whose row block dwarfs M; the leanest config if none is left."""
     args = {**named_args, **kwargs}
     rank, m_bucket = args["R_PAD"], args["M_BUCKET"]
-    kept = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + rank) <= _MAX_ACC_REGISTERS * 32 * c.num_warps
-        and c.kwargs["BLOCK_M"] <= max(16, m_bucket)
-    ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + rank) / c.num_warps)]
+    a_size, la_size = args["a_ptr"].element_size(), args["la_ptr"].element_size()
+
+    def registers(c):
+        return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + rank) / (32 * c.num_warps)
+
+    def fits(c):
+        return registers(c) <= _MAX_ACC_REGISTERS and _shared_bytes(c, a_size, la_size, rank) <= _MAX_SHARED_BYTES
+
+    kept = [c for c in configs if fits(c) and c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
+    return kept or [min(configs, key=lambda c: (_shared_bytes(c, a_size, la_size, rank), registers(c)))]
 
 
 # Keyed on M's power-of-two bucket (M_BUCKET, an argument only the autotuner reads) rather than on M,
 # so that training on varying sequence lengths does not re-tune at every new batch size.
 _lora_matmul = triton.autotune(
-    configs=_matmul_configs(),
+    configs=INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS,
     key=["M_BUCKET", "N", "K", "R_PAD", "WRITE_OUT", "STORE_T", "DROPOUT"],
     prune_configs_by={"early_config_prune": prune_matmul_configs},
 )(_lora_matmul_kernel)
