@@ -184,6 +184,27 @@ struct WmmaCore {
   }
 };
 
+// c[i][j] += Σ_k As[row_i][k] · B(k, col_j) over kDepth k, with this thread's rows ty + 8i and
+// columns tx + 16j; As is row-major (row stride lda), B is Bs[col·ldb + k] when kKContig, else
+// Bs[k·ldb + col]. The fp32 main loop and the low-rank epilogue both run on it.
+template <bool kKContig, int kDepth, int kUnroll>
+__device__ __forceinline__ void fma_tile(float (&c)[kRowsPerThread][kColsPerThread], const float* As, int lda,
+                                         const float* Bs, int ldb) {
+  const int tx = threadIdx.x % kThreadCols, ty = threadIdx.x / kThreadCols;
+#pragma unroll kUnroll
+  for (int kk = 0; kk < kDepth; ++kk) {
+    float a[kRowsPerThread], b[kColsPerThread];
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) a[i] = As[(ty + 8 * i) * lda + kk];
+#pragma unroll
+    for (int j = 0; j < kColsPerThread; ++j) b[j] = kKContig ? Bs[(tx + 16 * j) * ldb + kk] : Bs[kk * ldb + tx + 16 * j];
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kColsPerThread; ++j) c[i][j] = fmaf(a[i], b[j], c[i][j]);
+  }
+}
+
 // fp32 main loop: plain FMAs straight into the thread-owned outputs (exact fp32, no TF32).
 template <bool kKContig>
 struct FmaCore {
@@ -201,20 +222,7 @@ struct FmaCore {
   }
 
   __device__ __forceinline__ void step(const float* As, const float* Bs) {
-    const int tx = threadIdx.x % kThreadCols, ty = threadIdx.x / kThreadCols;
-#pragma unroll 8
-    for (int kk = 0; kk < kTileK; ++kk) {
-      float a[kRowsPerThread], b[kColsPerThread];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) a[i] = As[(ty + 8 * i) * kLdA + kk];
-#pragma unroll
-      for (int j = 0; j < kColsPerThread; ++j)
-        b[j] = kKContig ? Bs[(tx + 16 * j) * kLdB + kk] : Bs[kk * kLdB + tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-        for (int j = 0; j < kColsPerThread; ++j) c[i][j] = fmaf(a[i], b[j], c[i][j]);
-    }
+    fma_tile<kKContig, kTileK, 8>(c, As, kLdA, Bs, kLdB);
   }
 
   __device__ __forceinline__ void collect(float*, float (&acc)[kRowsPerThread][kColsPerThread]) const {
@@ -305,19 +313,7 @@ __global__ void __launch_bounds__(kThreads) lora_gemm_kernel(const GemmParams<T,
       xa_copy.store(XAs, kLdX);
       l_copy.store(Ls, kLdL);
       __syncthreads();
-#pragma unroll 4
-      for (int rr = 0; rr < kTileR; ++rr) {
-        float a[kRowsPerThread], b[kColsPerThread];
-#pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i) a[i] = XAs[(ty + 8 * i) * kLdX + rr];
-#pragma unroll
-        for (int j = 0; j < kColsPerThread; ++j)
-          b[j] = kKContig ? Ls[(tx + 16 * j) * kLdL + rr] : Ls[rr * kLdL + tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-          for (int j = 0; j < kColsPerThread; ++j) low_rank[i][j] = fmaf(a[i], b[j], low_rank[i][j]);
-      }
+      fma_tile<kKContig, kTileR, 4>(low_rank, XAs, kLdX, Ls, kLdL);
       __syncthreads();
     }
   }
