@@ -19,7 +19,6 @@ from torch import nn
 from .backends import BACKEND_NAMES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _require_tensor(name: str, value: object) -> torch.Tensor:
