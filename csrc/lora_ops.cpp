@@ -140,6 +140,38 @@ Dropout make_dropout(const char* op, double dropout_p, const std::optional<Tenso
   return d;
 }
 
+// xa[M, R] (fp32) = D(a)[M, K] · the rank-r factor b, D applied to a's elements when dropout.p > 0:
+// x Aᵀ in the forward (b = A [R, K], k-contiguous), gy B in the backward (b = B [N, R], no dropout).
+template <bool kKContig, typename T, typename TA>
+void launch_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& dropout, Tensor& out, cudaStream_t stream) {
+  GemmParams<T, TA, float, float> p{};
+  p.M = a.size(0), p.N = out.size(1), p.K = a.size(1);
+  p.a = ptr<T>(a), p.lda = a.stride(0);
+  p.b = ptr<TA>(b), p.ldb = b.stride(0);
+  p.out = mutable_ptr<float>(out), p.ldo = out.stride(0);
+  p.dropout = dropout, p.dropout_site = DropoutSite::kA;
+  C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
+}
+
+// out = a · b + scaling · D(xa · l) + bias, the fused kernel: y = x Wᵀ + s·xa Bᵀ + bias in the forward
+// (kKContig: W and B read as stored), grad_x = gy W + s·D(g_xa A) in the backward (W and A read
+// untransposed). bias may be undefined; D applies to the low-rank term when dropout.p > 0.
+template <bool kKContig, typename T, typename TA>
+void launch_fused(const Tensor& a, const Tensor& b, const Tensor& xa, const Tensor& l, const Tensor& bias,
+                  double scaling, const Dropout& dropout, Tensor& out, cudaStream_t stream) {
+  GemmParams<T, T, TA, T> p{};
+  p.M = a.size(0), p.N = out.size(1), p.K = a.size(1);
+  p.a = ptr<T>(a), p.lda = a.stride(0);
+  p.b = ptr<T>(b), p.ldb = b.stride(0);
+  p.R = xa.size(1), p.xa = ptr<float>(xa), p.ldxa = xa.stride(0);
+  p.l = ptr<TA>(l), p.ldl = l.stride(0);
+  p.scaling = static_cast<float>(scaling);
+  p.bias = bias.defined() ? ptr<T>(bias) : nullptr;
+  p.out = mutable_ptr<T>(out), p.ldo = out.stride(0);
+  p.dropout = dropout, p.dropout_site = DropoutSite::kLowRank;
+  C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
+}
+
 std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight_in,
                                         const std::optional<Tensor>& bias_in, const Tensor& lora_A_in,
                                         const Tensor& lora_B_in, double scaling, double dropout_p,
@@ -169,25 +201,9 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight
     using T = typename decltype(t)::type;
     using TA = typename decltype(ta)::type;
     // xa = D(x) Aᵀ, kept in fp32: the main kernel's epilogue and the backward both read it.
-    GemmParams<T, TA, float, float> rank{};
-    rank.M = M, rank.N = R, rank.K = K;
-    rank.a = ptr<T>(x), rank.lda = x.stride(0);
-    rank.b = ptr<TA>(lora_A), rank.ldb = lora_A.stride(0);
-    rank.out = mutable_ptr<float>(xa), rank.ldo = R;
-    rank.dropout = dropout, rank.dropout_site = DropoutSite::kA;
-    C10_CUDA_CHECK(launch_gemm<true>(rank, stream));
-
-    // y = x Wᵀ + scaling · xa Bᵀ + bias.
-    GemmParams<T, T, TA, T> fused{};
-    fused.M = M, fused.N = N, fused.K = K;
-    fused.a = ptr<T>(x), fused.lda = x.stride(0);
-    fused.b = ptr<T>(weight), fused.ldb = weight.stride(0);
-    fused.R = R, fused.xa = ptr<float>(xa), fused.ldxa = R;
-    fused.l = ptr<TA>(lora_B), fused.ldl = lora_B.stride(0);
-    fused.scaling = static_cast<float>(scaling);
-    fused.bias = bias.defined() ? ptr<T>(bias) : nullptr;
-    fused.out = mutable_ptr<T>(y), fused.ldo = N;
-    C10_CUDA_CHECK(launch_gemm<true>(fused, stream));
+    launch_rank_gemm<true, T, TA>(x, lora_A, dropout, xa, stream);
+    // y = x Wᵀ + scaling · xa Bᵀ + bias (dropout already applied inside xa).
+    launch_fused<true, T, TA>(x, weight, xa, lora_B, bias, scaling, Dropout{}, y, stream);
   });
   return {y, xa};
 }
@@ -237,26 +253,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
     Tensor g_xa;
     if (need_x || need_A) {
       g_xa = at::empty({M, R}, x.options().dtype(at::kFloat));
-      GemmParams<T, TA, float, float> rank{};
-      rank.M = M, rank.N = R, rank.K = N;
-      rank.a = ptr<T>(gy), rank.lda = gy.stride(0);
-      rank.b = ptr<TA>(lora_B), rank.ldb = lora_B.stride(0);
-      rank.out = mutable_ptr<float>(g_xa), rank.ldo = R;
-      C10_CUDA_CHECK(launch_gemm<false>(rank, stream));
+      launch_rank_gemm<false, T, TA>(gy, lora_B, Dropout{}, g_xa, stream);
     }
     // grad_x = gy W + scaling · D(g_xa A): the forward's kernel with W and A read untransposed.
-    if (need_x) {
-      GemmParams<T, T, TA, T> fused{};
-      fused.M = M, fused.N = K, fused.K = N;
-      fused.a = ptr<T>(gy), fused.lda = gy.stride(0);
-      fused.b = ptr<T>(weight), fused.ldb = weight.stride(0);
-      fused.R = R, fused.xa = ptr<float>(g_xa), fused.ldxa = R;
-      fused.l = ptr<TA>(lora_A), fused.ldl = lora_A.stride(0);
-      fused.scaling = static_cast<float>(scaling);
-      fused.out = mutable_ptr<T>(grad_x), fused.ldo = K;
-      fused.dropout = dropout, fused.dropout_site = DropoutSite::kLowRank;
-      C10_CUDA_CHECK(launch_gemm<false>(fused, stream));
-    }
+    if (need_x) launch_fused<false, T, TA>(gy, weight, g_xa, lora_A, Tensor(), scaling, dropout, grad_x, stream);
     // grad_A[r, k] = scaling · Σ_m g_xa[m, r] D(x)[m, k]
     if (need_A) reduce_rows<TA>(ptr<float>(g_xa), R, ptr<T>(x), x.stride(0), M, scaling, dropout, grad_A, stream);
     // grad_B[n, r] = scaling · Σ_m gy[m, n] xa[m, r]   (xa already holds D(x) Aᵀ)
