@@ -93,12 +93,16 @@ def _input_grads(ctx, backward: Callable, gy: torch.Tensor) -> tuple:
     """The gradients of the forward's eight inputs, from the saved tensors and ``backward``."""
     x, xa, weight, lora_A, lora_B = ctx.saved_tensors
     need_x, need_w, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
-    grad_x, grad_A, grad_B, grad_bias = backward(
-        gy, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, need_x, need_A, need_B, need_bias
-    )
+    # A backward called inside torch.autocast runs under it too; the forward ran with it off
+    # (functional.lora_linear casts first), and the backward must see the same dtypes.
+    with torch.autocast(gy.device.type, enabled=False):
+        grad_x, grad_A, grad_B, grad_bias = backward(
+            gy, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, need_x, need_A, need_B, need_bias
+        )
+        grad_w = gy.t().mm(x) if need_w else None
     return (
         grad_x if need_x else None,
-        gy.t().mm(x) if need_w else None,
+        grad_w,
         grad_bias if need_bias else None,
         grad_A if need_A else None,
         grad_B if need_B else None,
