@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import device_limits
 from ._registry import register_backend
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -315,8 +316,8 @@ def _launch_matmul(a, w, la, lb, bias, out, t, scaling: float, dropout: _Dropout
 
 
 def _split_count(device: torch.device, tiles: int, row_blocks: int) -> int:
-    """Splits of M that give about two programs per SM (a few on the CPU, to exercise splitting)."""
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    """Splits of M that give about two programs per SM."""
+    programs = 2 * device_limits(device).sm_count
     return max(1, min(row_blocks, programs // tiles))
 
 
