@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._registry import register_backend, wide_dtype
+from ._contract import register_backend, wide_dtype
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

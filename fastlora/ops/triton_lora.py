@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ._device import device_limits
-from ._registry import register_backend
+from ._contract import register_backend
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
