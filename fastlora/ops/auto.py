@@ -17,14 +17,15 @@ time once (one lock) and agree. A backend that raises while timed is skipped; it
 
 What is chosen without timing, in this order:
 
-1. a pin: ``fastlora.set_default_backend(name)``, else ``FASTLORA_BACKEND=torch|triton|cuda``, is
-   used as if passed as ``backend=`` (a backend that cannot run the call raises, naming why);
+1. a pin: ``fastlora.set_default_backend(name)``, else ``FASTLORA_BACKEND=torch|triton|cuda`` (read
+   at the first ``"auto"`` call of the process), is used as if passed as ``backend=`` (a backend
+   that cannot run the call raises, naming why);
 2. CPU tensors (and any non-CUDA device): ``"torch"``;
-3. no fused backend can run the call (dtype, r > 256, not installed, GPU too old): ``"torch"``;
+3. ``torch.compile`` tracing: ``"torch"``, which the compiled graph keeps (the choice is made when
+   the graph is traced, and timing cannot run there). To compile a fused backend, pin it;
 4. ``torch.use_deterministic_algorithms(True)``: ``"torch"``, a fixed choice (a measured one could
    change between runs as the cache fills);
-5. ``torch.compile`` tracing: ``"torch"``, which the compiled graph keeps (the choice is made when
-   the graph is traced, and timing cannot run there). To compile a fused backend, pin it;
+5. no fused backend can run the call (dtype, r > 256, not installed, GPU too old): ``"torch"``;
 6. CUDA-graph capture (``torch.cuda.is_current_stream_capturing()``): the cached choice, else
    ``"torch"`` (uncached: a capture cannot run the timing's synchronisations).
 
@@ -81,6 +82,7 @@ def cuda_event_timer(name: str, run: Callable[[], None], device: torch.device) -
 
 _timer: Timer = cuda_event_timer
 _pinned: str | None = None
+_env_pin: list[str | None] = []  # FASTLORA_BACKEND, read once (os.environ.get costs µs a call)
 _memory: dict[str, dict] = {}  # problem key → {"backend", "times_ms"} for this process's environment
 _disk_read = False
 _lock = threading.Lock()
@@ -105,7 +107,9 @@ def set_timer(timer: Timer | None) -> None:
 def _pin() -> tuple[str, str] | None:
     if _pinned is not None:
         return _pinned, f"pinned by fastlora.set_default_backend({_pinned!r})"
-    env = os.environ.get("FASTLORA_BACKEND")
+    if not _env_pin:
+        _env_pin.append(os.environ.get("FASTLORA_BACKEND"))
+    env = _env_pin[0]
     if not env:
         return None
     if env not in _PIN_NAMES:
@@ -122,6 +126,7 @@ def cache_path() -> Path:
     return Path(root) / "autotune.json"
 
 
+@functools.cache
 def _driver_version() -> str:
     try:
         version = ctypes.c_int()
@@ -144,6 +149,7 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+@functools.cache
 def environment_key(device: torch.device) -> str:
     """What a measurement depends on besides the problem: GPU name and software versions."""
     from .. import __version__
@@ -155,11 +161,10 @@ def environment_key(device: torch.device) -> str:
 
 
 def problem_key(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, dropout: float, requires_grad: bool) -> str:
-    m = math.prod(x.shape[:-1])
-    bucket = 1 << max(m - 1, 0).bit_length()  # M rounded up to a power of two (0 and 1 → 1)
+    """The problem class of a call, as the cache file spells it (the GPU is in the environment key)."""
     return (
         f"x={str(x.dtype).removeprefix('torch.')} adapters={str(lora_A.dtype).removeprefix('torch.')} "
-        f"M<={bucket} K={x.shape[-1]} N={weight.shape[0]} r={lora_A.shape[0]} "
+        f"M<={_bucket(x)} K={x.shape[-1]} N={weight.shape[0]} r={lora_A.shape[0]} "
         f"dropout={'on' if dropout else 'off'} grad={'yes' if requires_grad else 'no'}"
     )
 
@@ -230,14 +235,17 @@ def _measure(candidates, x, weight, bias, lora_A, lora_B, dropout, requires_grad
         args = [_scratch_like(t, generator, requires_grad and need) for t, need in zip(inputs, needs)]
         seed = torch.tensor(0, dtype=torch.int64) if dropout else None
         gy = torch.randn((*x.shape[:-1], weight.shape[0]), generator=generator, device=x.device).to(x.dtype)
-        x2d = args[0].reshape(-1, x.shape[-1])
         gy2d = gy.reshape(-1, weight.shape[0])
         scaling = 0.5
         for name in candidates:
             ops = backend_ops(name)
 
             def run(ops=ops):
+                for leaf in args:  # as zero_grad(set_to_none=True): no accumulation kernels timed
+                    if leaf is not None:
+                        leaf.grad = None
                 with torch.set_grad_enabled(requires_grad):
+                    x2d = args[0].reshape(-1, x.shape[-1])
                     y = ops.function.apply(x2d, args[1], args[2], args[3], args[4], scaling, dropout, seed)
                     if requires_grad:
                         torch.autograd.backward(y, gy2d)
@@ -252,7 +260,7 @@ def _measure(candidates, x, weight, bias, lora_A, lora_B, dropout, requires_grad
 def choose(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool) -> dict:
     """``{"backend", "reason", "times_ms"}`` for this call under ``backend="auto"`` (see the module
     doc); times a new problem class. ``times_ms`` maps each timed backend to its median ms (or the
-    error it raised), None where nothing was timed."""
+    error it raised), None where nothing was timed. Treat the dict as read-only: it is shared."""
     pin = _pin()
     if pin is not None:
         name, reason = pin
@@ -261,35 +269,67 @@ def choose(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool)
             error, message = problem
             raise error(f"{message} ({reason})")
         return {"backend": name, "reason": reason, "times_ms": None}
-    if x.device.type not in TIMED_DEVICE_TYPES:
-        return {"backend": "torch", "reason": f"{x.device.type} tensors run on the torch backend; no timing", "times_ms": None}
     if torch.compiler.is_compiling():
-        reason = "torch.compile tracing: the fixed choice, no timing; pin a backend to compile a fused one"
-        return {"backend": "torch", "reason": reason, "times_ms": None}
+        return _FIXED_UNDER_COMPILE
+    if torch.are_deterministic_algorithms_enabled():
+        return _FIXED_WHEN_DETERMINISTIC
+    # Every later call of a problem class ends here, a tuple and a dict look-up: the call's
+    # overhead (get_device() is an int, -1 on the CPU; x.device would build an object).
+    m = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
+    fast_key = (x.get_device(), x.dtype, lora_A.dtype, m, x.shape[-1], weight.shape[0], lora_A.shape[0], bool(dropout), requires_grad)
+    choice = _decided.get(fast_key)
+    if choice is None:
+        choice, settled = _decide(x, weight, bias, lora_A, lora_B, dropout, requires_grad)
+        if settled:
+            _decided[fast_key] = choice
+    return choice
+
+
+_FIXED_UNDER_COMPILE = {
+    "backend": "torch",
+    "reason": "torch.compile tracing: the fixed choice, no timing; pin a backend to compile a fused one",
+    "times_ms": None,
+}
+_FIXED_WHEN_DETERMINISTIC = {
+    "backend": "torch",
+    "reason": "torch.use_deterministic_algorithms(True): the fixed choice, no timing",
+    "times_ms": None,
+}
+_decided: dict[tuple, dict] = {}
+
+
+def _bucket(x: torch.Tensor) -> int:
+    """M (the rows of ``x`` flattened to 2-D) rounded up to a power of two; 0 and 1 give 1."""
+    m = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def _decide(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool) -> tuple[dict, bool]:
+    """``choose`` for a problem class not decided in this process yet: from what can run, the
+    cache, or a measurement; and whether that is settled (False: a stopgap until it can be timed)."""
+    if x.device.type not in TIMED_DEVICE_TYPES:
+        return {"backend": "torch", "reason": f"{x.device.type} tensors run on the torch backend; no timing", "times_ms": None}, True
     rank = lora_A.shape[0]
     refusals = {name: cannot_run(name, x, rank) for name in FUSED_BACKENDS}
     candidates = ["torch"] + [name for name, problem in refusals.items() if problem is None]
     if len(candidates) == 1:
         why = "; ".join(message for _, message in refusals.values())
-        return {"backend": "torch", "reason": f"no fused backend can run this call ({why})", "times_ms": None}
-    if torch.are_deterministic_algorithms_enabled():
-        reason = "torch.use_deterministic_algorithms(True): the fixed choice, no timing"
-        return {"backend": "torch", "reason": reason, "times_ms": None}
+        return {"backend": "torch", "reason": f"no fused backend can run this call ({why})", "times_ms": None}, True
     env, key = environment_key(x.device), problem_key(x, weight, lora_A, dropout, requires_grad)
     with _lock:  # a thread that finds the lock taken waits, then reads the first one's entry
         entry = _cached(env, key, candidates)
         if entry is not None:
-            return {"backend": entry["backend"], "reason": f"measured fastest for {key} (cached)", "times_ms": entry["times_ms"]}
+            return {"backend": entry["backend"], "reason": f"measured fastest for {key} (cached)", "times_ms": entry["times_ms"]}, True
         if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return {"backend": "torch", "reason": "CUDA-graph capture and nothing cached: the fixed choice, no timing", "times_ms": None}
+            return {"backend": "torch", "reason": "CUDA-graph capture and nothing cached: the fixed choice, no timing", "times_ms": None}, False
         times = _measure(candidates, x, weight, bias, lora_A, lora_B, dropout, requires_grad)
         timed = {name: ms for name, ms in times.items() if isinstance(ms, float)}
         if not timed:
-            return {"backend": "torch", "reason": "every backend raised while timed; torch, not cached", "times_ms": times}
+            return {"backend": "torch", "reason": "every backend raised while timed; torch, not cached", "times_ms": times}, False
         entry = {"backend": min(timed, key=timed.get), "times_ms": times}
         _memory[f"{env} | {key}"] = entry
         _write_disk(cache_path(), env, key, entry)
-    return {"backend": entry["backend"], "reason": f"measured fastest for {key}", "times_ms": times}
+    return {"backend": entry["backend"], "reason": f"measured fastest for {key}", "times_ms": times}, True
 
 
 def explain_backend(
@@ -308,7 +348,7 @@ def explain_backend(
     ``lora_B`` defaults to a tensor of shape ``[weight.shape[0], r]`` in ``lora_A``'s dtype."""
     if lora_B is None:
         lora_B = lora_A.new_empty((weight.shape[0], lora_A.shape[0]))
-    return choose(x, weight, None, lora_A, lora_B, dropout, requires_grad)
+    return dict(choose(x, weight, None, lora_A, lora_B, dropout, requires_grad))
 
 
 def auto_summary(device: torch.device) -> str:
@@ -322,8 +362,11 @@ def auto_summary(device: torch.device) -> str:
 
 
 def clear_memory() -> None:
-    """Forget the choices held in memory (the disk file stays); the next choice rereads the file."""
+    """Forget the choices held in memory (the disk file stays) and the ``FASTLORA_BACKEND`` read;
+    the next choice rereads both."""
     global _disk_read
     with _lock:
         _memory.clear()
+        _decided.clear()
+        _env_pin.clear()
         _disk_read = False

@@ -170,8 +170,9 @@ def resolve_backend(
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name == "auto":
-        requires_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
+        requires_grad = torch.is_grad_enabled() and (
+            x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad
+            or (bias is not None and bias.requires_grad)
         )
         return auto.choose(x, weight, bias, lora_A, lora_B, dropout, requires_grad)["backend"]
     problem = cannot_run(name, x, lora_A.shape[0])
