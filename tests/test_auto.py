@@ -193,3 +193,26 @@ def test_cpu_tensors_run_torch_without_timing():
         warnings.simplefilter("error")
         choice = fastlora.explain_backend(x, w, A, B)
     assert choice == {"backend": "torch", "reason": "cpu tensors run on the torch backend; no timing", "times_ms": None}
+
+
+def test_no_timing_while_compiling(timed_cpu):
+    timer = use_timer({"torch": 2.0, "triton": 1.0, "cuda": 3.0})
+    x, w, b, A, B = problem()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *inputs: fastlora.lora_linear(*inputs, 0.5), fullgraph=True)
+    out = compiled(x, w, b, A, B)
+    assert timer.calls == []  # traced with the fixed choice, "torch"
+    torch.testing.assert_close(out, fastlora.reference.lora_linear(x, w, b, A, B, 0.5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_measured_fastest_is_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTLORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTLORA_BACKEND", raising=False)
+    auto.clear_memory()
+    x, w, b, A, B = make_inputs(256, 512, 384, 16, torch.bfloat16, "cuda", adapter_dtype=torch.float32)
+    choice = fastlora.explain_backend(x, w, A, B)
+    timed = {name: ms for name, ms in choice["times_ms"].items() if isinstance(ms, float)}
+    assert "torch" in timed and choice["backend"] == min(timed, key=timed.get)
+    assert registry.resolve_backend("auto", x, w, b, A, B) == choice["backend"]
+    auto.clear_memory()
