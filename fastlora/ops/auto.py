@@ -11,7 +11,7 @@ torch, triton and fastlora versions, so a new process does not time again. A cac
 unreadable or not fastlora's is ignored with one warning and rewritten at the next measurement.
 
 Timing leaves the caller's state alone: it runs on scratch tensors (seeded from a private
-generator), inside ``torch.random.fork_rng`` (CPU and CUDA generators restored), with autocast off,
+generator; a frozen weight, which every backend only reads, is used in place), inside ``torch.random.fork_rng`` (CPU and CUDA generators restored), with autocast off,
 and builds its autograd graph on the scratch tensors only. Two threads whose first calls coincide
 time once (one lock) and agree. A backend that raises while timed is skipped; its reason is kept.
 
@@ -233,6 +233,10 @@ def _measure(candidates, x, weight, bias, lora_A, lora_B, dropout, requires_grad
         if requires_grad and not any(needs):
             needs[3] = needs[4] = True
         args = [_scratch_like(t, generator, requires_grad and need) for t, need in zip(inputs, needs)]
+        if not needs[1]:
+            # A frozen weight (LoRA's case) is only read by every backend: time on it in place
+            # rather than holding a second copy of the largest tensor on a possibly full GPU.
+            args[1] = weight.detach()
         seed = torch.tensor(0, dtype=torch.int64) if dropout else None
         gy = torch.randn((*x.shape[:-1], weight.shape[0]), generator=generator, device=x.device).to(x.dtype)
         gy2d = gy.reshape(-1, weight.shape[0])
@@ -325,7 +329,8 @@ def _decide(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool
         times = _measure(candidates, x, weight, bias, lora_A, lora_B, dropout, requires_grad)
         timed = {name: ms for name, ms in times.items() if isinstance(ms, float)}
         if not timed:
-            return {"backend": "torch", "reason": "every backend raised while timed; torch, not cached", "times_ms": times}, False
+            # Settled for this process (retrying each call would repeat the failures), not on disk.
+            return {"backend": "torch", "reason": "every backend raised while timed; torch, not cached on disk", "times_ms": times}, True
         entry = {"backend": min(timed, key=timed.get), "times_ms": times}
         _memory[f"{env} | {key}"] = entry
         _write_disk(cache_path(), env, key, entry)
