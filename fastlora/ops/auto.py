@@ -51,7 +51,7 @@ from typing import Callable
 
 import torch
 
-from .registry import FUSED_BACKENDS, backend_ops, backend_state, cannot_run
+from .registry import FUSED_BACKENDS, backend_ops, cannot_run
 
 # timer(backend name, run, device) → median ms of run(); tests inject a fake one with set_timer.
 Timer = Callable[[str, Callable[[], None], torch.device], float]
