@@ -1,6 +1,6 @@
 """The backend registry loads lazily: ``import fastlora`` imports no triton, loads no ``_C`` and
 initialises no CUDA, so fork-based workers work after it; each backend loads once, on first use,
-even when threads race for it."""
+even when threads race for it, or when it is first needed while ``torch.compile`` traces."""
 
 import os
 import subprocess
@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 import fastlora
@@ -80,3 +81,26 @@ def test_statuses_explain_themselves():
         assert status.detail and str(status).startswith("available: " if status.available else "unavailable: ")
     if not torch.cuda.is_available():
         assert not statuses["cuda"].available and "CUDA" in statuses["cuda"].detail
+
+
+COMPILE_FIRST = """
+import torch, fastlora
+from fastlora.ops import registry
+assert "triton" not in registry._loaded
+x, w, A, B = torch.randn(4, 16), torch.randn(8, 16), torch.randn(2, 16), torch.randn(8, 2)
+compiled = torch.compile(lambda *inputs: fastlora.lora_linear(*inputs, 0.5, backend="triton"))
+for _ in range(2):
+    out = compiled(x, w, None, A, B)
+    torch.testing.assert_close(out, fastlora.reference.lora_linear(x, w, None, A, B, 0.5))
+print("ok")
+"""
+
+
+def test_a_backend_first_needed_while_compiling_loads_outside_the_trace():
+    if not fastlora.available_backends()["triton"].available or torch.cuda.is_available():
+        pytest.skip("needs triton under the interpreter (a CPU machine)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", COMPILE_FIRST], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("ok")
