@@ -20,8 +20,9 @@ A backend supplies two functions on 2-D inputs (the public wrapper flattens lead
 ``register_backend`` turns a Python pair into ``fastlora::<name>_forward`` / ``fastlora::<name>_backward``
 custom ops. ``define_ops`` defines the pair from the schemas alone, for a backend whose kernels are
 registered elsewhere (the C++ extension's ``TORCH_LIBRARY_IMPL``), and ``attach_autograd`` gives it
-the same fakes and autograd: the schemas are written here only. The autograd saves only ``x`` and ``xa`` besides the parameters; a ``weight`` that
-requires grad gets ``gyᵀ x`` from one unfused matmul (LoRA training freezes it).
+the same fakes and autograd: the schemas are written here only. The autograd saves only ``x`` and
+``xa`` besides the parameters; a ``weight`` that requires grad gets ``gyᵀ x`` from one unfused
+matmul (LoRA training freezes it).
 """
 
 from __future__ import annotations

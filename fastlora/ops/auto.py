@@ -11,8 +11,9 @@ torch, triton and fastlora versions, so a new process does not time again. A cac
 unreadable or not fastlora's is ignored with one warning and rewritten at the next measurement.
 
 Timing leaves the caller's state alone: it runs on scratch tensors (seeded from a private
-generator; a frozen weight, which every backend only reads, is used in place), inside ``torch.random.fork_rng`` (CPU and CUDA generators restored), with autocast off,
-and builds its autograd graph on the scratch tensors only. Two threads whose first calls coincide
+generator; a frozen weight, which every backend only reads, is used in place), inside
+``torch.random.fork_rng`` (CPU and CUDA generators restored), with autocast off, and builds its
+autograd graph on the scratch tensors only. Two threads whose first calls coincide
 time once (one lock) and agree. A backend that raises while timed is skipped; its reason is kept.
 
 What is chosen without timing, in this order:
@@ -184,7 +185,8 @@ def _read_disk(path: Path, *, warn: bool) -> dict:
             return environments
         problem = f"it is not a {CACHE_FORMAT} file"
     if warn:
-        warnings.warn(f"fastlora: ignoring the autotune cache {path}: {problem}; it is rewritten at the next measurement", RuntimeWarning, stacklevel=5)
+        message = f"fastlora: ignoring the autotune cache {path}: {problem}; it is rewritten at the next measurement"
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
     return {}
 
 
@@ -225,7 +227,8 @@ def _scratch_like(t: torch.Tensor | None, generator: torch.Generator, requires_g
 def _measure(candidates, x, weight, bias, lora_A, lora_B, dropout, requires_grad) -> dict[str, float | str]:
     """Each candidate's median ms on scratch copies of the call, or the error it raised."""
     times: dict[str, float | str] = {}
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.autocast(x.device.type, enabled=False):
+    cuda_devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices), torch.autocast(x.device.type, enabled=False):
         generator = torch.Generator(device=x.device).manual_seed(0)
         inputs = (x, weight, bias, lora_A, lora_B)
         # What needs a gradient is the call's, or for explain_backend's bare question the adapters'.
@@ -261,6 +264,10 @@ def _measure(candidates, x, weight, bias, lora_A, lora_B, dropout, requires_grad
     return times
 
 
+def _choice(backend: str, reason: str, times_ms: dict | None = None) -> dict:
+    return {"backend": backend, "reason": reason, "times_ms": times_ms}
+
+
 def choose(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool) -> dict:
     """``{"backend", "reason", "times_ms"}`` for this call under ``backend="auto"`` (see the module
     doc); times a new problem class. ``times_ms`` maps each timed backend to its median ms (or the
@@ -272,7 +279,7 @@ def choose(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool)
         if problem is not None:
             error, message = problem
             raise error(f"{message} ({reason})")
-        return {"backend": name, "reason": reason, "times_ms": None}
+        return _choice(name, reason)
     if torch.compiler.is_compiling():
         return _FIXED_UNDER_COMPILE
     if torch.are_deterministic_algorithms_enabled():
@@ -280,7 +287,9 @@ def choose(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool)
     # Every later call of a problem class ends here, a tuple and a dict look-up: the call's
     # overhead (get_device() is an int, -1 on the CPU; x.device would build an object).
     m = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
-    fast_key = (x.get_device(), x.dtype, lora_A.dtype, m, x.shape[-1], weight.shape[0], lora_A.shape[0], bool(dropout), requires_grad)
+    fast_key = (
+        x.get_device(), x.dtype, lora_A.dtype, m, x.shape[-1], weight.shape[0], lora_A.shape[0], bool(dropout), requires_grad
+    )
     choice = _decided.get(fast_key)
     if choice is None:
         choice, settled = _decide(x, weight, bias, lora_A, lora_B, dropout, requires_grad)
@@ -289,16 +298,8 @@ def choose(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool)
     return choice
 
 
-_FIXED_UNDER_COMPILE = {
-    "backend": "torch",
-    "reason": "torch.compile tracing: the fixed choice, no timing; pin a backend to compile a fused one",
-    "times_ms": None,
-}
-_FIXED_WHEN_DETERMINISTIC = {
-    "backend": "torch",
-    "reason": "torch.use_deterministic_algorithms(True): the fixed choice, no timing",
-    "times_ms": None,
-}
+_FIXED_UNDER_COMPILE = _choice("torch", "torch.compile tracing: the fixed choice, no timing; pin a backend to compile a fused one")
+_FIXED_WHEN_DETERMINISTIC = _choice("torch", "torch.use_deterministic_algorithms(True): the fixed choice, no timing")
 _decided: dict[tuple, dict] = {}
 
 
@@ -312,29 +313,29 @@ def _decide(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool
     """``choose`` for a problem class not decided in this process yet: from what can run, the
     cache, or a measurement; and whether that is settled (False: a stopgap until it can be timed)."""
     if x.device.type not in TIMED_DEVICE_TYPES:
-        return {"backend": "torch", "reason": f"{x.device.type} tensors run on the torch backend; no timing", "times_ms": None}, True
+        return _choice("torch", f"{x.device.type} tensors run on the torch backend; no timing"), True
     rank = lora_A.shape[0]
     refusals = {name: cannot_run(name, x, rank) for name in FUSED_BACKENDS}
     candidates = ["torch"] + [name for name, problem in refusals.items() if problem is None]
     if len(candidates) == 1:
         why = "; ".join(message for _, message in refusals.values())
-        return {"backend": "torch", "reason": f"no fused backend can run this call ({why})", "times_ms": None}, True
+        return _choice("torch", f"no fused backend can run this call ({why})"), True
     env, key = environment_key(x.device), problem_key(x, weight, lora_A, dropout, requires_grad)
     with _lock:  # a thread that finds the lock taken waits, then reads the first one's entry
         entry = _cached(env, key, candidates)
         if entry is not None:
-            return {"backend": entry["backend"], "reason": f"measured fastest for {key} (cached)", "times_ms": entry["times_ms"]}, True
+            return _choice(entry["backend"], f"measured fastest for {key} (cached)", entry.get("times_ms")), True
         if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return {"backend": "torch", "reason": "CUDA-graph capture and nothing cached: the fixed choice, no timing", "times_ms": None}, False
+            return _choice("torch", "CUDA-graph capture and nothing cached: the fixed choice, no timing"), False
         times = _measure(candidates, x, weight, bias, lora_A, lora_B, dropout, requires_grad)
         timed = {name: ms for name, ms in times.items() if isinstance(ms, float)}
         if not timed:
             # Settled for this process (retrying each call would repeat the failures), not on disk.
-            return {"backend": "torch", "reason": "every backend raised while timed; torch, not cached on disk", "times_ms": times}, True
+            return _choice("torch", "every backend raised while timed; torch, not cached on disk", times), True
         entry = {"backend": min(timed, key=timed.get), "times_ms": times}
         _memory[f"{env} | {key}"] = entry
         _write_disk(cache_path(), env, key, entry)
-    return {"backend": entry["backend"], "reason": f"measured fastest for {key}", "times_ms": times}, True
+    return _choice(entry["backend"], f"measured fastest for {key}", times), True
 
 
 def explain_backend(
