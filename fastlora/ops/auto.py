@@ -38,6 +38,7 @@ choices change rounding, not results; pin a backend where ranks must run identic
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib.metadata
@@ -227,8 +228,11 @@ def _scratch_like(t: torch.Tensor | None, generator: torch.Generator, requires_g
 def _measure(candidates, x, weight, bias, lora_A, lora_B, dropout, requires_grad) -> dict[str, float | str]:
     """Each candidate's median ms on scratch copies of the call, or the error it raised."""
     times: dict[str, float | str] = {}
-    cuda_devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices), torch.autocast(x.device.type, enabled=False):
+    on_cuda = x.device.type == "cuda"
+    # On x's device (its events and streams, not the current device's), its generators restored after.
+    device_scope = torch.cuda.device(x.device) if on_cuda else contextlib.nullcontext()
+    rng_scope = torch.random.fork_rng(devices=[x.get_device()] if on_cuda else [])
+    with device_scope, rng_scope, torch.autocast(x.device.type, enabled=False):
         generator = torch.Generator(device=x.device).manual_seed(0)
         inputs = (x, weight, bias, lora_A, lora_B)
         # What needs a gradient is the call's, or for explain_backend's bare question the adapters'.
