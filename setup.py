@@ -101,12 +101,13 @@ setup(
     description="A fused LoRA linear layer for PyTorch: forward and backward in one pass",
     packages=find_packages(exclude=("tests", "tests.*", "benchmarks", "benchmarks.*")),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "tqdm"],
+    # The layer needs torch alone; the benchmark CLI's progress bar and plots are an extra.
+    install_requires=["torch>=2.6"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "peft", "transformers", "safetensors", "matplotlib"],
+        "bench": ["tqdm", "matplotlib"],
         "peft": ["peft", "transformers", "safetensors"],
-        "plot": ["matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "transformers", "safetensors", "tqdm", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastlora=fastlora.__main__:main"]},
     ext_modules=ext_modules,

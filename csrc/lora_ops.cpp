@@ -1,7 +1,7 @@
 // Host side of the fastlora CUDA backend: argument checks, allocation, the order of kernel launches,
-// and the torch.library registration of fastlora::cuda_forward and fastlora::cuda_backward.
-// Semantics are those of fastlora/ops/_registry.py (FORWARD_SCHEMA, BACKWARD_SCHEMA); Python attaches
-// the fake (meta) kernels and the autograd formula there.
+// and the registration of the CUDA kernels of fastlora::cuda_forward and fastlora::cuda_backward.
+// Those ops, their schemas (FORWARD_SCHEMA, BACKWARD_SCHEMA), fake kernels and autograd are defined
+// once, in Python (fastlora/ops/_contract.py, fastlora/ops/cuda_lora.py); this file only implements them.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -278,25 +278,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
 }  // namespace
 }  // namespace fastlora
 
-TORCH_LIBRARY(fastlora, m) {
-  // The fake kernels and autograd are attached from Python by fastlora.ops._registry.attach_autograd;
-  // torch requires a C++-defined op to name the module that registers its fake.
-  m.set_python_module("fastlora.ops._registry");
-  m.def(
-      "cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling,"
-      " float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
-  m.def(
-      "cuda_backward(Tensor gy, Tensor x, Tensor xa, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling,"
-      " float dropout_p, Tensor? seed, bool need_x, bool need_A, bool need_B, bool need_bias)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
+// The dispatcher accepts kernels for ops not yet defined: loading this library before or after
+// fastlora.ops.cuda_lora defines them from the shared schemas both work.
 TORCH_LIBRARY_IMPL(fastlora, CUDA, m) {
   m.impl("cuda_forward", &fastlora::cuda_forward);
   m.impl("cuda_backward", &fastlora::cuda_backward);
 }
 
-// `import fastlora._C` loads this library, whose static initialisers above register the ops; the
+// `import fastlora._C` loads this library, whose static initialiser above registers the kernels; the
 // Python module itself is empty.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

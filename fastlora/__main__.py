@@ -74,7 +74,10 @@ def _grid(args, parser):
 def bench(argv: list[str], args, parser, registry) -> int:
     """Run the benchmark described by ``args`` (parsed from ``argv``) over the providers of
     ``registry``; 1 if any provider was wrong or failed."""
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        parser.error("fastlora bench needs the bench extra: pip install 'fastlora[bench]' (or: pip install tqdm)")
 
     from .bench.cases import make_cases, parse_shapes
     from .bench.plot import plot_ratios
@@ -82,7 +85,7 @@ def bench(argv: list[str], args, parser, registry) -> int:
     from .bench.runner import run
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
-        parser.error("--plot needs matplotlib: pip install matplotlib")
+        parser.error("--plot needs matplotlib: pip install 'fastlora[bench]' (or: pip install matplotlib)")
     names = list(dict.fromkeys(("base",) + (args.providers or tuple(registry))))
     unknown = [n for n in names if n not in registry]
     if unknown:

@@ -12,10 +12,11 @@ import math
 import torch
 
 from . import reference
-from .backends import resolve_backend
+from ._tolerance import rel_error, tolerance
 from .bench.cases import LoRAInputs
 from .bench.timing import Timed, time_steps
-from .bench.workload import TOLERANCE, reference_results, rel_error
+from .bench.workload import reference_results
+from .ops.registry import resolve_backend
 from .layers import FusedLoRALinear
 
 SIZES = {"cuda": (2048, 4096, 4096, 16, "bf16", torch.bfloat16), "cpu": (512, 1024, 1024, 16, "fp32", torch.float32)}
@@ -29,7 +30,7 @@ def run_demo(device: str) -> int:
         layer.lora_B.normal_(std=1 / math.sqrt(r))  # PEFT's zero init would make the check trivial
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(M, N, device=device, dtype=dtype)
-    backend = resolve_backend(layer.backend, x, r)
+    backend = resolve_backend(layer.backend, x, layer.weight, layer.bias, layer.lora_A, layer.lora_B)
     print(f"fastlora demo on {device}: {layer}\n  resolved backend: {backend}; x: [{M}, {K}] {dtype_name}")
 
     inputs = LoRAInputs(x, layer.weight, layer.lora_A, layer.lora_B, dy, layer.bias, layer.scaling)
@@ -37,13 +38,13 @@ def run_demo(device: str) -> int:
     y = layer(x)
     y.backward(dy)
     actual = {"y": y.detach(), "grad_x": x.grad, "grad_lora_A": layer.lora_A.grad, "grad_lora_B": layer.lora_B.grad}
-    tolerance = TOLERANCE[dtype_name]
-    print(f"\ncheck against the float64 reference (relative error, tolerance {tolerance:.0e}):")
+    tol = tolerance(dtype, device)
+    print(f"\ncheck against the float64 reference (relative error, tolerance {tol:.0e}):")
     passed = True
     for name, want in expected.items():
         err = rel_error(actual[name], want)
-        passed &= err <= tolerance
-        print(f"  {name:<12} {err:.2e}  {'ok' if err <= tolerance else 'FAIL'}")
+        passed &= err <= tol
+        print(f"  {name:<12} {err:.2e}  {'ok' if err <= tol else 'FAIL'}")
     print("PASS" if passed else "FAIL")
 
     def naive(x):

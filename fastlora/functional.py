@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_dropout, check_lora_inputs
-from .backends import backend_ops, resolve_backend
+from .ops.registry import backend_ops, resolve_backend
 
 # Seeds are drawn below 2³¹ so that every backend's RNG takes them as they are.
 _SEED_BOUND = 2**31 - 1
@@ -30,7 +30,8 @@ def lora_linear(
     probability of LoRA dropout on the low-rank branch's input, as PEFT's ``lora_dropout``: the
     mask comes from a counter-based RNG seeded from torch's default generator (reproducible under
     ``torch.manual_seed``) and is regenerated, not stored, for the backward; pass 0 in eval mode.
-    ``backend`` is one of ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` (see ``fastlora.backends``).
+    ``backend`` is one of ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` (see ``fastlora.ops.registry``;
+    ``"auto"``, the default, is explained in ``fastlora.ops.auto`` and by ``fastlora.explain_backend``).
     Under ``torch.autocast`` the inputs are cast as autocast casts ``F.linear``'s.
     """
     # float64 is left alone, as autocast leaves it.
@@ -47,7 +48,7 @@ def lora_linear(
             return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout=dropout, backend=backend)
     scaling = check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling)
     dropout = check_dropout(dropout)
-    ops = backend_ops(resolve_backend(backend, x, lora_A.shape[0]))
+    ops = backend_ops(resolve_backend(backend, x, weight, bias, lora_A, lora_B, dropout))
     seed = torch.randint(_SEED_BOUND, (), dtype=torch.int64) if dropout else None
     if x.dim() == 2:  # skips two views and their autograd nodes: a few µs of a small layer's call
         return ops(x, weight, bias, lora_A, lora_B, scaling, dropout, seed)

@@ -1,4 +1,4 @@
-"""Shared test utilities: the tolerance table, input factories, float64 references."""
+"""Shared test utilities: input factories, float64 references (the tolerance table is fastlora._tolerance's)."""
 
 from __future__ import annotations
 
@@ -6,38 +6,23 @@ import pytest
 import torch
 
 import fastlora
+from fastlora._tolerance import rel_error, tolerance  # noqa: F401  (re-exported to the tests)
+from fastlora.ops.registry import backend_ops
 
 try:
     from fastlora.ops import triton_lora
 except ImportError:  # no triton here: nothing to poison
     triton_lora = None
 
-# ‖out − ref‖ / ‖ref‖ against a float64 reference, by the dtype of the computation.
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-TF32_TOLERANCE = 5e-4
-
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def tolerance(dtype: torch.dtype, device: str | torch.device) -> float:
-    tf32 = torch.device(device).type == "cuda" and torch.get_float32_matmul_precision() != "highest"
-    return TF32_TOLERANCE if dtype == torch.float32 and tf32 else TOLERANCE[dtype]
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (0 when both are empty or zero)."""
-    out, ref = out.detach().double(), ref.detach().double()
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / denom if denom else out.norm().item()
 
 
 def backends_on(device: str) -> list[str]:
     """Every backend that can run on ``device`` here (triton on the CPU under the interpreter)."""
     runnable = []
-    for name, reason in fastlora.available_backends().items():
-        if reason is None:
-            ops = fastlora.backends.backend_ops(name)
+    for name, status in fastlora.available_backends().items():
+        if status.available:
+            ops = backend_ops(name)
             if ops.runs_on is None or torch.device(device).type in ops.runs_on:
                 runnable.append(name)
     return runnable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import pytest
 
@@ -24,23 +25,27 @@ def test_demo_passes_its_checks_and_times_both(capsys):
 def test_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     paths = {ext: tmp_path / f"out.{ext}" for ext in ("json", "csv", "md", "png")}
-    argv = TINY + ["--modes", "train,decode", "--providers", "naive,addmm,fastlora-torch,fastlora-cuda"]
+    argv = TINY + ["--modes", "train,decode", "--providers", "naive,addmm,fastlora-torch,fastlora-cuda,fastlora-auto"]
     argv += ["--json", str(paths["json"]), "--csv", str(paths["csv"]), "--markdown", str(paths["md"]), "--plot", str(paths["png"])]
     assert main(argv) == 0
 
     rows = json.loads(paths["json"].read_text())["results"]
     assert {(r["mode"], r["M"]) for r in rows} == {("train", 48), ("decode", 48)}  # MxKxN fixes M
     ok = [r for r in rows if r["status"] == "ok"]
-    assert {r["provider"] for r in ok} == {"base", "naive", "addmm", "fastlora-torch"}
+    assert {r["provider"] for r in ok} == {"base", "naive", "addmm", "fastlora-torch", "fastlora-auto"}
     assert all(r["ms"] > 0 and r["max_rel_error"] < 1e-4 for r in ok)
     assert all(r["ratio_to_base"] == 1 for r in ok if r["provider"] == "base")
     assert {r["status"] for r in rows if r["provider"] == "fastlora-cuda"} == {"skipped"}
+    assert {r["note"] for r in rows if r["provider"] == "fastlora-auto"} == {
+        "auto → torch: cpu tensors run on the torch backend; no timing"
+    }
 
     with open(paths["csv"], newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     out = capsys.readouterr().out
     assert out == paths["md"].read_text() + "\n"
     assert "### train" in out and "× base" in out
+    assert "backend='auto' (fastlora-auto): torch (cpu tensors; no timing)" in out
     assert paths["png"].read_bytes().startswith(b"\x89PNG")
 
 
@@ -75,6 +80,14 @@ def test_bench_refuses_to_time_a_wrong_or_crashing_provider(tmp_path, capsys):
     assert rows["base"]["status"] == "ok"
     table_rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|") and "half-scaling" in line]
     assert table_rows and all("WRONG" in row for row in table_rows)  # summaries and table: never a time
+
+
+def test_bench_without_its_extra_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # how Python spells "not installed"
+    with pytest.raises(SystemExit) as exit_info:
+        main(TINY)
+    assert exit_info.value.code == 2
+    assert "pip install 'fastlora[bench]'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", [["--shapes", "4096by4096"], ["--dtypes", "fp8"], ["--providers", "nope"]])

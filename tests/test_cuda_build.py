@@ -1,6 +1,6 @@
 """The ``"cuda"`` backend (``csrc/``, ``fastlora._C``): its loader, its kernels emulated, its kernels on a GPU.
 
-CPU-runnable: how ``fastlora._extension`` reports a missing, broken or failed-JIT build (one reason
+CPU-runnable: how ``fastlora.ops._extension`` reports a missing, broken or failed-JIT build (one reason
 string, at most one warning, never an exception); where ``fastlora._C`` is built, that its ops carry
 the shared schemas beside the Python-registered ops and that their fakes propagate shapes; and the
 kernels and host code of ``csrc/`` compiled for the CPU under ``csrc/emulation/cuda_emulation.h``
@@ -32,17 +32,18 @@ import torch.nn.functional as F
 from helpers import check_against_reference, make_inputs, rel_error
 
 import fastlora
-from fastlora import _extension
-from fastlora.backends import backend_ops
-from fastlora.ops._registry import BACKWARD_SCHEMA, FORWARD_SCHEMA, attach_autograd
+from fastlora._tolerance import TOLERANCE
+from fastlora.ops import _extension
+from fastlora.ops._contract import BACKWARD_SCHEMA, FORWARD_SCHEMA, attach_autograd, define_ops
+from fastlora.ops.registry import backend_ops
 
-CUDA_REASON = fastlora.available_backends()["cuda"]
+_CUDA_STATUS = fastlora.available_backends()["cuda"]
+CUDA_REASON = None if _CUDA_STATUS.available else _CUDA_STATUS.detail
 requires_cuda_backend = pytest.mark.skipif(CUDA_REASON is not None, reason=f"backend='cuda' unavailable: {CUDA_REASON}")
 BUILT = importlib.util.find_spec("fastlora._C") is not None
 requires_built = pytest.mark.skipif(not BUILT, reason="fastlora._C is not built (see .ci/build_cuda.sh)")
 HALVES = [torch.float16, torch.bfloat16]
 DTYPE_PAIRS = [(torch.float32, torch.float32), *((d, a) for d in HALVES for a in (d, torch.float32))]
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 
@@ -116,31 +117,30 @@ def test_without_a_device_the_reason_says_so():
 # ---------------------------------------------------------------- built extension (CPU) ----------
 
 
-@requires_built
-def test_ops_carry_the_shared_schemas_beside_python_ops():
-    assert _extension.load_extension() is None
-    ops = torch.ops.fastlora
-    assert ops.cuda_forward.default._schema == torch._C.parse_schema("fastlora::cuda_forward" + FORWARD_SCHEMA)
-    assert ops.cuda_backward.default._schema == torch._C.parse_schema("fastlora::cuda_backward" + BACKWARD_SCHEMA)
-    # The Python backends' ops live in the same namespace (torch.library FRAGMENTs).
-    assert ops.torch_forward.default._schema.name == "fastlora::torch_forward"
-
-
 def _cuda_ops():
-    """The cuda ops with fakes and autograd attached (by the backend where it loaded, else here)."""
+    """The cuda ops, defined from the shared schemas with fakes and autograd attached (by the backend
+    where it loaded, else here: without a GPU the backend does not load)."""
     if CUDA_REASON is None:
         return backend_ops("cuda")
     assert _extension.load_extension() is None
     if not hasattr(_cuda_ops, "attached"):
-        _cuda_ops.attached = attach_autograd(
-            torch.ops.fastlora.cuda_forward.default, torch.ops.fastlora.cuda_backward.default, runs_on=("cuda",)
-        )
+        _cuda_ops.attached = attach_autograd(*define_ops("fastlora", "cuda"), runs_on=("cuda",))
     return _cuda_ops.attached
 
 
 @requires_built
+def test_extension_implements_the_ops_defined_from_the_shared_schemas():
+    ops = _cuda_ops()
+    assert ops.forward._schema == torch._C.parse_schema("fastlora::cuda_forward" + FORWARD_SCHEMA)
+    assert ops.backward._schema == torch._C.parse_schema("fastlora::cuda_backward" + BACKWARD_SCHEMA)
+    for name in ("fastlora::cuda_forward", "fastlora::cuda_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+    # The Python backends' ops live in the same namespace (torch.library FRAGMENTs).
+    assert torch.ops.fastlora.torch_forward.default._schema.name == "fastlora::torch_forward"
+
+
+@requires_built
 def test_fakes_propagate_shapes():
-    # Also checks that the C++ library names the module that registers the fakes (set_python_module).
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     ops = _cuda_ops()
@@ -183,8 +183,6 @@ def _emulated_sources(out_dir: Path) -> list[str]:
         "const c10::cuda::CUDAGuard guard(x_in.device());": "",
         "at::cuda::getCurrentCUDAStream()": "nullptr",
         "at::cuda::getCurrentDeviceProperties()->multiProcessorCount": "132",  # an H100's split counts
-        'm.set_python_module("fastlora.ops._registry");': "",
-        "TORCH_LIBRARY(fastlora, m)": "TORCH_LIBRARY(fastlora_emu, m)",
         "TORCH_LIBRARY_IMPL(fastlora, CUDA, m)": "TORCH_LIBRARY_IMPL(fastlora_emu, CPU, m)",
     }.items():
         assert old in host, f"lora_ops.cpp no longer contains {old!r}: update _emulated_sources"
@@ -231,7 +229,7 @@ def emulated(tmp_path_factory):
         build_directory=str(build_dir),
         is_python_module=False,
     )
-    return attach_autograd(torch.ops.fastlora_emu.cuda_forward.default, torch.ops.fastlora_emu.cuda_backward.default)
+    return attach_autograd(*define_ops("fastlora_emu", "cuda"))
 
 
 def _cpu_inputs(m, k, n, r, dtype, adapter_dtype, *, bias=True, pad=0):

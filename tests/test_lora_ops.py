@@ -9,7 +9,7 @@ import torch
 from helpers import BACKEND_DEVICE, check_against_reference, make_inputs, poisoned  # noqa: F401
 
 import fastlora
-from fastlora.backends import backend_ops
+from fastlora.ops.registry import backend_ops
 
 pytestmark = pytest.mark.usefixtures("poisoned")
 

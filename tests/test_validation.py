@@ -11,10 +11,11 @@ from torch import nn
 
 import fastlora
 from fastlora import BackendUnavailableError, FusedLoRALinear, lora_linear, replace_linear_with_lora
-from fastlora.backends import backend_ops
+from fastlora.ops import registry
+from fastlora.ops.registry import backend_ops
 
 AVAILABLE = fastlora.available_backends()
-needs_triton = pytest.mark.skipif(AVAILABLE["triton"] is not None, reason="triton backend unavailable")
+needs_triton = pytest.mark.skipif(not AVAILABLE["triton"].available, reason="triton backend unavailable")
 
 
 def inputs(dtype=torch.float32, r=2):
@@ -116,16 +117,16 @@ def test_rank_above_the_fused_limit_names_the_fix():
 def test_cpu_tensors_to_a_gpu_only_backend(monkeypatch):
     # Off the interpreter the triton backend runs on CUDA tensors only; pretend that is the case here.
     gpu_only = backend_ops("triton")._replace(runs_on=("cuda",))
-    monkeypatch.setitem(fastlora.backends._BACKENDS, "triton", gpu_only)
+    monkeypatch.setitem(registry._loaded, "triton", gpu_only)
     with pytest.raises(ValueError, match=re.escape("backend='triton' runs on cuda tensors, got tensors on cpu; use backend='torch' or 'auto'")):
         lora_linear(*inputs(), 1.0, backend="triton")
 
 
-@pytest.mark.skipif(AVAILABLE["cuda"] is None, reason="the cuda backend is available here")
+@pytest.mark.skipif(AVAILABLE["cuda"].available, reason="the cuda backend is available here")
 def test_unavailable_backend_says_why_and_what_to_use_instead():
     with pytest.raises(BackendUnavailableError) as info:
         lora_linear(*inputs(), 1.0, backend="cuda")
-    assert str(info.value) == f"backend='cuda' is unavailable: {AVAILABLE['cuda']}; use backend='torch' or 'auto'"
+    assert str(info.value) == f"backend='cuda' is unavailable: {AVAILABLE['cuda'].detail}; use backend='torch' or 'auto'"
 
 
 @pytest.mark.parametrize(

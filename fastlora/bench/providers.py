@@ -12,6 +12,7 @@ adapters, as PEFT does by default.
 ``peft-fp32``        the same with PEFT's default float32 adapters (half dtypes only).
 ``addmm``            Unsloth's composition: ``y = x Wᵀ; y.addmm_(x Aᵀ, Bᵀ)``, hand-written backward.
 ``fastlora-triton``, ``fastlora-cuda``, ``fastlora-torch``   ``fastlora.lora_linear(..., backend=...)``.
+``fastlora-auto``    ``backend="auto"``, the default; its note names the backend auto picked and why.
 ``compiled``         ``torch.compile`` of ``naive`` (compiled afresh for each case).
 """
 
@@ -26,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import reference
-from ..backends import available_backends
 from ..functional import lora_linear
+from ..ops.auto import explain_backend
+from ..ops.registry import available_backends
 from .cases import Case, LoRAInputs
 
 
@@ -46,6 +48,7 @@ class Layer:
     forward: Callable[[torch.Tensor], torch.Tensor]
     lora_A: torch.Tensor | None = None
     lora_B: torch.Tensor | None = None
+    describe: Callable[[], str] | None = None  # a note for the report, asked after the layer ran
 
     @property
     def adapters(self) -> dict[str, torch.Tensor]:
@@ -148,13 +151,29 @@ def _fastlora_builder(backend: str) -> Callable[[LoRAInputs], Layer]:
     return build
 
 
+def _auto(inp: LoRAInputs) -> Layer:
+    grad_enabled = []  # the grad mode of the last call, so that the note explains that call's problem
+
+    def forward(x):
+        grad_enabled[:] = [torch.is_grad_enabled()]
+        return lora_linear(x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.scaling)
+
+    def describe() -> str:
+        choice = explain_backend(inp.x, inp.weight, inp.lora_A, inp.lora_B, requires_grad=all(grad_enabled))
+        return f"auto → {choice['backend']}: {choice['reason']}"
+
+    return Layer(forward, inp.lora_A, inp.lora_B, describe)
+
+
 def _fused_unavailable(backend: str) -> Callable[[Case], str | None]:
     def unavailable(case: Case) -> str | None:
-        reason = available_backends()[backend]
-        if reason is None and case.device == "cpu":
+        status = available_backends()[backend]
+        if not status.available:
+            return status.detail
+        if case.device == "cpu":
             # Only TRITON_INTERPRET=1 runs it on the CPU: a correctness tool, far too slow to time.
-            reason = f"the {backend} backend runs on CUDA tensors only"
-        return reason
+            return f"the {backend} backend runs on CUDA tensors only"
+        return None
 
     return unavailable
 
@@ -191,5 +210,6 @@ PROVIDERS: dict[str, Provider] = {
         Provider("fastlora-torch", _fastlora_builder("torch")),
         Provider("fastlora-triton", _fastlora_builder("triton"), _fused_unavailable("triton")),
         Provider("fastlora-cuda", _fastlora_builder("cuda"), _fused_unavailable("cuda")),
+        Provider("fastlora-auto", _auto),
     )
 }

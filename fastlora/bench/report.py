@@ -22,7 +22,8 @@ from itertools import groupby
 import torch
 
 from .. import __version__
-from ..backends import available_backends
+from ..ops.auto import auto_summary
+from ..ops.registry import available_backends
 from .cases import MODES
 from .runner import Result
 
@@ -47,7 +48,8 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "fastlora": __version__,
         "python": platform.python_version(),
-        "backends": {name: reason or "available" for name, reason in available_backends().items()},
+        "backends": {name: str(status) for name, status in available_backends().items()},
+        "auto": auto_summary(torch.device(device)),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -158,6 +160,7 @@ def render_markdown(results: list[Result], info: dict) -> str:
         f"## fastlora bench — {info['device']} ({info['device_detail']})",
         f"torch {info['torch']}, fastlora {info['fastlora']}, python {info['python']}, {info['date']}.  \n"
         f"Backends: {backends}.  \n"
+        f"backend='auto' (fastlora-auto): {info.get('auto', 'not recorded')}.  \n"
         f"Command: `{info.get('command', 'fastlora bench')}`",
         "Ratios: a provider's median time divided by that of `base` (or `naive`) in the same case; the "
         "summaries give their geometric mean over the cases of each mode. Lower is faster.",

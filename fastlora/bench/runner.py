@@ -74,9 +74,10 @@ def run_case(case: Case, providers: Iterable[Provider]) -> list[Result]:
     for (provider, workload, error), (ms, q1_ms, q3_ms) in zip(ready, timings):
         peak = peak_extra_mib(workload.timed, case.device) if case.mode == "train" else None
         tflops = case.flops(provider.lora) / (ms * 1e-3) / 1e12
+        describe = workload.layers[0].describe
         timed_results[provider.name] = Result(
             case, provider.name, "ok", ms=ms, q1_ms=q1_ms, q3_ms=q3_ms, tflops=tflops, max_rel_error=error,
-            peak_extra_mib=peak,
+            peak_extra_mib=peak, note=describe() if describe else "",
         )
     results = [timed_results.get(p.name, outcome) for p, outcome in outcomes]
     _add_ratios(results)

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from .._tolerance import rel_error, tolerance
 from .cases import Case, LoRAInputs, make_inputs
 from .providers import Layer, Provider
 from .timing import Timed
 
-TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
 MAX_COPIES = 16
 
 
@@ -54,12 +54,6 @@ def reference_results(inp: LoRAInputs, mode: str, lora: bool) -> dict[str, torch
             wanted = ("x", "lora_A", "lora_B") if lora else ("x",)
             results.update({f"grad_{name}": leaves[name].grad for name in wanted})
     return results
-
-
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``‖actual − expected‖ / ‖expected‖`` in float64 (NaN if ``actual`` holds a NaN)."""
-    diff = torch.linalg.vector_norm(actual.double() - expected)
-    return float(diff / torch.linalg.vector_norm(expected))
 
 
 class Workload:
@@ -124,7 +118,8 @@ class Workload:
         """The largest relative error; raises ``WrongResult`` above the dtype's tolerance."""
         errors = self.errors(expected)
         worst = max(errors.values())
-        if not worst <= TOLERANCE[self.case.dtype]:  # also catches NaN
+        tol = tolerance(self.case.torch_dtype, self.case.device)
+        if not worst <= tol:  # also catches NaN
             detail = ", ".join(f"{name} {err:.2e}" for name, err in errors.items())
-            raise WrongResult(f"relative error {detail} (tolerance {TOLERANCE[self.case.dtype]:.0e})")
+            raise WrongResult(f"relative error {detail} (tolerance {tol:.0e})")
         return worst

@@ -13,8 +13,8 @@ written once; the programs of the first column of tiles also write ``t``.
 
 LoRA dropout (``D``) never stores a mask: each element's keep bit is ``tl.rand(seed, m·K + k) ≥ p``,
 a counter-based draw that the backward regenerates. The forward applies it to the ``a`` tiles that
-feed ``acc_t`` (``DROPOUT = 1``); ``grad_x`` applies it to the low-rank term of its epilogue
-(``DROPOUT = 2``: ``D`` is elementwise, so ``D(x)·Aᵀ`` transposes to ``D(g·A)``); ``grad_A``
+feed ``acc_t`` (``DROPOUT_ON_A``); ``grad_x`` applies it to the low-rank term of its epilogue
+(``DROPOUT_ON_LOW_RANK``: ``D`` is elementwise, so ``D(x)·Aᵀ`` transposes to ``D(g·A)``); ``grad_A``
 applies it to the ``x`` tiles of the reduction.
 
 ``_lora_reduce_kernel`` computes ``scaling·lhsᵀ·rhs`` over the long M axis for the two adapter
@@ -44,9 +44,15 @@ import triton
 import triton.language as tl
 
 from ._device import device_limits
-from ._registry import register_backend
+from ._contract import register_backend
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Where _lora_matmul_kernel applies LoRA dropout (its DROPOUT parameter; csrc names the same sites
+# DropoutSite::kA / kLowRank): nowhere, to the a tiles of a·la, or to the (a·la)·lb term.
+NO_DROPOUT: tl.constexpr = tl.constexpr(0)
+DROPOUT_ON_A: tl.constexpr = tl.constexpr(1)
+DROPOUT_ON_LOW_RANK: tl.constexpr = tl.constexpr(2)
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -107,7 +113,7 @@ def _lora_matmul_kernel(
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = _dot(a, w, acc, PRECISION, UPCAST)
         la = tl.load(la_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        if DROPOUT == 1:
+        if DROPOUT == DROPOUT_ON_A:
             keep = tl.rand(seed, offs_m[:, None] * K + (k0 + offs_k)[None, :]) >= dropout_p
             a = tl.where(keep, a, 0.0)
         if FP32_ADAPTERS:
@@ -117,7 +123,7 @@ def _lora_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
         la_ptrs += BLOCK_K * stride_lak
-    if DROPOUT == 1:
+    if DROPOUT == DROPOUT_ON_A:
         acc_t *= dropout_scale
 
     if STORE_T:
@@ -130,7 +136,7 @@ def _lora_matmul_kernel(
         lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
         lb = tl.load(lb_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         low_rank = tl.dot(acc_t, lb, input_precision=LOW_RANK_PRECISION)
-        if DROPOUT == 2:
+        if DROPOUT == DROPOUT_ON_LOW_RANK:
             keep = tl.rand(seed, offs_m[:, None] * N + offs_n[None, :]) >= dropout_p
             low_rank = tl.where(keep, low_rank * dropout_scale, 0.0)
         acc += scaling * low_rank
@@ -286,10 +292,11 @@ def _dropout(dropout_p: float, seed) -> _Dropout:
     return _Dropout(dropout_p, int(seed)) if dropout_p else _NO_DROPOUT
 
 
-def _launch_matmul(a, w, la, lb, bias, out, t, scaling: float, dropout: _Dropout, dropout_mode: int) -> None:
+def _launch_matmul(a, w, la, lb, bias, out, t, scaling: float, dropout: _Dropout, dropout_site) -> None:
     """``out = a·w + scaling·(a·la)·lb + bias`` and ``t = a·la`` (fp32), for logical 2-D views
     ``a [M, K]``, ``w [K, N]``, ``la [K, R]``, ``lb [R, N]``. ``out`` or ``t`` may be None (not written).
-    ``dropout_mode`` 1 drops elements of ``a`` in ``a·la``, 2 elements of ``(a·la)·lb`` (see module doc)."""
+    ``dropout_site`` ``DROPOUT_ON_A`` drops elements of ``a`` in ``a·la``, ``DROPOUT_ON_LOW_RANK``
+    elements of ``(a·la)·lb`` (see module doc)."""
     M, K = a.shape
     N = w.shape[1]
     R = la.shape[1]
@@ -308,7 +315,7 @@ def _launch_matmul(a, w, la, lb, bias, out, t, scaling: float, dropout: _Dropout
         *a.stride(), *w.stride(), *la.stride(), *lb.stride(), *out_or_t.stride(), *t_strides,
         scaling, dropout.p, dropout.scale, dropout.seed,
         HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=t is not None, R_PAD=_padded_rank(R),
-        DROPOUT=dropout_mode if dropout.p else 0,
+        DROPOUT=(dropout_site if dropout.p else NO_DROPOUT).value,
         PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
         UPCAST=INTERPRET and a.dtype == torch.bfloat16,
         FP32_ADAPTERS=la.dtype == torch.float32 and a.dtype != torch.float32,
@@ -366,7 +373,7 @@ def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     y = _empty((M, weight.shape[0]), x.dtype, x.device)
     xa = _empty((M, lora_A.shape[0]), torch.float32, x.device)
     if M:
-        _launch_matmul(x, weight.t(), lora_A.t(), lora_B.t(), bias, y, xa, scaling, _dropout(dropout_p, seed), 1)
+        _launch_matmul(x, weight.t(), lora_A.t(), lora_B.t(), bias, y, xa, scaling, _dropout(dropout_p, seed), DROPOUT_ON_A)
     return y, xa
 
 
@@ -376,7 +383,7 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     grad_x = _empty(x.shape, x.dtype, x.device) if need_x else x.new_empty((0,))
     g_xa = _empty((M, lora_A.shape[0]), torch.float32, x.device) if need_A else None
     if M and (need_x or need_A):
-        _launch_matmul(gy, weight, lora_B, lora_A, None, grad_x if need_x else None, g_xa, scaling, dropout, 2)
+        _launch_matmul(gy, weight, lora_B, lora_A, None, grad_x if need_x else None, g_xa, scaling, dropout, DROPOUT_ON_LOW_RANK)
     if need_A:
         grad_A = _reduce_over_m(g_xa, x, scaling, lora_A.dtype, rhs_dropout=dropout)[0]
     else:

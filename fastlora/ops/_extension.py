@@ -1,7 +1,8 @@
 """Loading the compiled CUDA extension ``fastlora._C`` (sources in ``csrc/``).
 
 ``load_extension()`` imports the prebuilt ``fastlora._C`` (built by ``setup.py``); importing it runs
-its ``TORCH_LIBRARY`` registration of ``fastlora::cuda_forward`` / ``fastlora::cuda_backward``.
+its ``TORCH_LIBRARY_IMPL`` registration of the CUDA kernels of ``fastlora::cuda_forward`` /
+``fastlora::cuda_backward``, which ``cuda_lora`` defines from the shared schemas.
 Without a prebuilt module, and only if ``FASTLORA_JIT_BUILD=1``, it compiles ``csrc/`` in place with
 ``torch.utils.cpp_extension.load`` (needs the CUDA toolkit and a source checkout; minutes).
 
@@ -21,7 +22,7 @@ import warnings
 from pathlib import Path
 
 _MODULE = "fastlora._C"
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _REBUILD = (
     "reinstall with `FASTLORA_FORCE_CUDA_BUILD=1 pip install --no-build-isolation -e .` on a machine with "
     "the CUDA toolkit, or set FASTLORA_JIT_BUILD=1"
@@ -62,7 +63,7 @@ def _jit_build() -> str | None:
 
 @functools.cache
 def load_extension() -> str | None:
-    """None once ``torch.ops.fastlora.cuda_forward`` / ``cuda_backward`` exist, else why not."""
+    """None once the kernels of ``fastlora::cuda_forward`` / ``cuda_backward`` are registered, else why not."""
     reason, failed = _import_prebuilt()
     if reason is not None and os.environ.get("FASTLORA_JIT_BUILD") == "1":
         jit_reason = _jit_build()

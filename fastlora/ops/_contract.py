@@ -17,10 +17,12 @@ A backend supplies two functions on 2-D inputs (the public wrapper flattens lead
     ``grad_x = gy W + scaling·D((gy B) A)``, ``grad_A = scaling·(gy B)ᵀ D(x)``,
     ``grad_B = scaling·gyᵀ xa``, ``grad_bias = Σ_m gy``.
 
-``register_backend`` turns the pair into ``fastlora::<name>_forward`` / ``fastlora::<name>_backward``
-custom ops; ``attach_autograd`` gives ops defined elsewhere (the C++ extension's) the same fakes and
-autograd. The autograd saves only ``x`` and ``xa`` besides the parameters; a ``weight`` that
-requires grad gets ``gyᵀ x`` from one unfused matmul (LoRA training freezes it).
+``register_backend`` turns a Python pair into ``fastlora::<name>_forward`` / ``fastlora::<name>_backward``
+custom ops. ``define_ops`` defines the pair from the schemas alone, for a backend whose kernels are
+registered elsewhere (the C++ extension's ``TORCH_LIBRARY_IMPL``), and ``attach_autograd`` gives it
+the same fakes and autograd: the schemas are written here only. The autograd saves only ``x`` and
+``xa`` besides the parameters; a ``weight`` that requires grad gets ``gyᵀ x`` from one unfused
+matmul (LoRA training freezes it).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-# The schemas every backend implements; csrc/ declares the same two for its ops.
+# The schemas every backend implements; csrc/lora_ops.cpp only implements ops defined with them here.
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, "
     "Tensor? seed) -> (Tensor, Tensor)"
@@ -42,7 +44,8 @@ BACKWARD_SCHEMA = (
 
 class LoRAOps(NamedTuple):
     """One backend: its two ``torch.library`` ops, an ``autograd.Function`` that runs the same
-    computation eagerly, and the device types it runs on (None: any).
+    computation eagerly, the device types it runs on (None: any), and ``device_unsupported(device)``,
+    why it cannot run on one device of those types (None: it can; None as the field: never asked).
 
     Calling it gives ``y``. Under ``torch.compile`` the call goes through the ops, which the compiler
     traces; in eager mode through the Function, which skips the ops' Python dispatch (about 40 µs a
@@ -53,6 +56,7 @@ class LoRAOps(NamedTuple):
     backward: Callable
     function: type[torch.autograd.Function]
     runs_on: tuple[str, ...] | None = None
+    device_unsupported: Callable[[torch.device], str | None] | None = None
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -113,7 +117,13 @@ def _input_grads(ctx, backward: Callable, gy: torch.Tensor) -> tuple:
 
 
 def attach_autograd(
-    forward_op, backward_op, runs_on: tuple[str, ...] | None = None, *, forward_impl=None, backward_impl=None
+    forward_op,
+    backward_op,
+    runs_on: tuple[str, ...] | None = None,
+    *,
+    forward_impl=None,
+    backward_impl=None,
+    device_unsupported: Callable[[torch.device], str | None] | None = None,
 ) -> LoRAOps:
     """Register fakes and autograd for an existing forward/backward op pair (see module doc) and
     build the eager Function, which calls ``forward_impl``/``backward_impl`` (default: the ops)."""
@@ -138,7 +148,21 @@ def attach_autograd(
         def backward(ctx, gy):
             return _input_grads(ctx, backward_impl, gy)
 
-    return LoRAOps(forward_op, backward_op, LoRAFunction, runs_on)
+    return LoRAOps(forward_op, backward_op, LoRAFunction, runs_on, device_unsupported)
+
+
+def define_ops(namespace: str, name: str) -> tuple:
+    """Define ``<namespace>::<name>_forward`` / ``_backward`` with the shared schemas (no kernels yet:
+    a C++ library adds them with ``m.impl``) and return the two op overloads."""
+    library = torch.library.Library(namespace, "FRAGMENT")
+    library.define(f"{name}_forward{FORWARD_SCHEMA}")
+    library.define(f"{name}_backward{BACKWARD_SCHEMA}")
+    _LIBRARIES.append(library)  # a Library's definitions last as long as the object
+    ops = getattr(torch.ops, namespace)
+    return getattr(ops, f"{name}_forward").default, getattr(ops, f"{name}_backward").default
+
+
+_LIBRARIES: list[torch.library.Library] = []
 
 
 def register_backend(name: str, forward: Callable, backward: Callable, runs_on: tuple[str, ...] | None = None) -> LoRAOps:

@@ -1,0 +1,31 @@
+"""How close to the float64 reference a result must be: the project's one tolerance table.
+
+Every check (tests, ``fastlora demo``, ``fastlora bench``) measures ``‖out − ref‖ / ‖ref‖`` against
+``fastlora.reference`` evaluated in float64, and accepts it up to ``tolerance(dtype, device)``: the
+rounding that the dtype of the computation allows for LoRA-sized reductions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# fp32 matmuls on CUDA under torch.set_float32_matmul_precision("high"/"medium") run in TF32
+# (10-bit mantissa).
+TF32_TOLERANCE = 5e-4
+
+
+def tolerance(dtype: torch.dtype, device: str | torch.device) -> float:
+    """The largest relative error accepted for a computation in ``dtype`` on ``device``."""
+    tf32 = torch.device(device).type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+    return TF32_TOLERANCE if dtype == torch.float32 and tf32 else TOLERANCE[dtype]
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``‖out − ref‖ / ‖ref‖`` in float64 (``‖out‖`` when ``ref`` is zero or empty; NaN if ``out``
+    holds a NaN, which fails every ``<=`` check)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    if out.shape != ref.shape:
+        raise ValueError(f"rel_error: shapes differ, {tuple(out.shape)} vs {tuple(ref.shape)}")
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / denom if denom else out.norm().item()

@@ -1,0 +1,106 @@
+"""The backend registry loads lazily: ``import fastlora`` imports no triton, loads no ``_C`` and
+initialises no CUDA, so fork-based workers work after it; each backend loads once, on first use,
+even when threads race for it, or when it is first needed while ``torch.compile`` traces."""
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastlora
+from fastlora.ops import registry
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import multiprocessing, sys
+import torch
+import fastlora
+
+def worker(seed):
+    torch.manual_seed(seed)
+    x, w, A, B = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
+    out = fastlora.lora_linear(x, w, None, A, B, 0.5)
+    return bool(torch.allclose(out, fastlora.reference.lora_linear(x, w, None, A, B, 0.5), atol=1e-5))
+
+assert "triton" not in sys.modules, "import fastlora imported triton"
+assert "fastlora._C" not in sys.modules, "import fastlora loaded fastlora._C"
+assert not torch.cuda.is_initialized(), "import fastlora initialised CUDA"
+with multiprocessing.get_context("fork").Pool(2) as pool:
+    assert pool.map(worker, [0, 1]) == [True, True]
+statuses = fastlora.available_backends()  # loads every backend: still no CUDA context
+assert not torch.cuda.is_initialized(), "loading the backends initialised CUDA"
+assert ("triton" in sys.modules) == statuses["triton"].available
+print("ok")
+"""
+
+
+def test_import_is_lazy_and_fork_safe():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("ok")
+
+
+def test_a_backend_loads_once_when_threads_race(monkeypatch):
+    calls = []
+    start = threading.Barrier(8)
+
+    def slow_loader():
+        calls.append(1)
+        threading.Event().wait(0.05)  # long enough for every thread to arrive meanwhile
+        return "not a real backend"
+
+    monkeypatch.setitem(registry._LOADERS, "racy", slow_loader)
+    monkeypatch.delitem(registry._loaded, "racy", raising=False)
+    results = []
+
+    def first_use():
+        start.wait()
+        results.append(registry.backend_state("racy"))
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.delitem(registry._loaded, "racy")
+    assert len(calls) == 1 and results == ["not a real backend"] * 8
+
+
+def test_statuses_explain_themselves():
+    statuses = fastlora.available_backends()
+    assert set(statuses) == {"torch", "triton", "cuda"}
+    assert statuses["torch"].available and str(statuses["torch"]).startswith("available: ")
+    for status in statuses.values():
+        assert status.detail and str(status).startswith("available: " if status.available else "unavailable: ")
+    if not torch.cuda.is_available():
+        assert not statuses["cuda"].available and "CUDA" in statuses["cuda"].detail
+
+
+COMPILE_FIRST = """
+import torch, fastlora
+from fastlora.ops import registry
+assert "triton" not in registry._loaded
+x, w, A, B = torch.randn(4, 16), torch.randn(8, 16), torch.randn(2, 16), torch.randn(8, 2)
+compiled = torch.compile(lambda *inputs: fastlora.lora_linear(*inputs, 0.5, backend="triton"))
+for _ in range(2):
+    out = compiled(x, w, None, A, B)
+    torch.testing.assert_close(out, fastlora.reference.lora_linear(x, w, None, A, B, 0.5))
+print("ok")
+"""
+
+
+def test_a_backend_first_needed_while_compiling_loads_outside_the_trace():
+    if not fastlora.available_backends()["triton"].available or torch.cuda.is_available():
+        pytest.skip("needs triton under the interpreter (a CPU machine)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", COMPILE_FIRST], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("ok")
