@@ -148,13 +148,19 @@ def _fastlora_builder(backend: str) -> Callable[[LoRAInputs], Layer]:
     return build
 
 
+def not_timed_reason(backend: str, device: str) -> str | None:
+    """Why the bench does not time fastlora's ``backend`` on ``device`` here, or None when it does."""
+    reason = available_backends()[backend]
+    if reason is None and backend != "torch" and device == "cpu":
+        reason = "it runs on CUDA tensors"
+        if backend == "triton":  # the interpreter: a correctness tool, orders of magnitude too slow to time
+            reason += " (on CPU tensors only under TRITON_INTERPRET=1, the tests' interpreter, far too slow to time)"
+    return reason
+
+
 def _fused_unavailable(backend: str) -> Callable[[Case], str | None]:
     def unavailable(case: Case) -> str | None:
-        reason = available_backends()[backend]
-        if reason is None and case.device == "cpu":
-            # Only TRITON_INTERPRET=1 runs it on the CPU: a correctness tool, far too slow to time.
-            reason = f"the {backend} backend runs on CUDA tensors only"
-        return reason
+        return not_timed_reason(backend, case.device)
 
     return unavailable
 

@@ -24,6 +24,7 @@ import torch
 from .. import __version__
 from ..backends import available_backends
 from .cases import MODES
+from .providers import not_timed_reason
 from .runner import Result
 
 COLUMNS = ("mode", "M", "K", "N", "shape", "r", "dtype", "device", "provider", "status", "ms", "q1_ms", "q3_ms", "ratio_to_base",
@@ -47,9 +48,18 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "fastlora": __version__,
         "python": platform.python_version(),
-        "backends": {name: reason or "available" for name, reason in available_backends().items()},
+        "backends": {name: _backend_status(name, device) for name in available_backends()},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _backend_status(backend: str, device: str) -> str:
+    """"available", or why the backend is unavailable or not timed on ``device``."""
+    unavailable = available_backends()[backend]
+    if unavailable:
+        return f"unavailable: {unavailable}"
+    not_timed = not_timed_reason(backend, device)
+    return f"available, not timed on {device}: {not_timed}" if not_timed else "available"
 
 
 def _cpu_model() -> str:
@@ -153,7 +163,7 @@ def summary_table(results: list[Result], against: str) -> str:
 
 
 def render_markdown(results: list[Result], info: dict) -> str:
-    backends = ", ".join(f"{k}: {v}" for k, v in info["backends"].items())
+    backends = "; ".join(f"{k}: {v}" for k, v in info["backends"].items())
     return "\n\n".join([
         f"## fastlora bench — {info['device']} ({info['device_detail']})",
         f"torch {info['torch']}, fastlora {info['fastlora']}, python {info['python']}, {info['date']}.  \n"
