@@ -35,7 +35,7 @@ def _verdict(ratios: list[float]) -> str:
         return "fused faster in every repeat"
     if max(ratios) < 1:
         return "naive faster in every repeat"
-    return "within the noise: the repeats fall on both sides of 1"
+    return "within the noise (the repeats fall on both sides of 1)"
 
 
 def run_demo(device: str, repeats: int = 5) -> int:
@@ -85,5 +85,5 @@ def run_demo(device: str, repeats: int = 5) -> int:
             naive_ms.append(plain.median_ms)
         ratios = [n / f for n, f in zip(naive_ms, fused_ms)]
         print(f"  {label}\n    fused {_spread(fused_ms, '.3f')} ms   naive {_spread(naive_ms, '.3f')} ms")
-        print(f"    naive ÷ fused {_spread(ratios, '.2f')}: {_verdict(ratios)}")
+        print(f"    naive ÷ fused {_spread(ratios, '.2f')} → {_verdict(ratios)}")
     return 0 if passed else 1

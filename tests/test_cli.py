@@ -48,7 +48,7 @@ def test_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
     assert "torch: available;" in out
     for name in ("triton", "cuda"):
         if fastlora.available_backends()[name] is None:
-            assert f"{name}: available, not timed on cpu: it runs on CUDA tensors" in out
+            assert f"{name}: available, not timed on cpu: the {name} backend runs on CUDA tensors" in out
         else:
             assert f"{name}: unavailable: " in out
     assert paths["png"].read_bytes().startswith(b"\x89PNG")

@@ -152,7 +152,7 @@ def not_timed_reason(backend: str, device: str) -> str | None:
     """Why the bench does not time fastlora's ``backend`` on ``device`` here, or None when it does."""
     reason = available_backends()[backend]
     if reason is None and backend != "torch" and device == "cpu":
-        reason = "it runs on CUDA tensors"
+        reason = f"the {backend} backend runs on CUDA tensors"
         if backend == "triton":  # the interpreter: a correctness tool, orders of magnitude too slow to time
             reason += " (on CPU tensors only under TRITON_INTERPRET=1, the tests' interpreter, far too slow to time)"
     return reason
