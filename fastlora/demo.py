@@ -4,7 +4,8 @@ float64 reference, and time it against the naive composition (``fastlora.referen
 GPU: 2048 tokens through a 4096→4096 layer, r=16, bf16. CPU: 512 tokens, 1024→1024, r=16, fp32.
 The timing is repeated (each repeat: interleaved rounds of both, its median call) and the spread of
 the repeats is printed; a difference is reported only where, in every repeat, the two's quartiles
-over the calls are apart, else it is called noise. Exit code 1 when a check fails. ``fastlora bench`` is the thorough comparison.
+over the calls are apart, else it is called noise. Exit code 1 when a check fails.
+``fastlora bench`` is the thorough comparison.
 """
 
 from __future__ import annotations
