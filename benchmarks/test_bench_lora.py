@@ -7,7 +7,7 @@ that each group's table compares the providers of one shape and mode.
 Cases and providers come from ``fastlora.bench`` (the same as the command line). Each test first
 checks the provider against the float64 reference (it fails if wrong), then times one call per
 round, its setup (next input copy, gradients to None, the forward of ``backward``) untimed; on a
-GPU each round ends with a synchronisation. Without a GPU the GPU cases are skipped.
+GPU each round ends with a synchronisation. The GPU cases are marked ``gpu``: skipped without one.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import functools
 import os
 
 import pytest
-import torch
 
 from fastlora.bench.cases import GRIDS, Case, make_cases
 from fastlora.bench.providers import PROVIDERS, Unavailable
@@ -26,7 +25,12 @@ from fastlora.bench.workload import input_copies
 
 GRID = os.environ.get("FASTLORA_BENCH_GRID", "smoke")
 PARAMS = [
-    pytest.param(case, name, id=f"{case.device}-{case.mode}-M{case.M}-{case.shape.K}x{case.shape.N}-r{case.r}-{case.dtype}-{name}")
+    pytest.param(
+        case,
+        name,
+        id=f"{case.device}-{case.mode}-M{case.M}-{case.shape.K}x{case.shape.N}-r{case.r}-{case.dtype}-{name}",
+        marks=[pytest.mark.gpu] if device == "cuda" else [],
+    )
     for device in ("cpu", "cuda")
     for case in make_cases(GRIDS[device][GRID], device)
     for name in PROVIDERS
@@ -41,8 +45,6 @@ def _case_data(case: Case):
 
 @pytest.mark.parametrize(("case", "provider_name"), PARAMS)
 def test_lora_linear(benchmark, case: Case, provider_name: str):
-    if case.device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
     provider = PROVIDERS[provider_name]
     copies, expected = _case_data(case)
     try:

@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="check FusedLoRALinear against the float64 reference and time it against the naive composition")
     demo.add_argument("--device", choices=("cpu", "cuda"), default=DEFAULT_DEVICE, help=f"default: {DEFAULT_DEVICE}")
+    demo.add_argument("--repeats", type=int, default=5, help="timing repeats whose spread is shown (default: 5)")
 
     bench = commands.add_parser(
         "bench",
@@ -128,7 +129,9 @@ def main(argv: list[str] | None = None, *, providers: dict | None = None) -> int
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(args.device)
+        if args.repeats < 1:
+            parser.error(f"--repeats must be at least 1, got {args.repeats}")
+        return run_demo(args.device, args.repeats)
     from .bench.providers import PROVIDERS
 
     return bench(argv, args, parser, providers or PROVIDERS)

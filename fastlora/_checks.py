@@ -29,6 +29,14 @@ def _require_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
+def check_dtype(name: str, dtype: object) -> torch.dtype | None:
+    """``dtype`` (or None, "the default"): a floating-point ``torch.dtype`` that parameters can have."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        what = dtype if isinstance(dtype, torch.dtype) else f"{type(dtype).__name__} {dtype!r}"
+        raise TypeError(f"{name} must be a floating-point torch.dtype (float16, bfloat16, float32 or float64), got {what}")
+    return dtype
+
+
 def _require_dim(name: str, t: torch.Tensor, dim: int, layout: str) -> None:
     if t.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D {layout}, got shape {tuple(t.shape)}")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_dropout, check_layer_args, check_target_modules
+from ._checks import check_dropout, check_dtype, check_layer_args, check_target_modules
 from .functional import lora_linear
 
 
@@ -44,6 +44,8 @@ class FusedLoRALinear(nn.Module):
     ):
         super().__init__()
         self.r, self.alpha = check_layer_args(in_features, out_features, r, alpha, backend)
+        check_dtype("dtype", dtype)
+        check_dtype("adapter_dtype", adapter_dtype)
         self.in_features = in_features
         self.out_features = out_features
         self.use_rslora = use_rslora
@@ -76,6 +78,7 @@ class FusedLoRALinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight
+        check_dtype("linear.weight's dtype", weight.dtype)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -163,6 +166,9 @@ def replace_linear_with_lora(
     Raises ValueError, before changing anything, when a target matches no ``nn.Linear``.
     """
     targets = check_target_modules(model, target_modules)
+    check_dtype("adapter_dtype", layer_kwargs.get("adapter_dtype"))
+    for name, linear in targets:
+        check_dtype(f"{name}.weight's dtype", linear.weight.dtype)
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

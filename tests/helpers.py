@@ -28,7 +28,11 @@ def backends_on(device: str) -> list[str]:
     return runnable
 
 
-BACKEND_DEVICE = [pytest.param(b, d, id=f"{b}-{d}") for d in DEVICES for b in backends_on(d)]
+BACKEND_DEVICE = [
+    pytest.param(b, d, id=f"{b}-{d}", marks=[pytest.mark.gpu] if d == "cuda" else [])
+    for d in DEVICES
+    for b in backends_on(d)
+]
 
 
 def make_inputs(

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import fastlora
 from fastlora import reference
 from fastlora.__main__ import main
 from fastlora.bench.providers import PROVIDERS, Layer, Provider
@@ -15,11 +16,13 @@ from fastlora.bench.providers import PROVIDERS, Layer, Provider
 TINY = ["bench", "--device", "cpu", "--shapes", "48x64x32", "--ranks", "4"]
 
 
-def test_demo_passes_its_checks_and_times_both(capsys):
-    assert main(["demo", "--device", "cpu"]) == 0
+def test_demo_passes_its_checks_and_times_both_with_their_spread(capsys):
+    assert main(["demo", "--device", "cpu", "--repeats", "3"]) == 0
     out = capsys.readouterr().out
-    assert "PASS" in out and "FAIL" not in out
-    assert "forward" in out and "training step" in out and "naive ÷ fused" in out
+    assert "PASS" in out and "FAIL" not in out and "tolerance 1e-05" in out
+    assert "forward" in out and "training step" in out and "over 3 repeats, min / median / max" in out
+    verdicts = ("fused faster (", "naive faster (", "within the noise (")
+    assert sum(out.count(v) for v in verdicts) == 2  # one per timed step
 
 
 def test_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
@@ -46,6 +49,15 @@ def test_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
     assert out == paths["md"].read_text() + "\n"
     assert "### train" in out and "× base" in out
     assert "backend='auto' (fastlora-auto): torch (cpu tensors; no timing)" in out
+    # The header says which backends the run times, and why not the others.
+    assert "torch: available" in out
+    for name, status in fastlora.available_backends().items():
+        if name == "torch":
+            continue
+        if status.available:
+            assert f"{name}: available, not timed on cpu: the {name} backend runs on CUDA tensors" in out
+        else:
+            assert f"{name}: unavailable: " in out
     assert paths["png"].read_bytes().startswith(b"\x89PNG")
 
 

@@ -145,9 +145,12 @@ def test_dropout_applies_in_training_mode_only():
     assert not torch.allclose(layer.train()(x), no_dropout)
 
 
-def test_merged_layer_refuses_to_train_with_dropout():
+def test_merged_layer_serves_in_eval_and_refuses_to_train_with_dropout():
     layer = FusedLoRALinear(8, 8, r=2, dropout=0.1)
+    randomize_adapters(layer)
+    x = torch.randn(2, 8)
+    unmerged = layer.eval()(x)
     layer.merge()
+    assert torch.allclose(layer(x), unmerged, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="unmerge"):
-        layer(torch.randn(2, 8))
-    layer.eval()(torch.randn(2, 8))
+        layer.train()(x)

@@ -111,7 +111,7 @@ def test_nan_and_inf_propagate_like_the_reference(backend, device):
     assert torch.allclose(out[finite], ref[finite], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="LLM-sized shapes need a GPU")
+@pytest.mark.gpu  # LLM-sized shapes
 @pytest.mark.parametrize("backend", [b for b, d in ((p.values) for p in BACKEND_DEVICE) if d == "cuda"])
 @pytest.mark.parametrize("dtype", HALVES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 4096, 4096, 16), (64, 4096, 1024, 8), (1000, 4096, 4096, 16), (4096, 4096, 14336, 64), (2048, 14336, 4096, 128)])

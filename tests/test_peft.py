@@ -211,6 +211,7 @@ def test_unsupported_layers_warn_once():
     torch.testing.assert_close(model(input_ids=ids).logits, expected)
 
 
+@pytest.mark.slow  # torch.compile of a Llama: about a minute on a CPU
 def test_compiled_patched_llama_has_no_graph_breaks(fused_calls):
     """``torch.compile(fullgraph=True)`` of a whole patched model: fastlora adds no graph break."""
     torch._dynamo.reset()

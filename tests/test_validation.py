@@ -15,6 +15,7 @@ from fastlora.ops import registry
 from fastlora.ops.registry import backend_ops
 
 AVAILABLE = fastlora.available_backends()
+FLOATS = "(float16, bfloat16, float32 or float64)"
 needs_triton = pytest.mark.skipif(not AVAILABLE["triton"].available, reason="triton backend unavailable")
 
 
@@ -164,6 +165,9 @@ def test_unknown_backend(backend):
         ({"alpha": math.nan}, ValueError, "alpha must be finite, got nan"),
         ({"alpha": "16"}, TypeError, "alpha must be a real number (a Python float), got str"),
         ({"backend": "cublas"}, ValueError, "backend must be one of ('auto', 'torch', 'triton', 'cuda'), got 'cublas'"),
+        ({"dtype": torch.int32}, TypeError, f"dtype must be a floating-point torch.dtype {FLOATS}, got torch.int32"),
+        ({"dtype": "float32"}, TypeError, f"dtype must be a floating-point torch.dtype {FLOATS}, got str 'float32'"),
+        ({"adapter_dtype": torch.int8}, TypeError, f"adapter_dtype must be a floating-point torch.dtype {FLOATS}, got torch.int8"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )
@@ -178,6 +182,7 @@ def test_bad_layer_configuration(kwargs, error, message):
         ({"r": -1}, ValueError, "r (the LoRA rank) must be a positive int, got -1"),
         ({"alpha": math.inf}, ValueError, "alpha must be finite, got inf"),
         ({"backend": "gpu"}, ValueError, "backend must be one of"),
+        ({"adapter_dtype": torch.int64}, TypeError, f"adapter_dtype must be a floating-point torch.dtype {FLOATS}, got torch.int64"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )
@@ -236,3 +241,13 @@ def test_model_without_linear_layers():
 def test_bad_replace_configuration(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         replace_linear_with_lora(attention_block(), **{"r": 2, "alpha": 4, **kwargs})
+
+
+def test_non_float_dtypes_are_named_before_anything_is_replaced():
+    model = attention_block()
+    with pytest.raises(TypeError, match=re.escape(f"adapter_dtype must be a floating-point torch.dtype {FLOATS}, got torch.bool")):
+        replace_linear_with_lora(model, r=2, alpha=4, adapter_dtype=torch.bool)
+    model["v_proj"].weight = nn.Parameter(torch.ones(8, 8, dtype=torch.int8), requires_grad=False)  # a quantized store
+    with pytest.raises(TypeError, match=re.escape(f"v_proj.weight's dtype must be a floating-point torch.dtype {FLOATS}, got torch.int8")):
+        replace_linear_with_lora(model, r=2, alpha=4)
+    assert type(model["q_proj"]) is nn.Linear and type(model["v_proj"]) is nn.Linear

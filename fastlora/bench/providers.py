@@ -165,15 +165,22 @@ def _auto(inp: LoRAInputs) -> Layer:
     return Layer(forward, inp.lora_A, inp.lora_B, describe)
 
 
+def not_timed_reason(backend: str, device: str) -> str | None:
+    """Why the bench does not time fastlora's ``backend`` on ``device`` here, or None when it does."""
+    status = available_backends()[backend]
+    if not status.available:
+        return status.detail
+    if backend != "torch" and device == "cpu":
+        reason = f"the {backend} backend runs on CUDA tensors"
+        if backend == "triton":  # the interpreter: a correctness tool, orders of magnitude too slow to time
+            reason += " (on CPU tensors only under TRITON_INTERPRET=1, the tests' interpreter, far too slow to time)"
+        return reason
+    return None
+
+
 def _fused_unavailable(backend: str) -> Callable[[Case], str | None]:
     def unavailable(case: Case) -> str | None:
-        status = available_backends()[backend]
-        if not status.available:
-            return status.detail
-        if case.device == "cpu":
-            # Only TRITON_INTERPRET=1 runs it on the CPU: a correctness tool, far too slow to time.
-            return f"the {backend} backend runs on CUDA tensors only"
-        return None
+        return not_timed_reason(backend, case.device)
 
     return unavailable
 

@@ -25,6 +25,7 @@ from .. import __version__
 from ..ops.auto import auto_summary
 from ..ops.registry import available_backends
 from .cases import MODES
+from .providers import not_timed_reason
 from .runner import Result
 
 COLUMNS = ("mode", "M", "K", "N", "shape", "r", "dtype", "device", "provider", "status", "ms", "q1_ms", "q3_ms", "ratio_to_base",
@@ -48,10 +49,19 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "fastlora": __version__,
         "python": platform.python_version(),
-        "backends": {name: str(status) for name, status in available_backends().items()},
+        "backends": {name: _backend_status(name, device) for name in available_backends()},
         "auto": auto_summary(torch.device(device)),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _backend_status(backend: str, device: str) -> str:
+    """"available", or why the backend is unavailable or not timed on ``device``."""
+    status = available_backends()[backend]
+    if not status.available:
+        return str(status)
+    not_timed = not_timed_reason(backend, device)
+    return f"available, not timed on {device}: {not_timed}" if not_timed else "available"
 
 
 def _cpu_model() -> str:
@@ -155,7 +165,7 @@ def summary_table(results: list[Result], against: str) -> str:
 
 
 def render_markdown(results: list[Result], info: dict) -> str:
-    backends = ", ".join(f"{k}: {v}" for k, v in info["backends"].items())
+    backends = "; ".join(f"{k}: {v}" for k, v in info["backends"].items())
     return "\n\n".join([
         f"## fastlora bench — {info['device']} ({info['device_detail']})",
         f"torch {info['torch']}, fastlora {info['fastlora']}, python {info['python']}, {info['date']}.  \n"

@@ -6,9 +6,10 @@ beside ``y``. Backward mirrors it for ``grad_x``; ``grad_A`` and ``grad_B`` are 
 It runs on any device and dtype (float64 included) and is the default on the CPU.
 
 Every product runs in ``wide_dtype(x.dtype)``: float32 for fp16/bf16 inputs, which are upcast, so
-that ``y`` and ``grad_x`` are rounded once, as the fused kernels round them: where the base and
-low-rank terms cancel, rounding the base product to fp16/bf16 first leaves errors above the 1e-2
-tolerance (up to 4e-2 measured for bf16 ``grad_x``). The cost is float32 copies of the half operands.
+that ``y`` and ``grad_x`` are rounded once, as the fused kernels round them. Rounding the base term
+to fp16/bf16 before adding the low-rank term would leave an error of the terms' size in a sum that
+can be far smaller: where the two cancel, that is beyond the 1e-2 relative bound. The cost is
+float32 copies of the half operands; on a GPU the fused backends are the fast path for half precision.
 
 LoRA dropout draws its mask from a ``torch.Generator`` seeded with the call's seed, so the backward
 regenerates the same mask instead of saving it.
