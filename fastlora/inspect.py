@@ -318,10 +318,6 @@ def inspect_arch(arch: str, problems: list[Problem], position: int = 0) -> tuple
     return list(rows.values()), errors
 
 
-def _inspect_arch_in_worker(arch: str, problems: list[Problem], position: int):
-    return inspect_arch(arch, problems, position)
-
-
 def inspect_triton(archs: list[str], problems: list[Problem], workers: int) -> tuple[list[Row], list[str]]:
     """Rows and errors of every arch, one process per arch when ``workers`` > 1."""
     if workers <= 1 or len(archs) == 1:
@@ -332,7 +328,7 @@ def inspect_triton(archs: list[str], problems: list[Problem], workers: int) -> t
         # spawn: a fresh interpreter per worker, so nothing of this process's Triton state is shared.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(archs)), mp_context=context) as pool:
-            futures = [pool.submit(_inspect_arch_in_worker, arch, problems, i) for i, arch in enumerate(archs)]
+            futures = [pool.submit(inspect_arch, arch, problems, i) for i, arch in enumerate(archs)]
             results = [f.result() for f in futures]
     rows = [row for arch_rows, _ in results for row in arch_rows]
     return rows, [e for _, errors in results for e in errors]
