@@ -390,10 +390,11 @@ def inspect_extension(path: str) -> list[Row]:
 
 
 def _varying(rows: list[Row]) -> dict[str, list[str]]:
-    """Per kernel, the specialisation keys whose values differ between its rows (the others say nothing)."""
-    by_kernel: dict[str, list[Row]] = {}
+    """Per kernel and op that launched it, the specialisation keys whose values differ between its rows
+    (the others say nothing)."""
+    by_kernel: dict[tuple, list[Row]] = {}
     for row in rows:
-        by_kernel.setdefault(row.kernel, []).append(row)
+        by_kernel.setdefault((row.kernel, tuple(row.via)), []).append(row)
     varying = {}
     for kernel, krows in by_kernel.items():
         keys = dict.fromkeys(k for r in krows for k in r.specialisation)
@@ -402,7 +403,7 @@ def _varying(rows: list[Row]) -> dict[str, list[str]]:
 
 
 def _spec_label(row: Row, varying: dict) -> str:
-    return " ".join(f"{k}={row.specialisation.get(k, '-')}" for k in varying.get(row.kernel, []))
+    return " ".join(f"{k}={row.specialisation.get(k, '-')}" for k in varying.get((row.kernel, tuple(row.via)), []))
 
 
 def _note(row: Row) -> str:
@@ -468,14 +469,14 @@ def _slug(text: str) -> str:
 
 
 def write_cubins(directory: str, rows: list[Row], varying: dict) -> None:
-    """One file per kernel × arch × config × specialisation, named after them."""
+    """One file per kernel × arch × config × specialisation, named after them and the op that launched it."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     for row in rows:
         if row.cubin is None:
             continue
         short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "GROUP_M": "g", "warps": "w", "stages": "s"}
         config = re.sub(r"(\w+)=", lambda m: short.get(m.group(1), m.group(1)), row.config)
-        name = _slug(f"{row.kernel}.sm_{row.arch}.{config}.{_spec_label(row, varying)}")[:200]
+        name = _slug(f"{row.kernel}.sm_{row.arch}.{'+'.join(row.via)}.{config}.{_spec_label(row, varying)}")[:200]
         Path(directory, f"{name}.cubin").write_bytes(row.cubin)
 
 
@@ -501,7 +502,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes, one arch each (default: 2)")
     parser.add_argument("--json", metavar="FILE", help="write every row as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the report printed on stdout to a file too")
-    parser.add_argument("--cubin-dir", metavar="DIR", help="write each cubin there, named kernel.arch.config.specialisation")
+    parser.add_argument("--cubin-dir", metavar="DIR", help="write each cubin there, named kernel.arch.op.config.specialisation")
 
 
 def run(args, argv: list[str]) -> int:
