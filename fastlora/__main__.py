@@ -1,5 +1,6 @@
-"""``python -m fastlora`` / ``fastlora``: ``demo`` (check and time the fused layer) and ``bench``
-(every provider, every case, checked then timed). ``fastlora bench --help`` lists the options."""
+"""``python -m fastlora`` / ``fastlora``: ``demo`` (check and time the fused layer), ``bench``
+(every provider, every case, checked then timed) and ``inspect`` (the compiled GPU code of every
+kernel, no GPU needed). ``fastlora bench --help`` lists the options."""
 
 from __future__ import annotations
 
@@ -54,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--csv", metavar="PATH", help="write every result as CSV")
     bench.add_argument("--markdown", metavar="PATH", help="write the report printed on stdout to a file too")
     bench.add_argument("--plot", metavar="PATH", help="draw the ratios to base as a PNG (needs matplotlib)")
+
+    from .inspect import add_arguments
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="compile every kernel for sm_90a and sm_80 and report registers, spills, shared memory and key SASS",
+        description="Compile every Triton kernel (each config its autotuner can pick on the given problems) for "
+        "the target GPUs, and read every kernel of the built fastlora._C; no GPU needed. Exit status 1 if a "
+        "kernel fails to compile or a pickable config spills, 2 on bad input. TRITON_INTERPRET must not be set.",
+    )
+    add_arguments(inspect)
     return parser
 
 
@@ -124,6 +136,10 @@ def main(argv: list[str] | None = None, *, providers: dict | None = None) -> int
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "inspect":
+        from .inspect import run
+
+        return run(args, argv[1:])
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
     if args.command == "demo":

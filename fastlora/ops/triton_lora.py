@@ -45,6 +45,7 @@ import triton.language as tl
 
 from ._device import device_limits
 from ._contract import register_backend
+from ._triton_compile import drop_spilling
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -239,8 +240,9 @@ def _shared_bytes(config, a_size: int, la_size: int, rank: int) -> int:
 
 
 def prune_matmul_configs(configs, named_args, **kwargs):
-    """Drop configs whose accumulators spill or whose tiles overflow shared memory (large ``R_PAD``,
-    fp32 operands), or whose row block dwarfs M; the leanest config if none is left."""
+    """Drop configs whose row block dwarfs M, or whose accumulators or tiles are too large by a fast
+    formula (large ``R_PAD``, fp32 operands), then those the compiler says spill registers or
+    overflow shared memory; the leanest config if none is left."""
     args = {**named_args, **kwargs}
     rank, m_bucket = args["R_PAD"], args["M_BUCKET"]
     a_size, la_size = args["a_ptr"].element_size(), args["la_ptr"].element_size()
@@ -252,7 +254,9 @@ def prune_matmul_configs(configs, named_args, **kwargs):
         return registers(c) <= _MAX_ACC_REGISTERS and _shared_bytes(c, a_size, la_size, rank) <= _MAX_SHARED_BYTES
 
     kept = [c for c in configs if fits(c) and c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
-    return kept or [min(configs, key=lambda c: (_shared_bytes(c, a_size, la_size, rank), registers(c)))]
+    if not kept:
+        return [min(configs, key=lambda c: (_shared_bytes(c, a_size, la_size, rank), registers(c)))]
+    return drop_spilling(_lora_matmul_kernel, kept, named_args, **kwargs)
 
 
 # Keyed on M's power-of-two bucket (M_BUCKET, an argument only the autotuner reads) rather than on M,
@@ -357,13 +361,16 @@ def _reduce_over_m(lhs, rhs, scaling: float, out_dtype: torch.dtype, col_sum: bo
     ws = _empty((splits, P, Q), torch.float32, lhs.device)
     sums = _empty((splits, P), torch.float32, lhs.device) if col_sum else ws
     _, low_rank_precision = _precisions(rhs.dtype)
+    # 8192 fp32 accumulators in 4 warps spill on sm_80 and sm_90a (fastlora inspect: 255 registers and
+    # up to 1.3 KiB of stack with r = 64); 8 warps hold them in half the registers a thread.
+    num_warps = 8 if block_p * block_q > 4096 else 4
     _lora_reduce_kernel[(triton.cdiv(P, block_p), triton.cdiv(Q, block_q), splits)](
         lhs, rhs, ws, sums,
         M, P, Q, rows_per_split,
         *lhs.stride(), *rhs.stride(), *ws.stride(), sums.stride(0),
         scaling * rhs_dropout.scale, rhs_dropout.p, rhs_dropout.seed,
         COL_SUM=col_sum, RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=low_rank_precision,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=num_warps,
     )  # fmt: skip
     return ws.sum(0).to(out_dtype), (sums.sum(0) if col_sum else None)
 
@@ -393,6 +400,23 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
         grad_B, col_sums = _reduce_over_m(gy, xa, scaling, lora_B.dtype, col_sum=need_bias)
         grad_bias = col_sums.to(gy.dtype) if need_bias else grad_bias
     return grad_x, grad_A, grad_B, grad_bias
+
+
+def launch_for_inspection(
+    M: int, K: int, N: int, r: int, dtype: torch.dtype, adapter_dtype: torch.dtype, dropout: float, backward: bool
+) -> None:
+    """Launch the kernels of one problem as a training step would (forward, then the backward if
+    ``backward``), on CPU tensors: ``fastlora inspect`` intercepts the launches and compiles them for
+    a target GPU instead. No bias (LLM projections have none); every gradient is needed."""
+    x = torch.empty((M, K), dtype=dtype)
+    weight = torch.empty((N, K), dtype=dtype)
+    lora_A = torch.empty((r, K), dtype=adapter_dtype)
+    lora_B = torch.empty((N, r), dtype=adapter_dtype)
+    seed = 0x5EED  # like a drawn seed, neither 1 nor divisible by 16 (either would be specialised)
+    _, xa = triton_forward(x, weight, None, lora_A, lora_B, 2.0, dropout, seed)
+    if backward:
+        gy = torch.empty((M, N), dtype=dtype)
+        triton_backward(gy, x, xa, weight, lora_A, lora_B, 2.0, dropout, seed, True, True, True, False)
 
 
 TRITON_OPS = register_backend(
