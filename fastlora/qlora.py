@@ -4,8 +4,8 @@ PEFT integration call instead of branching on the weight's kind.
 ``base_weight(weight)`` gives a ``DenseWeight`` for a float tensor and a ``Weight4bit`` for a
 bitsandbytes ``Params4bit`` (``bnb.nn.Linear4bit.weight``) whose quant state the fused QLoRA
 kernels read (``fastlora.ops.triton_qlora``): NF4 or FP4, block sizes 32 to 4096 (powers of two),
-absmax plain or double-quantized, compute dtype fp16 or bf16. Anything else raises
-``Unsupported4bitState`` naming why. The 4-bit weight is never dequantized to a float copy on the
+absmax plain or double-quantized, compute dtype fp16 or bf16. ``check_4bit`` raises
+``Unsupported4bitState`` naming why for anything else. The 4-bit weight is never dequantized to a float copy on the
 fused path; ``backend="torch"`` (and ``"auto"`` where Triton cannot run) dequantizes it with
 bitsandbytes first, as PEFT does.
 
@@ -199,14 +199,19 @@ def compute_dtype_of(linear) -> torch.dtype:
 
 
 def base_weight(weight, compute_dtype: torch.dtype | None = None) -> DenseWeight | Weight4bit:
-    """The strategy object for ``weight``; a 4-bit one needs ``compute_dtype``. Raises
-    ``Unsupported4bitState`` for a 4-bit weight the kernels cannot read."""
+    """The strategy object for ``weight``. A 4-bit one computes in ``compute_dtype`` (default: the
+    dtype it was quantized from) and must have passed ``check_4bit`` once (not re-checked a call:
+    the check reads the code table back from the device)."""
     if not is_4bit(weight):
         return DenseWeight(weight)
+    return Weight4bit(weight, compute_dtype or weight.quant_state.dtype)
+
+
+def check_4bit(weight) -> None:
+    """Raise ``Unsupported4bitState`` naming why the kernels cannot read a 4-bit ``weight``."""
     reason = unsupported_reason(weight)
     if reason is not None:
         raise Unsupported4bitState(f"unsupported 4-bit weight: {reason}")
-    return Weight4bit(weight, compute_dtype or weight.quant_state.dtype)
 
 
 def quantize_linear(linear: torch.nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
