@@ -106,6 +106,7 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "peft", "transformers", "safetensors", "matplotlib"],
         "peft": ["peft", "transformers", "safetensors"],
+        "qlora": ["bitsandbytes>=0.45", "peft", "transformers", "safetensors"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["fastlora=fastlora.__main__:main"]},
