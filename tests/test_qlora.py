@@ -450,3 +450,28 @@ def test_patch_peft_leaves_unreadable_4bit_states_on_peft(fused_calls):
     assert "layers.1.self_attn.q_proj" in message and "code table" in message
     torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-2, atol=1e-2)
     assert len(fused_calls) == 13
+
+
+def test_bench_providers_build_and_match_on_dequantized_w(capsys):
+    """The 4-bit bench providers (timed on CUDA only) compute the reference over W's dequantization."""
+    from fastlora.__main__ import main
+    from fastlora.bench.cases import Case, make_inputs, parse_shapes
+    from fastlora.bench.providers import PROVIDERS, dequantized_4bit
+    from fastlora.bench.workload import reference_results
+
+    case = Case("backward", 24, parse_shapes("64x96")[0], 4, "fp16", DEVICE)
+    inp = make_inputs(case)
+    expected = reference_results(dequantized_4bit(inp), "backward", True)
+    assert rel_error(dequantized_4bit(inp).weight, inp.weight) > 0.02  # the 4-bit W differs from W
+    for name in ("peft-qlora", "fastlora-qlora"):
+        layer = PROVIDERS[name].build(inp)
+        x = inp.x.detach().requires_grad_()
+        y = layer.forward(x)
+        y.backward(inp.dy)
+        assert rel_error(y, expected["y"]) <= 1e-2, name
+        for key, got in (("grad_x", x.grad), ("grad_lora_A", layer.lora_A.grad), ("grad_lora_B", layer.lora_B.grad)):
+            assert rel_error(got, expected[key]) <= 1e-2, (name, key)
+    if DEVICE == "cpu":
+        argv = ["bench", "--device", "cpu", "--shapes", "48x64x32", "--ranks", "4", "--modes", "forward"]
+        assert main(argv + ["--providers", "base,peft-qlora,fastlora-qlora"]) == 0
+        assert "CUDA only" in capsys.readouterr().out

@@ -81,21 +81,28 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 @triton.jit
 def _dequantize(
-    w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx, mask,
+    w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, origin, local, mask,
     QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr,
 ):  # fmt: skip
-    """fp32 values of the W elements at flat indices ``idx`` (0 where ``mask`` is False)."""
-    packed = tl.load(w_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
-    shift = ((idx & 1) ^ 1).to(tl.int32) * 4  # even elements sit in the high nibble
+    """fp32 values of the W elements at flat indices ``origin + local`` (0 where ``mask`` is False).
+
+    ``origin`` (int64 scalar) is split into a base aligned to ``QBLOCK·QBLOCK2`` elements, which
+    moves the pointers, and a remainder added to the int32 in-tile offsets ``local``: every
+    per-element index is then int32 (int64 ones cost twice the registers; the 64×64 tile spilled)."""
+    aligned = origin - origin % (QBLOCK * QBLOCK2)
+    local = local + (origin - aligned).to(tl.int32)
+    packed = tl.load(w_ptr + aligned // 2 + (local >> 1), mask=mask, other=0).to(tl.int32)
+    shift = ((local & 1) ^ 1) * 4  # even elements sit in the high nibble
     value = tl.load(code_ptr + ((packed >> shift) & 0xF))  # 16 entries: stays in L1
-    block = idx // QBLOCK
+    block = local // QBLOCK
     if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        q = tl.load(absmax_ptr + aligned // QBLOCK + block, mask=mask, other=0).to(tl.int32)
         # Two roundings, as bitsandbytes' dequantize_blockwise then `absmax += offset`.
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // QBLOCK2, mask=mask, other=0.0)
+        block2 = aligned // (QBLOCK * QBLOCK2) + block // QBLOCK2
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block2, mask=mask, other=0.0)
         scale = scale + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = tl.load(absmax_ptr + aligned // QBLOCK + block, mask=mask, other=0.0)
     return tl.where(mask, value * scale, 0.0)
 
 
@@ -136,14 +143,16 @@ def _qlora_matmul_kernel(
     # int64 offsets: M·stride and the flat index n·K + k can pass 2³¹.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < M
     mask_n = offs_n < N
     mask_r = offs_r < R
 
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_idx = offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    # W's flat index of tile element (k, n): w_origin (int64) + w_local (int32, see _dequantize).
+    w_origin = pid_n.to(tl.int64) * BLOCK_N * stride_wn
+    w_local = offs_k[:, None] * stride_wk + tl.arange(0, BLOCK_N)[None, :] * stride_wn
     la_ptrs = la_ptr + offs_k[:, None] * stride_lak + offs_r[None, :] * stride_lar
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -152,20 +161,20 @@ def _qlora_matmul_kernel(
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if WRITE_OUT:
             w = _dequantize(
-                w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, w_idx,
+                w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, w_origin, w_local,
                 mask_k[:, None] & mask_n[None, :], QBLOCK, QBLOCK2, NESTED,
             )  # fmt: skip
             acc = _dot(a, w.to(a_ptr.dtype.element_ty), acc, PRECISION, UPCAST)
         la = tl.load(la_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         if DROPOUT == 1:
-            keep = tl.rand(seed, offs_m[:, None] * K + (k0 + offs_k)[None, :]) >= dropout_p
+            keep = tl.rand(seed, offs_m[:, None] * K + (k0 + offs_k.to(tl.int64))[None, :]) >= dropout_p
             a = tl.where(keep, a, 0.0)
         if FP32_ADAPTERS:
             acc_t = tl.dot(a.to(tl.float32), la, acc_t, input_precision=LOW_RANK_PRECISION)
         else:
             acc_t = _dot(a, la.to(a.dtype), acc_t, PRECISION, UPCAST)
         a_ptrs += BLOCK_K * stride_ak
-        w_idx += BLOCK_K * stride_wk
+        w_origin += BLOCK_K * stride_wk
         la_ptrs += BLOCK_K * stride_lak
     if DROPOUT == 1:
         acc_t *= dropout_scale
@@ -331,6 +340,9 @@ def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb,
     out_or_t = out if write_out else t
     t_strides = t.stride() if t is not None else (0, 0)
     nested = q.absmax2 is not None
+    # In-tile flat offsets are int32: a tile spans < 256 rows of W plus one QBLOCK·QBLOCK2 run.
+    if 256 * in_features + q.blocksize * max(q.blocksize2, 1) >= 2**31:
+        raise ValueError(f"in_features={in_features} is too large for the 4-bit kernels (at most {(2**31 - 2**24) // 256})")
 
     def grid(meta):
         num_n = triton.cdiv(N, meta["BLOCK_N"]) if write_out else 1
