@@ -291,11 +291,20 @@ def test_compiles_without_graph_breaks():
         torch.testing.assert_close(g, h)
 
 
-def test_pruning_keeps_a_config_that_fits():
-    for r_pad in (16, 64, 256):
-        for m_bucket in (1, 64, 8192):
-            kept = triton_qlora.prune_configs(triton_qlora.GPU_CONFIGS, {"M_BUCKET": m_bucket}, R_PAD=r_pad)
-            assert kept
+@pytest.mark.parametrize("limits", [(9, 0), (8, 0)])
+def test_pruning_keeps_configs_that_fit(limits):
+    from fastlora.ops._device import KNOWN_LIMITS, target_limits
+
+    for adapter_dtype in (torch.bfloat16, torch.float32):
+        args = {"a_ptr": torch.empty(1, dtype=torch.bfloat16), "la_ptr": torch.empty(1, dtype=adapter_dtype)}
+        for r_pad in (16, 64, 128, 256):
+            for m_bucket in (1, 64, 8192):
+                with target_limits(KNOWN_LIMITS[limits]) as target:
+                    kept = triton_qlora.prune_configs(triton_qlora.GPU_CONFIGS, {**args, "M_BUCKET": m_bucket}, R_PAD=r_pad)
+                assert kept
+                for c in kept:
+                    assert triton_qlora._shared_bytes(c, 2, adapter_dtype.itemsize, r_pad) <= target.max_shared_bytes
+                    assert c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + r_pad) / (32 * c.num_warps) <= 96
 
 
 # A tiny PEFT causal LM over 4-bit linears, quantized here on the CPU (no hub download).

@@ -251,34 +251,55 @@ def _configs(shapes) -> list[triton.Config]:
 
 # The interpreter cannot benchmark and its cost grows with programs × K steps: one big tile.
 INTERPRETER_CONFIGS = _configs([(64, 64, 64, 4, 1)])
-# The dequantized W tile is built in registers (the packed bytes are gathers, not cp.async copies),
-# so the tiles are smaller than the dense kernel's: 128×256 spilled when compiled for sm_90a.
+# Compiled for sm_90a and sm_80 (bf16 x, nested NF4, fp32 or bf16 adapters, r = 16…256, forward and
+# grad_x with dropout): every config kept by ``prune_configs`` has zero spill stack. The dequantized
+# W tile is built in registers from per-element gathers (packed byte, code, absmax), which the
+# pipeliner stages through shared memory with cp.async: a thread holding more than ~48 elements of
+# the W and Aᵀ/B tiles spilled (64×64×64 with 4 warps: 16-32 bytes; 128×128×32 with 8 warps spilled
+# ~1 KiB in grad_x, whose dropout draws a random number per output element).
 GPU_CONFIGS = _configs(
     [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 3),
-        (64, 128, 64, 4, 3),
-        (64, 64, 64, 4, 3),
-        (32, 64, 64, 4, 3),
-        (16, 64, 128, 4, 3),
+        (128, 64, 64, 8, 2),
+        (64, 128, 32, 8, 2),
         (64, 64, 32, 4, 2),
+        (32, 64, 32, 8, 2),  # r = 256 (fp32 Aᵀ tile: 32 KiB a stage)
+        (16, 64, 32, 4, 2),  # decode
     ]
 )
-# fp32 accumulator registers a thread may hold (acc and acc_t) before a config is not worth timing.
-_MAX_ACC_REGISTERS = 128
+# Per-thread fp32 values, from the compiles above: the accumulators (acc and acc_t), and one K step
+# of the W and Aᵀ/B tiles.
+_MAX_ACC_PER_THREAD = 96
+_MAX_TILE_PER_THREAD = 48
+_GATHER_BYTES = 6  # staged per W element: packed byte, absmax code byte, nested absmax (fp32)
+
+
+def _shared_bytes(config, a_size: int, la_size: int, rank: int) -> int:
+    """An upper bound on shared memory: pipelined a, W gathers and Aᵀ tiles, plus the fp32 Bᵀ tile
+    of the epilogue (compiled sizes were 60-100 % of it)."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return config.num_stages * bk * (bm * a_size + bn * _GATHER_BYTES + rank * la_size) + rank * bn * 4
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose accumulators would spill at this rank, or whose row block dwarfs M; keep
-    the leanest one if none is left."""
+    """Drop configs that would spill at this rank or overflow the device's shared memory, or whose
+    row block dwarfs M; keep the leanest one if none is left."""
     args = {**named_args, **kwargs}
     rank, m_bucket = args["R_PAD"], args["M_BUCKET"]
+    a_size, la_size = args["a_ptr"].element_size(), args["la_ptr"].element_size()
+    shared_limit = device_limits(args["a_ptr"].device).max_shared_bytes
 
-    def registers(c):
-        return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + rank) / (32 * c.num_warps)
+    def per_thread(c, rows):
+        return rows * (c.kwargs["BLOCK_N"] + rank) / (32 * c.num_warps)
 
-    kept = [c for c in configs if registers(c) <= _MAX_ACC_REGISTERS and c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
-    return kept or [min(configs, key=registers)]
+    def fits(c):
+        return (
+            per_thread(c, c.kwargs["BLOCK_M"]) <= _MAX_ACC_PER_THREAD
+            and per_thread(c, c.kwargs["BLOCK_K"]) <= _MAX_TILE_PER_THREAD
+            and _shared_bytes(c, a_size, la_size, rank) <= shared_limit
+        )
+
+    kept = [c for c in configs if fits(c) and c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
+    return kept or [min(configs, key=lambda c: (_shared_bytes(c, a_size, la_size, rank), per_thread(c, c.kwargs["BLOCK_M"])))]
 
 
 # Keyed on M's power-of-two bucket so that varying sequence lengths do not re-tune at every batch.
