@@ -63,9 +63,9 @@ def unsupported_reason(weight) -> str | None:
         return f"blocksize {blocksize!r} (fastlora reads powers of two from 32 to 4096)"
     if weight.dtype != torch.uint8 or len(shape) != 2 or weight.numel() * 2 < math.prod(shape):
         return f"packed storage {weight.dtype} {tuple(weight.shape)} for a {tuple(shape)} weight (fastlora reads uint8)"
-    from .ops.triton_qlora import CODE_TABLES
+    from .ops.triton_qlora import code_table
 
-    if code is None or code.numel() != 16 or code.detach().cpu().tolist() != list(torch.tensor(CODE_TABLES[quant_type]).tolist()):
+    if code is None or code.numel() != 16 or code.detach().cpu().float().tolist() != code_table(quant_type, "cpu").tolist():
         return f"its {quant_type} code table differs from the one fastlora decodes"
     if nested:
         state2 = state.state2
@@ -99,23 +99,24 @@ class Weight4bit(NamedTuple):
         return tuple(self.weight.quant_state.shape)
 
     def accepts(self, x: torch.Tensor) -> bool:
-        return x.dtype == self.compute_dtype
+        return x.dtype == self.compute_dtype and x.dtype in HALF_DTYPES
 
-    def dequantized(self) -> torch.Tensor:
-        """A full float copy of W in the compute dtype (the unfused path; PEFT's way)."""
-        return bitsandbytes().functional.dequantize_4bit(self.weight.data, self.weight.quant_state).to(self.compute_dtype)
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """A full float copy of W in ``dtype`` (the unfused path; PEFT's way)."""
+        return bitsandbytes().functional.dequantize_4bit(self.weight.data, self.weight.quant_state).to(dtype)
 
     def lora_linear(self, x, bias, lora_A, lora_B, scaling, dropout: float, backend: str) -> torch.Tensor:
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)  # bitsandbytes casts a float32 bias the same way
-        if not _fused_runs(backend, x):
-            return lora_linear(x, self.dequantized(), bias, lora_A, lora_B, scaling, dropout=dropout, backend="torch")
+        if not _fused_runs(backend, x, lora_A.shape[0], self.accepts(x)):
+            W = self.dequantized(x.dtype)
+            return lora_linear(x, W, bias, lora_A, lora_B, scaling, dropout=dropout, backend="torch")
         from ._checks import check_dropout
         from .functional import _SEED_BOUND
         from .ops.triton_qlora import qlora_linear_2d
 
         out_features, in_features = self.shape
-        _check_inputs(x, in_features, out_features, bias, lora_A, lora_B)
+        _check_inputs(x, self.compute_dtype, in_features, out_features, bias, lora_A, lora_B)
         dropout = check_dropout(dropout)
         seed = torch.randint(_SEED_BOUND, (), dtype=torch.int64) if dropout else None
         y = qlora_linear_2d(x.reshape(-1, in_features), self.quant(), bias, lora_A, lora_B, float(scaling), dropout, seed)
@@ -148,31 +149,35 @@ def _table(quant_type: str, device: torch.device) -> torch.Tensor:
     return _TABLES[key]
 
 
-def _fused_runs(backend: str, x: torch.Tensor) -> bool:
-    """Whether the fused QLoRA kernels take this call (else the dequantizing torch path)."""
-    from .backends import available_backends
+def _fused_runs(backend: str, x: torch.Tensor, rank: int, accepted: bool) -> bool:
+    """Whether the fused QLoRA kernels take this call, else the dequantizing torch path: always for
+    ``"triton"`` (raising where they cannot run), for ``"auto"`` where they run on an input they
+    accept (in the compute dtype, fp16 or bf16, r <= 256)."""
+    from .backends import MAX_FUSED_RANK, available_backends
 
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"4-bit base weights run on backend 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "torch":
+    if backend == "torch" or (backend == "auto" and not (accepted and rank <= MAX_FUSED_RANK)):
         return False
-    triton_reason = available_backends()["triton"]
-    if triton_reason is None:
+    reason = available_backends()["triton"]
+    if reason is None:
         from .ops.triton_qlora import INTERPRET
 
-        runs_here = x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")
-    else:
-        runs_here = False
-    if backend == "triton" and not runs_here:
-        raise ValueError(f"backend='triton' cannot run the 4-bit kernels on {x.device} tensors here ({triton_reason or 'CUDA only'})")
-    return runs_here
+        if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
+            reason = f"the 4-bit kernels run on CUDA tensors, got {x.device}"
+    if reason is not None and backend == "triton":
+        raise ValueError(f"backend='triton' cannot run the 4-bit kernels here: {reason}; use backend='torch' or 'auto'")
+    return reason is None
 
 
-def _check_inputs(x, in_features, out_features, bias, lora_A, lora_B) -> None:
-    from .ops.triton_qlora import MAX_RANK
+def _check_inputs(x, compute_dtype, in_features, out_features, bias, lora_A, lora_B) -> None:
+    from .backends import MAX_FUSED_RANK
 
-    if x.dtype not in HALF_DTYPES:
-        raise TypeError(f"the 4-bit kernels compute in float16 or bfloat16, got x in {x.dtype}")
+    if x.dtype not in HALF_DTYPES or x.dtype != compute_dtype:
+        raise TypeError(
+            f"the 4-bit kernels compute in float16 or bfloat16, in the layer's compute dtype {compute_dtype}; "
+            f"got x in {x.dtype}"
+        )
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x's last dimension must be in_features = {in_features}, got x of shape {tuple(x.shape)}")
     r = lora_A.shape[0]
@@ -181,8 +186,8 @@ def _check_inputs(x, in_features, out_features, bias, lora_A, lora_B) -> None:
             f"adapters must be lora_A [r, {in_features}] and lora_B [{out_features}, r], "
             f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}"
         )
-    if r > MAX_RANK:
-        raise ValueError(f"the 4-bit kernels support r <= {MAX_RANK}, got r={r}; use backend='torch'")
+    if r > MAX_FUSED_RANK:
+        raise ValueError(f"the 4-bit kernels support r <= {MAX_FUSED_RANK}, got r={r}; use backend='torch'")
     if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"adapters must both be float32 or x's dtype {x.dtype}, got {lora_A.dtype} and {lora_B.dtype}")
     if bias is not None and tuple(bias.shape) != (out_features,):

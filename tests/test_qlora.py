@@ -225,8 +225,12 @@ def test_bad_inputs_raise():
     A, B = adapters(64, 32, 4, torch.float32)
     with pytest.raises(ValueError, match="in_features = 64"):
         fused(layer, torch.randn(2, 63, device=DEVICE, dtype=torch.bfloat16), None, A, B, 1.0)
-    with pytest.raises(TypeError, match="float16 or bfloat16"):
-        qlora.Weight4bit(layer.weight, torch.float32).lora_linear(torch.randn(2, 64), None, A, B, 1.0, 0.0, "triton")
+    with pytest.raises(TypeError, match="compute dtype torch.bfloat16; got x in torch.float16"):
+        fused(layer, torch.randn(2, 64, device=DEVICE, dtype=torch.float16), None, A, B, 1.0)
+    # "auto" takes what the kernels do not (another dtype) to the dequantizing path, as bitsandbytes would
+    x32 = torch.randn(2, 64, device=DEVICE)
+    expected = fastlora.reference.lora_linear(x32.double(), bnb_dequantize(layer.weight).float().double(), None, A.double(), B.double(), 1.0)
+    assert rel_error(fused(layer, x32, None, A, B, 1.0, backend="auto"), expected) <= 1e-5
     with pytest.raises(ValueError, match="adapters"):
         fused(layer, torch.randn(2, 64, device=DEVICE, dtype=torch.bfloat16), None, B, A, 1.0)
     with pytest.raises(ValueError, match="'auto', 'triton' or 'torch'"):
@@ -291,6 +295,27 @@ def test_compiles_without_graph_breaks():
         torch.testing.assert_close(g, h)
 
 
+def test_compiled_4bit_module_has_no_graph_breaks():
+    torch._dynamo.reset()
+    layer, _ = quantized(64, 48, torch.bfloat16)
+    module = FusedLoRALinear.from_linear(layer, r=4, alpha=8, adapter_dtype=torch.float32)
+    with torch.no_grad():
+        module.lora_B.normal_()
+    x = torch.randn(3, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, module(x))
+    compiled.sum().backward()
+    assert module.lora_A.grad is not None and x.grad is not None
+
+
+def test_launch_for_inspection_runs_the_launchers(monkeypatch):
+    launches = []
+    original = triton_qlora._launch_matmul
+    monkeypatch.setattr(triton_qlora, "_launch_matmul", lambda *a: launches.append(a[3]) or original(*a))
+    triton_qlora.launch_for_inspection(8, 64, 40, 4, torch.bfloat16, torch.float32, 0.1, backward=True)
+    assert launches == [True, False]  # the forward (Wᵀ) and grad_x (W)
+
+
 @pytest.mark.parametrize("limits", [(9, 0), (8, 0)])
 def test_pruning_keeps_configs_that_fit(limits):
     from fastlora.ops._device import KNOWN_LIMITS, target_limits
@@ -304,7 +329,8 @@ def test_pruning_keeps_configs_that_fit(limits):
                 assert kept
                 for c in kept:
                     assert triton_qlora._shared_bytes(c, 2, adapter_dtype.itemsize, r_pad) <= target.max_shared_bytes
-                    assert c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + r_pad) / (32 * c.num_warps) <= 96
+                    assert c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + r_pad) / (32 * c.num_warps) <= 72
+                    assert limits == (9, 0) or triton_qlora._shape(c) not in triton_qlora._HOPPER_ONLY
 
 
 # A tiny PEFT causal LM over 4-bit linears, quantized here on the CPU (no hub download).

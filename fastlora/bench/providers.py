@@ -186,7 +186,7 @@ def dequantized_4bit(inp: LoRAInputs) -> LoRAInputs:
     from .. import qlora
 
     layer = _linear4bit(inp)
-    weight = qlora.Weight4bit(layer.weight, inp.x.dtype).dequantized()
+    weight = qlora.Weight4bit(layer.weight, inp.x.dtype).dequantized(inp.x.dtype)
     return dataclasses.replace(inp, weight=weight)
 
 

@@ -25,10 +25,14 @@ index of tile element ``(k, n)`` is ``k·stride_wk + n·stride_wn``):
     grad_x  : a = gy [M, N],  w[k, n] = W[k, n]  (stride_wk = K, stride_wn = 1), la = B,  lb = A
 
 The low-rank product ``a·la`` rides on the same ``a`` tiles (fp32 accumulator ``acc_t``) and is
-recomputed by every column of output tiles: its extra tensor-core work is ``R_PAD / BLOCK_N`` of the
-base GEMM's (12.5 % at r = 16, BLOCK_N = 128), while dequantizing a W element costs ~10 integer/fp32
-instructions plus two gathers a tile element (CUDA cores, not tensor cores); the dequant, not the
-rank-r product, is the cost above a dense GEMM. The dropout mask is the counter-based
+recomputed by every column of output tiles: ``R_PAD / BLOCK_N`` more tensor-core work than the base
+GEMM (25 % at r = 16 with BLOCK_N = 64, 12.5 % with 128). The dequantization costs more: per W
+element and K step, three to five gathers (packed byte, code, absmax; nested: its code and block
+scale) and ~12 integer/fp32 instructions on the CUDA cores, against BLOCK_M multiply-adds on the
+tensor cores (128 for the largest tile): by the H100's peak rates (≈495 T bf16 MAC/s on tensor
+cores, ≈60 T instructions/s on CUDA cores) those take about the same time, so the dequant, not the
+rank-r recompute, is what a 4-bit GEMM pays over a dense one (an estimate; not yet timed on a GPU).
+The dropout mask is the counter-based
 ``tl.rand(seed, m·K + k) ≥ p`` of the dense Triton backend, regenerated in the backward.
 
 ``_qlora_reduce_kernel`` computes the two adapter gradients (``s·lhsᵀ·rhs`` over the long M axis)
@@ -52,8 +56,6 @@ import triton.language as tl
 from ._device import device_limits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_RANK = 256
 
 # bitsandbytes' NF4 levels (normal-distribution quantiles, QLoRA paper, appendix E), sorted.
 _NF4 = (
@@ -254,22 +256,25 @@ INTERPRETER_CONFIGS = _configs([(64, 64, 64, 4, 1)])
 # Compiled for sm_90a and sm_80 (bf16 x, nested NF4, fp32 or bf16 adapters, r = 16…256, forward and
 # grad_x with dropout): every config kept by ``prune_configs`` has zero spill stack. The dequantized
 # W tile is built in registers from per-element gathers (packed byte, code, absmax), which the
-# pipeliner stages through shared memory with cp.async: a thread holding more than ~48 elements of
-# the W and Aᵀ/B tiles spilled (64×64×64 with 4 warps: 16-32 bytes; 128×128×32 with 8 warps spilled
-# ~1 KiB in grad_x, whose dropout draws a random number per output element).
+# pipeliner stages through shared memory with cp.async (128×128×32 with 8 warps spilled ~1 KiB in
+# grad_x, whose dropout draws a random number per output element).
 GPU_CONFIGS = _configs(
     [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-        (128, 64, 64, 8, 2),
+        (128, 64, 64, 8, 2),  # sm_90 only, as the next
         (64, 128, 32, 8, 2),
         (64, 64, 32, 4, 2),
         (32, 64, 32, 8, 2),  # r = 256 (fp32 Aᵀ tile: 32 KiB a stage)
         (16, 64, 32, 4, 2),  # decode
     ]
 )
-# Per-thread fp32 values, from the compiles above: the accumulators (acc and acc_t), and one K step
-# of the W and Aᵀ/B tiles.
-_MAX_ACC_PER_THREAD = 96
-_MAX_TILE_PER_THREAD = 48
+# Per-thread budgets, fitted to those compiles: W elements a K step (each costs several gather
+# addresses: 64×64×64 with 4 warps, 32 a thread, spilled), and fp32 accumulators (acc, acc_t) plus
+# the Aᵀ/B tile (128×64×64, 8 warps: 44 at r = 16 had no stack, 80 at r = 64 spilled 16 bytes).
+_MAX_W_PER_THREAD = 16
+_MAX_ACC_PER_THREAD = 72
+# Compiled for sm_80 (mma.sync keeps more in registers than Hopper's wgmma), these two spilled 8-32
+# bytes (grad_x, r = 16 and 64) where they had none for sm_90a.
+_HOPPER_ONLY = {(128, 64, 64, 8), (64, 128, 32, 8)}
 _GATHER_BYTES = 6  # staged per W element: packed byte, absmax code byte, nested absmax (fp32)
 
 
@@ -280,26 +285,33 @@ def _shared_bytes(config, a_size: int, la_size: int, rank: int) -> int:
     return config.num_stages * bk * (bm * a_size + bn * _GATHER_BYTES + rank * la_size) + rank * bn * 4
 
 
+def _shape(c) -> tuple[int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps
+
+
 def prune_configs(configs, named_args, **kwargs):
     """Drop configs that would spill at this rank or overflow the device's shared memory, or whose
     row block dwarfs M; keep the leanest one if none is left."""
     args = {**named_args, **kwargs}
     rank, m_bucket = args["R_PAD"], args["M_BUCKET"]
     a_size, la_size = args["a_ptr"].element_size(), args["la_ptr"].element_size()
-    shared_limit = device_limits(args["a_ptr"].device).max_shared_bytes
+    limits = device_limits(args["a_ptr"].device)
+    candidates = [c for c in configs if limits.capability >= (9, 0) or _shape(c) not in _HOPPER_ONLY] or configs
 
-    def per_thread(c, rows):
-        return rows * (c.kwargs["BLOCK_N"] + rank) / (32 * c.num_warps)
+    def accumulators(c):
+        bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        return (bm * (bn + rank) + bk * rank) / (32 * c.num_warps)
 
     def fits(c):
+        w_elements = c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] / (32 * c.num_warps)
         return (
-            per_thread(c, c.kwargs["BLOCK_M"]) <= _MAX_ACC_PER_THREAD
-            and per_thread(c, c.kwargs["BLOCK_K"]) <= _MAX_TILE_PER_THREAD
-            and _shared_bytes(c, a_size, la_size, rank) <= shared_limit
+            w_elements <= _MAX_W_PER_THREAD
+            and accumulators(c) <= _MAX_ACC_PER_THREAD
+            and _shared_bytes(c, a_size, la_size, rank) <= limits.max_shared_bytes
         )
 
-    kept = [c for c in configs if fits(c) and c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
-    return kept or [min(configs, key=lambda c: (_shared_bytes(c, a_size, la_size, rank), per_thread(c, c.kwargs["BLOCK_M"])))]
+    kept = [c for c in candidates if fits(c) and c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
+    return kept or [min(candidates, key=lambda c: (accumulators(c), _shared_bytes(c, a_size, la_size, rank)))]
 
 
 # Keyed on M's power-of-two bucket so that varying sequence lengths do not re-tune at every batch.
