@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_dropout, check_layer_args, check_target_modules
-from .functional import lora_linear
 from .qlora import base_weight, check_4bit, compute_dtype_of, is_4bit
 
 

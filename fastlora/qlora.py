@@ -61,8 +61,8 @@ def unsupported_reason(weight) -> str | None:
         return f"quant_type {quant_type!r} (fastlora reads {', '.join(QUANT_TYPES)})"
     if not (isinstance(blocksize, int) and 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
         return f"blocksize {blocksize!r} (fastlora reads powers of two from 32 to 4096)"
-    if weight.dtype != torch.uint8 or len(shape) != 2 or weight.numel() * 2 < math.prod(shape):
-        return f"packed storage {weight.dtype} {tuple(weight.shape)} for a {tuple(shape)} weight (fastlora reads uint8)"
+    if len(shape) != 2 or not weight.is_contiguous() or weight.numel() * weight.element_size() * 2 < math.prod(shape):
+        return f"packed storage {weight.dtype} {tuple(weight.shape)} does not hold a {tuple(shape)} 4-bit weight"
     from .ops.triton_qlora import code_table
 
     if code is None or code.numel() != 16 or code.detach().cpu().float().tolist() != code_table(quant_type, "cpu").tolist():
@@ -129,11 +129,12 @@ class Weight4bit(NamedTuple):
         state = self.weight.quant_state
         device = self.weight.device
         code = _table(state.quant_type, device)
+        packed = self.weight.data.view(torch.uint8)  # quant_storage may be another dtype (FSDP): same bytes
         if state.nested:
             s2 = state.state2
-            return Quant4bit(self.weight.data, state.absmax, code, s2.absmax, s2.code, state.offset,
+            return Quant4bit(packed, state.absmax, code, s2.absmax, s2.code, state.offset,
                              state.shape[0], state.blocksize, s2.blocksize)  # fmt: skip
-        return Quant4bit(self.weight.data, state.absmax, code, None, None, None, state.shape[0], state.blocksize, 0)
+        return Quant4bit(packed, state.absmax, code, None, None, None, state.shape[0], state.blocksize, 0)
 
 
 _TABLES: dict = {}
@@ -220,7 +221,8 @@ def check_4bit(weight) -> None:
 
 
 def quantize_linear(linear: torch.nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
-                    compress_statistics: bool = True, compute_dtype: torch.dtype | None = None):  # fmt: skip
+                    compress_statistics: bool = True, compute_dtype: torch.dtype | None = None,
+                    quant_storage: torch.dtype = torch.uint8):  # fmt: skip
     """A bitsandbytes ``Linear4bit`` holding ``linear``'s weight quantized on its device (CPU works)
     and its bias; ``compute_dtype`` defaults to the weight's dtype."""
     bnb = bitsandbytes()
@@ -228,10 +230,10 @@ def quantize_linear(linear: torch.nn.Linear, quant_type: str = "nf4", blocksize:
     layer = bnb.nn.Linear4bit(
         linear.in_features, linear.out_features, bias=linear.bias is not None,
         compute_dtype=compute_dtype or weight.dtype, compress_statistics=compress_statistics,
-        quant_type=quant_type, device="meta",
+        quant_type=quant_type, quant_storage=quant_storage, device="meta",
     )  # fmt: skip
-    params = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=blocksize,
-                               compress_statistics=compress_statistics, quant_type=quant_type)  # fmt: skip
+    params = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=blocksize, compress_statistics=compress_statistics,
+                               quant_type=quant_type, quant_storage=quant_storage)  # fmt: skip
     layer.weight = params.to(weight.device)  # quantizes: a Params4bit is quantized on its first move
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

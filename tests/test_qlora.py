@@ -55,7 +55,8 @@ def bnb_dequantize(weight):
     absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
     code = bnb.functional.get_4bit_type(state.quant_type, device="cpu")
     eager = _dequantize_4bit_compute.__wrapped__  # bitsandbytes wraps it in torch.compile
-    return eager(weight.data.reshape(-1), absmax.float(), code, state.blocksize, state.shape, state.dtype)
+    packed = weight.data.view(torch.uint8).reshape(-1)
+    return eager(packed, absmax.float(), code, state.blocksize, state.shape, state.dtype)
 
 
 def adapters(in_features, out_features, r, dtype):
@@ -131,6 +132,20 @@ def test_in_tile_dequantization_is_bitsandbytes(quant_type, nested):
     eye = torch.eye(K, device=DEVICE, dtype=torch.float16)
     out = fused(layer, eye, None, A, B, 1.0)
     torch.testing.assert_close(out.double(), W64.t(), rtol=0, atol=0)
+
+
+def test_packed_storage_in_another_dtype():
+    """FSDP-QLoRA stores the packed bytes as bf16 (quant_storage): the same bytes, read as uint8."""
+    linear = torch.nn.Linear(64, 40, device=DEVICE, dtype=torch.bfloat16)
+    layer = qlora.quantize_linear(linear, quant_storage=torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and qlora.unsupported_reason(layer.weight) is None
+    module = FusedLoRALinear.from_linear(layer, r=4, alpha=8)
+    with torch.no_grad():
+        module.lora_B.normal_()
+    x = torch.randn(5, 64, device=DEVICE, dtype=torch.bfloat16)
+    W = bnb_dequantize(layer.weight).to(torch.bfloat16).double()
+    ref = fastlora.reference.lora_linear(x.double(), W, layer.bias.double(), module.lora_A.double(), module.lora_B.double(), 2.0)
+    assert rel_error(module(x), ref) <= 1e-2
 
 
 def test_code_tables_are_bitsandbytes():

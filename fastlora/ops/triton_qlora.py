@@ -32,8 +32,8 @@ scale) and ~12 integer/fp32 instructions on the CUDA cores, against BLOCK_M mult
 tensor cores (128 for the largest tile): by the H100's peak rates (≈495 T bf16 MAC/s on tensor
 cores, ≈60 T instructions/s on CUDA cores) those take about the same time, so the dequant, not the
 rank-r recompute, is what a 4-bit GEMM pays over a dense one (an estimate; not yet timed on a GPU).
-The dropout mask is the counter-based
-``tl.rand(seed, m·K + k) ≥ p`` of the dense Triton backend, regenerated in the backward.
+The dropout mask is the counter-based ``tl.rand(seed, m·K + k) ≥ p`` of the dense Triton backend,
+regenerated in the backward.
 
 ``_qlora_reduce_kernel`` computes the two adapter gradients (``s·lhsᵀ·rhs`` over the long M axis)
 and the bias gradient: M is split across programs writing fp32 partials that are summed afterwards
