@@ -62,10 +62,12 @@ def _is_peft_4bit(layer) -> bool:
     return type(layer).__name__ == "Linear4bit" and type(layer).__module__ == "peft.tuners.lora.bnb"
 
 
-def _unsupported_reason(layer) -> str | None:
-    """Why a PEFT LoRA layer cannot be patched, or None."""
+def _unsupported_reason(layer, backend: str) -> str | None:
+    """Why a PEFT LoRA layer cannot be patched to run on ``backend``, or None."""
     _, linear_cls, conv1d_cls = _peft_classes()
     if _is_peft_4bit(layer):
+        if backend == "cuda":
+            return "4-bit layer: the cuda backend has no 4-bit kernels (use backend='auto' or 'triton')"
         weight = layer.get_base_layer().weight
         if not is_4bit(weight):
             return f"4-bit layer whose weight is a {type(weight).__name__}, not a bitsandbytes Params4bit"
@@ -159,7 +161,7 @@ def patch_peft(model: nn.Module, *, backend: str = "auto") -> int:
     for name, module in model.named_modules():
         if not isinstance(module, lora_layer_cls):
             continue
-        reason = _unsupported_reason(module)
+        reason = _unsupported_reason(module, backend)
         if reason is not None:
             skipped.append(f"{name}: {reason}")
             continue

@@ -27,6 +27,25 @@ QUANT_TYPES = ("nf4", "fp4")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+# bitsandbytes' NF4 levels (normal-distribution quantiles, QLoRA paper, appendix E), sorted.
+_NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)  # fmt: skip
+# bitsandbytes' FP4: code bit 3 is the sign; codes 0-7 are the magnitudes of an e2m1 format in
+# bitsandbytes' own code order (bit 0 the mantissa), divided by the largest, 12.
+_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+_FP4 = tuple(v / 12 for v in _FP4_MAGNITUDES) + tuple(-v / 12 for v in _FP4_MAGNITUDES)
+CODE_TABLES = {"nf4": _NF4, "fp4": _FP4}
+
+
+def code_table(quant_type: str, device) -> torch.Tensor:
+    """The 16 fp32 values of ``quant_type``'s 4-bit codes, indexed by code."""
+    return torch.tensor(CODE_TABLES[quant_type], dtype=torch.float32, device=device)
+
+
 class Unsupported4bitState(ValueError):
     """A 4-bit weight whose quantization state the fused kernels do not read."""
 
@@ -63,8 +82,6 @@ def unsupported_reason(weight) -> str | None:
         return f"blocksize {blocksize!r} (fastlora reads powers of two from 32 to 4096)"
     if len(shape) != 2 or not weight.is_contiguous() or weight.numel() * weight.element_size() * 2 < math.prod(shape):
         return f"packed storage {weight.dtype} {tuple(weight.shape)} does not hold a {tuple(shape)} 4-bit weight"
-    from .ops.triton_qlora import code_table
-
     if code is None or code.numel() != 16 or code.detach().cpu().float().tolist() != code_table(quant_type, "cpu").tolist():
         return f"its {quant_type} code table differs from the one fastlora decodes"
     if nested:
@@ -144,8 +161,6 @@ def _table(quant_type: str, device: torch.device) -> torch.Tensor:
     """The 16-entry code table on ``device``, made once (not a host-to-device copy a call)."""
     key = (quant_type, device)
     if key not in _TABLES:
-        from .ops.triton_qlora import code_table
-
         _TABLES[key] = code_table(quant_type, device)
     return _TABLES[key]
 

@@ -151,7 +151,7 @@ def test_packed_storage_in_another_dtype():
 def test_code_tables_are_bitsandbytes():
     for quant_type in ("nf4", "fp4"):
         theirs = bnb.functional.get_4bit_type(quant_type, device="cpu")
-        assert torch.equal(triton_qlora.code_table(quant_type, "cpu"), theirs.float())
+        assert torch.equal(qlora.code_table(quant_type, "cpu"), theirs.float())
 
 
 def recover_mask(m, k, p, seed):
@@ -491,6 +491,8 @@ def test_patch_peft_leaves_unreadable_4bit_states_on_peft(fused_calls):
     model, ids = tiny_4bit_peft(torch.float16), token_ids()
     model.eval()
     expected = model(input_ids=ids).logits
+    with pytest.warns(UserWarning, match="the cuda backend has no 4-bit kernels"):
+        assert patch_peft(model, backend="cuda") == 0
     q_proj = model.base_model.model.model.layers[1].self_attn.q_proj
     state = q_proj.base_layer.weight.quant_state
     state.code = state.code.flip(0)  # a table fastlora does not decode (bitsandbytes' dequant ignores it)

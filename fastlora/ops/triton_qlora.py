@@ -8,7 +8,7 @@ inside the GEMM's K loop and dequantizes each tile in registers. The bitsandbyte
 (``quantize_4bit`` of a row-major ``W``, flat element index ``i = n·K + k``):
 
     packed[i // 2]      uint8, two 4-bit codes a byte, element ``2j`` in the high nibble
-    code[16]            fp32 value of each code (NF4 or FP4, ``code_table``)
+    code[16]            fp32 value of each code (NF4 or FP4, ``fastlora.qlora.code_table``)
     absmax[i // QBLOCK] fp32 scale of each run of QBLOCK consecutive elements (runs may cross rows),
                         or, double-quantized (nested): uint8 codes into ``code2[256]``,
                         ``absmax = code2[q]·absmax2[b // QBLOCK2] + offset``
@@ -53,28 +53,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..qlora import code_table
 from ._device import device_limits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# bitsandbytes' NF4 levels (normal-distribution quantiles, QLoRA paper, appendix E), sorted.
-_NF4 = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)  # fmt: skip
-# bitsandbytes' FP4 is e2m1 without inf/nan, normalised by its largest value 12: code bit 3 is the
-# sign, bits 2-1 the exponent, bit 0 the mantissa; exponent 0 (subnormal) is 0 or 0.0625.
-_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
-_FP4 = tuple(v / 12 for v in _FP4_MAGNITUDES) + tuple(-v / 12 for v in _FP4_MAGNITUDES)
-CODE_TABLES = {"nf4": _NF4, "fp4": _FP4}
-
-
-def code_table(quant_type: str, device) -> torch.Tensor:
-    """The 16 fp32 values of ``quant_type``'s 4-bit codes, indexed by code."""
-    return torch.tensor(CODE_TABLES[quant_type], dtype=torch.float32, device=device)
-
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every buffer the kernels fill comes from here (the tests patch it to poison them)."""
