@@ -27,9 +27,10 @@ index of tile element ``(k, n)`` is ``k·stride_wk + n·stride_wn``):
 The low-rank product ``a·la`` rides on the same ``a`` tiles (fp32 accumulator ``acc_t``) and is
 recomputed by every column of output tiles: ``R_PAD / BLOCK_N`` more tensor-core work than the base
 GEMM (25 % at r = 16 with BLOCK_N = 64, 12.5 % with 128). The dequantization costs more: per W
-element and K step, three to five gathers (packed byte, code, absmax; nested: its code and block
-scale) and ~12 integer/fp32 instructions on the CUDA cores, against BLOCK_M multiply-adds on the
-tensor cores (128 for the largest tile): by the H100's peak rates (≈495 T bf16 MAC/s on tensor
+element and K step, two gathers (packed byte, code) plus the block scale (one gather, three when
+nested) once a tile line where K is a multiple of the quant block, else once an element, and ~10
+integer/fp32 instructions on the CUDA cores, against BLOCK_M multiply-adds on the tensor cores
+(128 for the largest tile): by the H100's peak rates (≈495 T bf16 MAC/s on tensor
 cores, ≈60 T instructions/s on CUDA cores) those take about the same time, so the dequant, not the
 rank-r recompute, is what a 4-bit GEMM pays over a dense one (an estimate; not yet timed on a GPU).
 The dropout mask is the counter-based ``tl.rand(seed, m·K + k) ≥ p`` of the dense Triton backend,
@@ -64,29 +65,48 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
+def _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, QBLOCK2: tl.constexpr, NESTED: tl.constexpr):
+    """fp32 absmax of the quant blocks ``block`` (int64), undoing the nested quantization."""
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        # Two roundings, as bitsandbytes' dequantize_blockwise then `absmax += offset`.
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // QBLOCK2, mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
 def _dequantize(
     w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, origin, local, mask,
-    QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr,
+    row_lines, row_mask, col_lines, col_mask,
+    PER_ROW: tl.constexpr, PER_COLUMN: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr,
 ):  # fmt: skip
     """fp32 values of the W elements at flat indices ``origin + local`` (0 where ``mask`` is False).
 
-    ``origin`` (int64 scalar) is split into a base aligned to ``QBLOCK·QBLOCK2`` elements, which
-    moves the pointers, and a remainder added to the int32 in-tile offsets ``local``: every
-    per-element index is then int32 (int64 ones cost twice the registers; the 64×64 tile spilled)."""
-    aligned = origin - origin % (QBLOCK * QBLOCK2)
-    local = local + (origin - aligned).to(tl.int32)
+    ``origin`` (int64 scalar) is split into a base aligned to ``QBLOCK`` elements, which moves the
+    pointers, and a remainder added to the int32 in-tile offsets ``local``: every per-element index
+    is then int32 (int64 ones cost twice the registers; the 64×64 tile spilled). Where each tile
+    row (``PER_ROW``) or column (``PER_COLUMN``) lies within one quant block, its scale is loaded
+    once a line (in-tile offsets of the lines' first elements ``row_lines`` / ``col_lines``) instead
+    of once an element: two gathers an element instead of three (five when nested)."""
+    aligned = origin - origin % QBLOCK
+    rest = (origin - aligned).to(tl.int32)
+    local = local + rest
     packed = tl.load(w_ptr + aligned // 2 + (local >> 1), mask=mask, other=0).to(tl.int32)
     shift = ((local & 1) ^ 1) * 4  # even elements sit in the high nibble
     value = tl.load(code_ptr + ((packed >> shift) & 0xF))  # 16 entries: stays in L1
-    block = local // QBLOCK
-    if NESTED:
-        q = tl.load(absmax_ptr + aligned // QBLOCK + block, mask=mask, other=0).to(tl.int32)
-        # Two roundings, as bitsandbytes' dequantize_blockwise then `absmax += offset`.
-        block2 = aligned // (QBLOCK * QBLOCK2) + block // QBLOCK2
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block2, mask=mask, other=0.0)
-        scale = scale + tl.load(offset_ptr)
+    first_block = aligned // QBLOCK
+    if PER_COLUMN:
+        scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, first_block + (col_lines + rest) // QBLOCK,
+                             col_mask, QBLOCK2, NESTED)[None, :]  # fmt: skip
+    elif PER_ROW:
+        scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, first_block + (row_lines + rest) // QBLOCK,
+                             row_mask, QBLOCK2, NESTED)[:, None]  # fmt: skip
     else:
-        scale = tl.load(absmax_ptr + aligned // QBLOCK + block, mask=mask, other=0.0)
+        scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, first_block + local // QBLOCK,
+                             mask, QBLOCK2, NESTED)  # fmt: skip
     return tl.where(mask, value * scale, 0.0)
 
 
@@ -106,8 +126,8 @@ def _qlora_matmul_kernel(
     stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar, stride_lbr, stride_lbn,
     stride_om, stride_on, stride_tm, stride_tr,
     scaling, dropout_p, dropout_scale, seed,
-    QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr, STORE_T: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
+    TRANSPOSED_W: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr, STORE_T: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, LOW_RANK_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP32_ADAPTERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -136,7 +156,9 @@ def _qlora_matmul_kernel(
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     # W's flat index of tile element (k, n): w_origin (int64) + w_local (int32, see _dequantize).
     w_origin = pid_n.to(tl.int64) * BLOCK_N * stride_wn
-    w_local = offs_k[:, None] * stride_wk + tl.arange(0, BLOCK_N)[None, :] * stride_wn
+    w_rows = offs_k * stride_wk
+    w_cols = tl.arange(0, BLOCK_N) * stride_wn
+    w_local = w_rows[:, None] + w_cols[None, :]
     la_ptrs = la_ptr + offs_k[:, None] * stride_lak + offs_r[None, :] * stride_lar
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -146,7 +168,12 @@ def _qlora_matmul_kernel(
         if WRITE_OUT:
             w = _dequantize(
                 w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, w_origin, w_local,
-                mask_k[:, None] & mask_n[None, :], QBLOCK, QBLOCK2, NESTED,
+                mask_k[:, None] & mask_n[None, :], w_rows, mask_k, w_cols, mask_n,
+                # With K a multiple of QBLOCK, a tile line along W's contiguous axis (the forward's
+                # tile columns, grad_x's rows) lies in one quant block when its length divides QBLOCK.
+                ROWS_ALIGNED and not TRANSPOSED_W and QBLOCK % BLOCK_N == 0,
+                ROWS_ALIGNED and TRANSPOSED_W and QBLOCK % BLOCK_K == 0,
+                QBLOCK, QBLOCK2, NESTED,
             )  # fmt: skip
             acc = _dot(a, w.to(a_ptr.dtype.element_ty), acc, PRECISION, UPCAST)
         la = tl.load(la_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
@@ -242,8 +269,8 @@ INTERPRETER_CONFIGS = _configs([(64, 64, 64, 4, 1)])
 # grad_x, whose dropout draws a random number per output element).
 GPU_CONFIGS = _configs(
     [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-        (128, 64, 64, 8, 2),  # sm_90 only, as the next
-        (64, 128, 32, 8, 2),
+        (128, 64, 64, 8, 2),
+        (64, 128, 32, 8, 2),  # sm_90 only, as the next
         (64, 64, 32, 4, 2),
         (32, 64, 32, 8, 2),  # r = 256 (fp32 Aᵀ tile: 32 KiB a stage)
         (16, 64, 32, 4, 2),  # decode
@@ -254,9 +281,9 @@ GPU_CONFIGS = _configs(
 # the Aᵀ/B tile (128×64×64, 8 warps: 44 at r = 16 had no stack, 80 at r = 64 spilled 16 bytes).
 _MAX_W_PER_THREAD = 16
 _MAX_ACC_PER_THREAD = 72
-# Compiled for sm_80 (mma.sync keeps more in registers than Hopper's wgmma), these two spilled 8-32
-# bytes (grad_x, r = 16 and 64) where they had none for sm_90a.
-_HOPPER_ONLY = {(128, 64, 64, 8), (64, 128, 32, 8)}
+# Compiled for sm_80 (mma.sync keeps more in registers than Hopper's wgmma), these two spilled 8-24
+# bytes in grad_x (r = 16 and 64, fp32 adapters) where they had none for sm_90a.
+_HOPPER_ONLY = {(64, 128, 32, 8), (64, 64, 32, 4)}
 _GATHER_BYTES = 6  # staged per W element: packed byte, absmax code byte, nested absmax (fp32)
 
 
@@ -299,7 +326,7 @@ def prune_configs(configs, named_args, **kwargs):
 # Keyed on M's power-of-two bucket so that varying sequence lengths do not re-tune at every batch.
 _qlora_matmul = triton.autotune(
     configs=INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "WRITE_OUT", "STORE_T", "DROPOUT", "QBLOCK", "NESTED"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "WRITE_OUT", "STORE_T", "DROPOUT", "QBLOCK", "NESTED", "ROWS_ALIGNED"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_qlora_matmul_kernel)
 
@@ -355,9 +382,9 @@ def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb,
     out_or_t = out if write_out else t
     t_strides = t.stride() if t is not None else (0, 0)
     nested = q.absmax2 is not None
-    # In-tile flat offsets are int32: a tile spans < 256 rows of W plus one QBLOCK·QBLOCK2 run.
-    if 256 * in_features + q.blocksize * max(q.blocksize2, 1) >= 2**31:
-        raise ValueError(f"in_features={in_features} is too large for the 4-bit kernels (at most {(2**31 - 2**24) // 256})")
+    # In-tile flat offsets are int32: a tile spans < 256 rows of W plus one quant block.
+    if 256 * in_features + q.blocksize >= 2**31:
+        raise ValueError(f"in_features={in_features} is too large for the 4-bit kernels (at most {(2**31 - 4096) // 256})")
 
     def grid(meta):
         num_n = triton.cdiv(N, meta["BLOCK_N"]) if write_out else 1
@@ -371,6 +398,7 @@ def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb,
         *a.stride(), stride_wk, stride_wn, *la.stride(), *lb.stride(), *out_or_t.stride(), *t_strides,
         scaling, dropout.p, dropout.scale, dropout.seed,
         QBLOCK=q.blocksize, QBLOCK2=q.blocksize2 if nested else 1, NESTED=nested,
+        ROWS_ALIGNED=in_features % q.blocksize == 0, TRANSPOSED_W=transpose_w,
         HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=t is not None, R_PAD=_padded_rank(R),
         DROPOUT=mode if dropout.p else 0, PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
         UPCAST=INTERPRET and a.dtype == torch.bfloat16,
