@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_dropout, check_dtype, check_layer_args, check_target_modules
-from .functional import lora_linear
+from .qlora import base_weight, check_4bit, compute_dtype_of, is_4bit
 
 
 class FusedLoRALinear(nn.Module):
@@ -25,7 +25,13 @@ class FusedLoRALinear(nn.Module):
 
     ``merge()`` folds the adapter into the weight for inference (``merged`` is then True and the
     forward is the base product alone); ``unmerge()`` takes it back out.
+
+    ``from_linear`` of a bitsandbytes ``Linear4bit`` keeps its 4-bit ``Params4bit`` as ``weight``
+    (QLoRA; see ``fastlora.qlora``): the forward then computes in the layer's ``compute_dtype`` and
+    dequantizes W inside the fused kernels; merging is not offered (it would requantize W).
     """
+
+    compute_dtype: torch.dtype | None = None  # set for a 4-bit weight only
 
     def __init__(
         self,
@@ -73,12 +79,19 @@ class FusedLoRALinear(nn.Module):
         backend: str = "auto",
         adapter_dtype: torch.dtype | None = None,
     ) -> "FusedLoRALinear":
-        """Wrap an existing ``nn.Linear``: its ``weight`` and ``bias`` Parameters are shared (not
-        copied) and frozen; new adapters are created on its device."""
+        """Wrap an existing ``nn.Linear`` or bitsandbytes ``Linear4bit``: its ``weight`` and ``bias``
+        Parameters are shared (not copied) and frozen; new adapters are created on its device, in
+        ``adapter_dtype`` (default: the weight's dtype, the compute dtype for a 4-bit weight).
+        Raises ``fastlora.qlora.Unsupported4bitState`` for a 4-bit weight the kernels cannot read."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight
-        check_dtype("linear.weight's dtype", weight.dtype)
+        compute_dtype = None
+        if is_4bit(weight):
+            check_4bit(weight)
+            compute_dtype = compute_dtype_of(linear)
+        else:
+            check_dtype("linear.weight's dtype", weight.dtype)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -89,9 +102,10 @@ class FusedLoRALinear(nn.Module):
             dropout=dropout,
             backend=backend,
             device="meta",
-            dtype=weight.dtype,
+            dtype=compute_dtype or weight.dtype,
             adapter_dtype=adapter_dtype,
         )
+        layer.compute_dtype = compute_dtype
         layer.weight = weight.requires_grad_(False)
         layer.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
         layer.lora_A = nn.Parameter(torch.empty_like(layer.lora_A, device=weight.device))
@@ -111,6 +125,10 @@ class FusedLoRALinear(nn.Module):
         B, A = self.lora_B.to(wide), self.lora_A.to(wide)
         self.weight.copy_(torch.addmm(self.weight.to(wide), B, A, alpha=sign * self.scaling))
 
+    def _check_mergeable(self) -> None:
+        if self.compute_dtype is not None:
+            raise NotImplementedError("merging into a 4-bit weight would requantize it; fastlora does not merge QLoRA layers")
+
     def merge(self) -> None:
         """Fold the adapter into the weight: ``W ← W + scaling·B A`` (a no-op if already merged).
 
@@ -118,6 +136,7 @@ class FusedLoRALinear(nn.Module):
         training again. No copy of W is kept; ``unmerge`` subtracts the same product. ``merged`` is
         not part of the state_dict, so save checkpoints unmerged.
         """
+        self._check_mergeable()
         if not self.merged:
             self._add_delta(1.0)
             self.merged = True
@@ -125,6 +144,7 @@ class FusedLoRALinear(nn.Module):
     def unmerge(self) -> None:
         """Undo ``merge``: ``W ← W − scaling·B A`` in float32, which gives back W to within one
         rounding step of its dtype."""
+        self._check_mergeable()
         if self.merged:
             self._add_delta(-1.0)
             self.merged = False
@@ -138,15 +158,15 @@ class FusedLoRALinear(nn.Module):
                     "call unmerge() to train, or eval() for inference"
                 )
             return F.linear(x, self.weight, self.bias)
-        return lora_linear(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dropout=dropout, backend=self.backend
-        )
+        base = base_weight(self.weight, self.compute_dtype)
+        return base.lora_linear(x, self.bias, self.lora_A, self.lora_B, self.scaling, dropout, self.backend)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.lora_dropout:g}, "
             f"backend={self.backend!r}, merged={self.merged}"
+            + (f", 4-bit {self.weight.quant_state.quant_type}, compute_dtype={self.compute_dtype}" if self.compute_dtype else "")
         )
 
 

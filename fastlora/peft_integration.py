@@ -1,10 +1,11 @@
 """Run HuggingFace PEFT's LoRA ``Linear`` layers on fastlora's fused forward and backward.
 
-``patch_peft(model)`` replaces, in place, the ``forward`` of each PEFT ``lora.Linear`` layer by one
-that calls ``lora_linear`` on the layer's own Parameters::
+``patch_peft(model)`` replaces, in place, the ``forward`` of each PEFT ``lora.Linear`` layer (and of
+each 4-bit ``lora.bnb.Linear4bit``, QLoRA) by one that calls the fused layer on its own Parameters::
 
     y = x Wᵀ + b + scaling·(dropout(x) Aᵀ) Bᵀ
-    W = base_layer.weight [out, in] (transposed from [in, out] for GPT-2's Conv1D, fan_in_fan_out)
+    W = base_layer.weight [out, in] (transposed from [in, out] for GPT-2's Conv1D, fan_in_fan_out;
+        a bitsandbytes 4-bit Params4bit stays packed, dequantized inside the kernels, fastlora.qlora)
     b = base_layer.bias [out], A = lora_A[adapter].weight [r, in], B = lora_B[adapter].weight [out, r]
     scaling = layer.scaling[adapter] (alpha / r, or alpha / √r with use_rslora)
     dropout: lora_dropout[adapter].p while that module is training, else none
@@ -14,7 +15,8 @@ No Parameter is copied or replaced, so the optimizer, ``save_pretrained``, ``mer
 PEFT's own forward whenever the fused one would not compute exactly what PEFT computes: adapters
 disabled or merged, several (or no) active adapters, a DoRA or other variant adapter, a ``lora_B``
 bias, extra forward arguments (``adapter_names`` mixed batches), hooks on the sub-modules
-(accelerate's offloading) and dtypes ``lora_linear`` does not take. LoRA dropout is fused too: its mask has PEFT's distribution
+(accelerate's offloading), dtypes ``lora_linear`` does not take, and an input not in a 4-bit
+layer's compute dtype. LoRA dropout is fused too: its mask has PEFT's distribution
 but comes from fastlora's RNG, so a training run with ``lora_dropout`` > 0 is not bitwise PEFT's.
 """
 
@@ -26,7 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-from .functional import lora_linear
+from .qlora import DenseWeight, base_weight, compute_dtype_of, is_4bit, unsupported_reason
 
 
 @functools.cache
@@ -55,14 +57,39 @@ def _active_adapter(layer) -> tuple[str | None, str | None]:
     return adapter, None
 
 
-def _unsupported_reason(layer) -> str | None:
-    """Why a PEFT LoRA layer cannot be patched, or None."""
+def _is_peft_4bit(layer) -> bool:
+    """PEFT's ``lora.bnb.Linear4bit`` (checked by name: importing it imports bitsandbytes)."""
+    return type(layer).__name__ == "Linear4bit" and type(layer).__module__ == "peft.tuners.lora.bnb"
+
+
+def _unsupported_reason(layer, backend: str) -> str | None:
+    """Why a PEFT LoRA layer cannot be patched to run on ``backend``, or None."""
     _, linear_cls, conv1d_cls = _peft_classes()
+    if _is_peft_4bit(layer):
+        if backend == "cuda":
+            return "4-bit layer: the cuda backend has no 4-bit kernels (use backend='auto' or 'triton')"
+        weight = layer.get_base_layer().weight
+        if not is_4bit(weight):
+            return f"4-bit layer whose weight is a {type(weight).__name__}, not a bitsandbytes Params4bit"
+        reason = unsupported_reason(weight)
+        return f"4-bit weight not read by fastlora: {reason}" if reason else _active_adapter(layer)[1]
     if type(layer) is not linear_cls:
-        return f"{type(layer).__name__} layers have no fused path (only lora.Linear)"
+        return f"{type(layer).__name__} layers have no fused path (only lora.Linear and lora.bnb.Linear4bit)"
     if type(layer.base_layer) not in (nn.Linear, conv1d_cls):
         return f"base layer is a {type(layer.base_layer).__name__}, not an unquantized nn.Linear or Conv1D"
     return _active_adapter(layer)[1]
+
+
+def _base_weight(layer):
+    """The base layer's weight as fastlora's strategy object (``fastlora.qlora``), or None when a
+    4-bit weight's state changed since patching (bitsandbytes repacked it for its CPU kernel)."""
+    base = layer.base_layer
+    if _is_peft_4bit(layer):
+        state = getattr(base.weight, "quant_state", None)
+        if state is None or getattr(state, "packing_format_for_cpu", False):
+            return None
+        return base_weight(base.weight, compute_dtype_of(base))
+    return DenseWeight(base.weight.t() if layer.fan_in_fan_out else base.weight)  # Conv1D stores [in, out]
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -72,9 +99,10 @@ def _has_hooks(module: nn.Module) -> bool:
     return any(hooks) or "forward" in module.__dict__
 
 
-def _fusable_adapter(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
-    """The adapter whose forward ``lora_linear`` computes exactly as PEFT would, or None (use PEFT's)."""
-    if args or kwargs or layer.disable_adapters or layer.merged:
+def _fusable_adapter(layer, base, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+    """The adapter whose forward the fused layer over ``base`` (a ``_base_weight``) computes
+    exactly as PEFT would, or None (use PEFT's)."""
+    if base is None or args or kwargs or layer.disable_adapters or layer.merged:
         return None
     adapter, _ = _active_adapter(layer)
     if adapter is None:
@@ -84,27 +112,26 @@ def _fusable_adapter(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str |
         return None
     if any(_has_hooks(m) for m in (layer.base_layer, lora_A, lora_B, dropout)):
         return None
-    if x.dtype != layer.base_layer.weight.dtype or lora_A.weight.dtype not in (x.dtype, torch.float32):
+    if not base.accepts(x) or lora_A.weight.dtype not in (x.dtype, torch.float32):
         return None
     return adapter
 
 
 def _fused_forward(layer, backend: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The patched ``layer.forward``: ``lora_linear`` when exact, PEFT's class ``forward`` otherwise."""
-    adapter = _fusable_adapter(layer, x, args, kwargs)
+    """The patched ``layer.forward``: the fused layer when exact, PEFT's class ``forward`` otherwise."""
+    base = _base_weight(layer)
+    adapter = _fusable_adapter(layer, base, x, args, kwargs)
     if adapter is None:
         return type(layer).forward(layer, x, *args, **kwargs)
-    base, dropout = layer.base_layer, layer.lora_dropout[adapter]
-    weight = base.weight.t() if layer.fan_in_fan_out else base.weight  # Conv1D stores [in, out]
-    return lora_linear(
+    dropout = layer.lora_dropout[adapter]
+    return base.lora_linear(
         x,
-        weight,
-        base.bias,
+        layer.base_layer.bias,
         layer.lora_A[adapter].weight,
         layer.lora_B[adapter].weight,
         layer.scaling[adapter],
-        dropout=dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0,
-        backend=backend,
+        dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0,
+        backend,
     )
 
 
@@ -118,7 +145,9 @@ def patch_peft(model: nn.Module, *, backend: str = "auto") -> int:
     contains PEFT LoRA layers) on fastlora's fused forward and backward, in place. Returns the number
     of layers patched.
 
-    Supported: ``lora.Linear`` over an unquantized ``nn.Linear`` or GPT-2 ``Conv1D`` with exactly one
+    Supported: ``lora.Linear`` over an unquantized ``nn.Linear`` or GPT-2 ``Conv1D``, and
+    ``lora.bnb.Linear4bit`` over a bitsandbytes NF4/FP4 weight the QLoRA kernels read (see
+    ``fastlora.qlora``; an unreadable quant state is named in the warning), with exactly one
     active adapter, no DoRA or other variant, no ``lora_bias``; any rank, ``lora_alpha``, ``use_rslora``,
     fp32 adapters with an fp16/bf16 base. Other LoRA layers are left untouched and listed, with the
     reason, in one warning. A patched layer still runs PEFT's forward in the states listed in the
@@ -132,7 +161,7 @@ def patch_peft(model: nn.Module, *, backend: str = "auto") -> int:
     for name, module in model.named_modules():
         if not isinstance(module, lora_layer_cls):
             continue
-        reason = _unsupported_reason(module)
+        reason = _unsupported_reason(module, backend)
         if reason is not None:
             skipped.append(f"{name}: {reason}")
             continue

@@ -10,7 +10,7 @@ from helpers import backends_on, rel_error
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-import fastlora.peft_integration as integration  # noqa: E402
+import fastlora.qlora as qlora  # noqa: E402
 from fastlora.peft_integration import patch_peft, unpatch_peft  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -66,13 +66,13 @@ def logits_and_grads(model, ids):
 @pytest.fixture
 def fused_calls(monkeypatch):
     """The dropout probability of each call that took the fused path."""
-    calls, original = [], integration.lora_linear
+    calls, original = [], qlora.lora_linear
 
     def spy(*args, **kwargs):
         calls.append(kwargs["dropout"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(integration, "lora_linear", spy)
+    monkeypatch.setattr(qlora, "lora_linear", spy)
     return calls
 
 

@@ -14,10 +14,15 @@ adapters, as PEFT does by default.
 ``fastlora-triton``, ``fastlora-cuda``, ``fastlora-torch``   ``fastlora.lora_linear(..., backend=...)``.
 ``fastlora-auto``    ``backend="auto"``, the default; its note names the backend auto picked and why.
 ``compiled``         ``torch.compile`` of ``naive`` (compiled afresh for each case).
+``peft-qlora``       PEFT's ``lora.bnb.Linear4bit`` over a bitsandbytes ``Linear4bit`` (NF4, blocksize 64,
+                     double-quantized absmax: the QLoRA recipe), float32 adapters, as users run it.
+``fastlora-qlora``   the same 4-bit layer patched by ``fastlora.patch_peft`` (W dequantized in-tile).
+                     Both 4-bit providers are checked against the reference on W's dequantization.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable
@@ -65,6 +70,8 @@ class Provider:
     unavailable: Callable[[Case], str | None] = lambda case: None
     start_case: Callable[[], None] = lambda: None
     lora: bool = True  # False: computes the base layer only (``base``)
+    # The inputs as the provider stores them, which the float64 reference is computed on (None: as given).
+    reference_inputs: Callable[[LoRAInputs], LoRAInputs] | None = None
 
 
 def _base(inp: LoRAInputs) -> Layer:
@@ -185,6 +192,66 @@ def _fused_unavailable(backend: str) -> Callable[[Case], str | None]:
     return unavailable
 
 
+QLORA_RECIPE = {"quant_type": "nf4", "blocksize": 64, "compress_statistics": True}
+
+
+def _linear4bit(inp: LoRAInputs):
+    """A bitsandbytes ``Linear4bit`` of the inputs' W (the QLoRA recipe), computing in x's dtype."""
+    from .. import qlora
+
+    N, K = inp.weight.shape
+    linear = nn.Linear(K, N, bias=inp.bias is not None, device="meta")
+    linear.weight = nn.Parameter(inp.weight, requires_grad=False)
+    if inp.bias is not None:
+        linear.bias = nn.Parameter(inp.bias, requires_grad=False)
+    return qlora.quantize_linear(linear, **QLORA_RECIPE, compute_dtype=inp.x.dtype)
+
+
+def dequantized_4bit(inp: LoRAInputs) -> LoRAInputs:
+    """``inp`` with W replaced by its 4-bit quantization, dequantized: what the 4-bit providers hold."""
+    from .. import qlora
+
+    layer = _linear4bit(inp)
+    weight = qlora.Weight4bit(layer.weight, inp.x.dtype).dequantized(inp.x.dtype)
+    return dataclasses.replace(inp, weight=weight)
+
+
+def _peft_qlora_builder(fused: bool) -> Callable[[LoRAInputs], Layer]:
+    def build(inp: LoRAInputs) -> Layer:
+        from peft import LoraConfig
+        from peft.tuners.lora.bnb import Linear4bit as PeftLoRALinear4bit
+
+        from ..peft_integration import patch_peft
+
+        r = inp.lora_A.shape[0]
+        config = LoraConfig(r=r, lora_alpha=inp.scaling * r)
+        layer = PeftLoRALinear4bit(_linear4bit(inp), "default", config=config, r=r, lora_alpha=inp.scaling * r)
+        lora_A = layer.lora_A["default"].weight = nn.Parameter(inp.lora_A.detach().float())
+        lora_B = layer.lora_B["default"].weight = nn.Parameter(inp.lora_B.detach().float())
+        if fused:
+            wrapper = nn.Module()
+            wrapper.layer = layer
+            if patch_peft(wrapper) != 1:
+                raise Unavailable("patch_peft left the 4-bit layer on PEFT's forward (see its warning)")
+        return Layer(layer, lora_A, lora_B)
+
+    return build
+
+
+def _qlora_unavailable(fused: bool) -> Callable[[Case], str | None]:
+    def unavailable(case: Case) -> str | None:
+        if case.device != "cuda":
+            return "QLoRA providers run on CUDA only (bitsandbytes' and fastlora's 4-bit kernels)"
+        if case.dtype == "fp32":
+            return "QLoRA computes in fp16/bf16"
+        for package, extra in (("bitsandbytes", "qlora"), ("peft", "peft")):
+            if not importlib.util.find_spec(package):
+                return f"{package} is not installed (pip install 'fastlora[{extra}]')"
+        return _fused_unavailable("triton")(case) if fused else None
+
+    return unavailable
+
+
 def _compiled(inp: LoRAInputs) -> Layer:
     compiled = torch.compile(reference.lora_linear, fullgraph=True, dynamic=False)
 
@@ -218,5 +285,7 @@ PROVIDERS: dict[str, Provider] = {
         Provider("fastlora-triton", _fastlora_builder("triton"), _fused_unavailable("triton")),
         Provider("fastlora-cuda", _fastlora_builder("cuda"), _fused_unavailable("cuda")),
         Provider("fastlora-auto", _auto),
+        Provider("peft-qlora", _peft_qlora_builder(False), _qlora_unavailable(False), reference_inputs=dequantized_4bit),
+        Provider("fastlora-qlora", _peft_qlora_builder(True), _qlora_unavailable(True), reference_inputs=dequantized_4bit),
     )
 }

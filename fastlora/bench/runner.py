@@ -41,12 +41,18 @@ def prepare(case: Case, provider: Provider, copies, expected) -> tuple[Workload,
     if reason:
         raise Unavailable(reason)
     workload = Workload(case, provider, copies)
-    return workload, workload.check(expected[provider.lora])
+    return workload, workload.check(expected[provider.lora, provider.reference_inputs])
 
 
-def expected_results(case: Case, copies) -> dict[bool, dict]:
-    """Float64 reference results of ``copies[0]``, for LoRA providers (True) and ``base`` (False)."""
-    return {lora: reference_results(copies[0], case.mode, lora) for lora in (True, False)}
+def expected_results(case: Case, copies, providers: Iterable[Provider]) -> dict[tuple, dict]:
+    """Float64 reference results of ``copies[0]`` for each ``(lora, reference_inputs)`` of
+    ``providers``: LoRA providers or ``base``, on the inputs as given or as a provider stores them
+    (the 4-bit providers' W is its dequantization)."""
+    keys = {(p.lora, p.reference_inputs) for p in providers if not p.unavailable(case)}
+    return {
+        (lora, inputs): reference_results(inputs(copies[0]) if inputs else copies[0], case.mode, lora)
+        for lora, inputs in keys
+    }
 
 
 def _checked(case: Case, provider: Provider, copies, expected) -> Result | tuple[Workload, float]:
@@ -65,8 +71,9 @@ def _checked(case: Case, provider: Provider, copies, expected) -> Result | tuple
 def run_case(case: Case, providers: Iterable[Provider]) -> list[Result]:
     """Check every provider on ``case``, then time those that passed, interleaved (see ``timing``);
     ratios are to ``base`` when it is among them."""
+    providers = list(providers)
     copies = input_copies(case)
-    expected = expected_results(case, copies)
+    expected = expected_results(case, copies, providers)
     outcomes = [(p, _checked(case, p, copies, expected)) for p in providers]
     ready = [(p, *outcome) for p, outcome in outcomes if not isinstance(outcome, Result)]
     timings = time_steps([workload.timed for _, workload, _ in ready], case.device)

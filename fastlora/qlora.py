@@ -1,0 +1,256 @@
+"""The base weight of a LoRA layer, dense or 4-bit: one small strategy object that layers and the
+PEFT integration call instead of branching on the weight's kind.
+
+``base_weight(weight)`` gives a ``DenseWeight`` for a float tensor and a ``Weight4bit`` for a
+bitsandbytes ``Params4bit`` (``bnb.nn.Linear4bit.weight``) whose quant state the fused QLoRA
+kernels read (``fastlora.ops.triton_qlora``): NF4 or FP4, block sizes 32 to 4096 (powers of two),
+absmax plain or double-quantized, compute dtype fp16 or bf16. ``check_4bit`` raises
+``Unsupported4bitState`` naming why for anything else. The 4-bit weight is never dequantized to a float copy on the
+fused path; ``backend="torch"`` (and ``"auto"`` where Triton cannot run) dequantizes it with
+bitsandbytes first, as PEFT does.
+
+bitsandbytes is an optional extra (``pip install "fastlora[qlora]"``): nothing here imports it until
+a 4-bit weight needs it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .functional import lora_linear
+
+EXTRA_HINT = 'pip install "fastlora[qlora]"'
+QUANT_TYPES = ("nf4", "fp4")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# bitsandbytes' NF4 levels (normal-distribution quantiles, QLoRA paper, appendix E), sorted.
+_NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)  # fmt: skip
+# bitsandbytes' FP4: code bit 3 is the sign; codes 0-7 are the magnitudes of an e2m1 format in
+# bitsandbytes' own code order (bit 0 the mantissa), divided by the largest, 12.
+_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+_FP4 = tuple(v / 12 for v in _FP4_MAGNITUDES) + tuple(-v / 12 for v in _FP4_MAGNITUDES)
+CODE_TABLES = {"nf4": _NF4, "fp4": _FP4}
+
+
+def code_table(quant_type: str, device) -> torch.Tensor:
+    """The 16 fp32 values of ``quant_type``'s 4-bit codes, indexed by code."""
+    return torch.tensor(CODE_TABLES[quant_type], dtype=torch.float32, device=device)
+
+
+class Unsupported4bitState(ValueError):
+    """A 4-bit weight whose quantization state the fused kernels do not read."""
+
+
+def bitsandbytes():
+    """The bitsandbytes module, or an ImportError naming the extra that installs it."""
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError(f"4-bit (QLoRA) layers need bitsandbytes ({err}); install it with `{EXTRA_HINT}`") from err
+    return bitsandbytes
+
+
+def is_4bit(weight) -> bool:
+    """Whether ``weight`` is a bitsandbytes 4-bit parameter (checked without importing bitsandbytes)."""
+    return type(weight).__name__ == "Params4bit" and type(weight).__module__.startswith("bitsandbytes")
+
+
+def unsupported_reason(weight) -> str | None:
+    """Why the fused kernels cannot read the 4-bit ``weight``'s quant state, or None."""
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return "the 4-bit weight is not quantized yet (no quant_state; move the layer to its device first)"
+    try:
+        quant_type, blocksize, shape, absmax = state.quant_type, state.blocksize, state.shape, state.absmax
+        nested, code = state.nested, state.code
+    except AttributeError as err:
+        return f"this bitsandbytes version's QuantState has no {err.name!r}: its layout is unknown to fastlora"
+    if getattr(state, "packing_format_for_cpu", False):
+        return "the weight is repacked for bitsandbytes' CPU kernel (packing_format_for_cpu)"
+    if quant_type not in QUANT_TYPES:
+        return f"quant_type {quant_type!r} (fastlora reads {', '.join(QUANT_TYPES)})"
+    if not (isinstance(blocksize, int) and 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
+        return f"blocksize {blocksize!r} (fastlora reads powers of two from 32 to 4096)"
+    if len(shape) != 2 or not weight.is_contiguous() or weight.numel() * weight.element_size() * 2 < math.prod(shape):
+        return f"packed storage {weight.dtype} {tuple(weight.shape)} does not hold a {tuple(shape)} 4-bit weight"
+    if code is None or code.numel() != 16 or code.detach().cpu().float().tolist() != code_table(quant_type, "cpu").tolist():
+        return f"its {quant_type} code table differs from the one fastlora decodes"
+    if nested:
+        state2 = state.state2
+        if absmax.dtype != torch.uint8 or state2.code.numel() != 256 or state2.blocksize & (state2.blocksize - 1):
+            return "its nested absmax is not 8-bit blockwise with a power-of-two block (unknown layout)"
+    elif absmax.dtype != torch.float32:
+        return f"absmax in {absmax.dtype} (fastlora reads float32)"
+    return None
+
+
+class DenseWeight(NamedTuple):
+    """A float base weight ``[out, in]``: ``fastlora.lora_linear`` on it."""
+
+    weight: torch.Tensor
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.weight.dtype
+
+    def lora_linear(self, x, bias, lora_A, lora_B, scaling, dropout: float, backend: str) -> torch.Tensor:
+        return lora_linear(x, self.weight, bias, lora_A, lora_B, scaling, dropout=dropout, backend=backend)
+
+
+class Weight4bit(NamedTuple):
+    """A bitsandbytes 4-bit base weight, computed in ``compute_dtype`` (x must be in it)."""
+
+    weight: torch.nn.Parameter
+    compute_dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.quant_state.shape)
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.compute_dtype and x.dtype in HALF_DTYPES
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """A full float copy of W in ``dtype`` (the unfused path; PEFT's way)."""
+        return bitsandbytes().functional.dequantize_4bit(self.weight.data, self.weight.quant_state).to(dtype)
+
+    def lora_linear(self, x, bias, lora_A, lora_B, scaling, dropout: float, backend: str) -> torch.Tensor:
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)  # bitsandbytes casts a float32 bias the same way
+        if not _fused_runs(backend, x, lora_A.shape[0], self.accepts(x)):
+            W = self.dequantized(x.dtype)
+            return lora_linear(x, W, bias, lora_A, lora_B, scaling, dropout=dropout, backend="torch")
+        from ._checks import check_dropout
+        from .functional import _SEED_BOUND
+        from .ops.triton_qlora import qlora_linear_2d
+
+        out_features, in_features = self.shape
+        _check_inputs(x, self.compute_dtype, in_features, out_features, bias, lora_A, lora_B)
+        dropout = check_dropout(dropout)
+        seed = torch.randint(_SEED_BOUND, (), dtype=torch.int64) if dropout else None
+        y = qlora_linear_2d(x.reshape(-1, in_features), self.quant(), bias, lora_A, lora_B, float(scaling), dropout, seed)
+        return y.reshape(*x.shape[:-1], out_features)
+
+    def quant(self):
+        """The kernel's view of the quant state (``triton_qlora.Quant4bit``), no copies of W."""
+        from .ops.triton_qlora import Quant4bit
+
+        state = self.weight.quant_state
+        device = self.weight.device
+        code = _table(state.quant_type, device)
+        packed = self.weight.data.view(torch.uint8)  # quant_storage may be another dtype (FSDP): same bytes
+        if state.nested:
+            s2 = state.state2
+            return Quant4bit(packed, state.absmax, code, s2.absmax, s2.code, state.offset,
+                             state.shape[0], state.blocksize, s2.blocksize)  # fmt: skip
+        return Quant4bit(packed, state.absmax, code, None, None, None, state.shape[0], state.blocksize, 0)
+
+
+_TABLES: dict = {}
+
+
+def _table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16-entry code table on ``device``, made once (not a host-to-device copy a call)."""
+    key = (quant_type, device)
+    if key not in _TABLES:
+        _TABLES[key] = code_table(quant_type, device)
+    return _TABLES[key]
+
+
+def _fused_runs(backend: str, x: torch.Tensor, rank: int, accepted: bool) -> bool:
+    """Whether the fused QLoRA kernels take this call, else the dequantizing torch path: always for
+    ``"triton"`` (raising where they cannot run), for ``"auto"`` where they run on an input they
+    accept (in the compute dtype, fp16 or bf16, r <= 256)."""
+    from .ops.registry import MAX_FUSED_RANK, available_backends
+
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"4-bit base weights run on backend 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not (accepted and rank <= MAX_FUSED_RANK)):
+        return False
+    status = available_backends()["triton"]
+    reason = None if status.available else status.detail
+    if reason is None:
+        from .ops.triton_qlora import INTERPRET
+
+        if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
+            reason = f"the 4-bit kernels run on CUDA tensors, got {x.device}"
+    if reason is not None and backend == "triton":
+        raise ValueError(f"backend='triton' cannot run the 4-bit kernels here: {reason}; use backend='torch' or 'auto'")
+    return reason is None
+
+
+def _check_inputs(x, compute_dtype, in_features, out_features, bias, lora_A, lora_B) -> None:
+    from .ops.registry import MAX_FUSED_RANK
+
+    if x.dtype not in HALF_DTYPES or x.dtype != compute_dtype:
+        raise TypeError(
+            f"the 4-bit kernels compute in float16 or bfloat16, in the layer's compute dtype {compute_dtype}; "
+            f"got x in {x.dtype}"
+        )
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x's last dimension must be in_features = {in_features}, got x of shape {tuple(x.shape)}")
+    r = lora_A.shape[0]
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features or tuple(lora_B.shape) != (out_features, r) or r < 1:
+        raise ValueError(
+            f"adapters must be lora_A [r, {in_features}] and lora_B [{out_features}, r], "
+            f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}"
+        )
+    if r > MAX_FUSED_RANK:
+        raise ValueError(f"the 4-bit kernels support r <= {MAX_FUSED_RANK}, got r={r}; use backend='torch'")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"adapters must both be float32 or x's dtype {x.dtype}, got {lora_A.dtype} and {lora_B.dtype}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move all tensors to one device")
+
+
+def compute_dtype_of(linear) -> torch.dtype:
+    """The dtype a bitsandbytes ``Linear4bit`` computes in: its ``compute_dtype``, else the dtype it
+    was quantized from."""
+    return linear.compute_dtype or linear.weight.quant_state.dtype
+
+
+def base_weight(weight, compute_dtype: torch.dtype | None = None) -> DenseWeight | Weight4bit:
+    """The strategy object for ``weight``. A 4-bit one computes in ``compute_dtype`` (default: the
+    dtype it was quantized from) and must have passed ``check_4bit`` once (not re-checked a call:
+    the check reads the code table back from the device)."""
+    if not is_4bit(weight):
+        return DenseWeight(weight)
+    return Weight4bit(weight, compute_dtype or weight.quant_state.dtype)
+
+
+def check_4bit(weight) -> None:
+    """Raise ``Unsupported4bitState`` naming why the kernels cannot read a 4-bit ``weight``."""
+    reason = unsupported_reason(weight)
+    if reason is not None:
+        raise Unsupported4bitState(f"unsupported 4-bit weight: {reason}")
+
+
+def quantize_linear(linear: torch.nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
+                    compress_statistics: bool = True, compute_dtype: torch.dtype | None = None,
+                    quant_storage: torch.dtype = torch.uint8):  # fmt: skip
+    """A bitsandbytes ``Linear4bit`` holding ``linear``'s weight quantized on its device (CPU works)
+    and its bias; ``compute_dtype`` defaults to the weight's dtype."""
+    bnb = bitsandbytes()
+    weight = linear.weight.detach()
+    layer = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        compute_dtype=compute_dtype or weight.dtype, compress_statistics=compress_statistics,
+        quant_type=quant_type, quant_storage=quant_storage, device="meta",
+    )  # fmt: skip
+    params = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=blocksize, compress_statistics=compress_statistics,
+                               quant_type=quant_type, quant_storage=quant_storage)  # fmt: skip
+    layer.weight = params.to(weight.device)  # quantizes: a Params4bit is quantized on its first move
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer
