@@ -101,24 +101,31 @@ def _tile_coords(tile, num_m, num_n, SPLITS, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _k_loop(
-    a_src, w_src, la_ptr, xa_m, gb_ws_ptr, bias_ws_ptr,
+    a_src, w_src, la_ptr, xa_hi, xa_lo, xa_unscale, gb_ws_ptr, bias_ws_ptr,
     off_m, off_n, pid_m, k_lo, k_hi, gb_lo, gb_hi, M, N, K, R,
     stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar,
     stride_gbm, stride_gbk, stride_bwm,
     dropout_p, seed,
     LOW_RANK: tl.constexpr, WRITE_OUT: tl.constexpr, FUSE_GRAD_B: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    USE_TMA: tl.constexpr, W_TRANS: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    SPLIT_XA: tl.constexpr, USE_TMA: tl.constexpr, W_TRANS: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, LOW_RANK_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP32_ADAPTERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``(a·w, a·la)`` over K steps ``[k_lo, k_hi)`` of one tile (``a·la`` only if ``LOW_RANK``); with
-    ``FUSE_GRAD_B`` the steps in ``[gb_lo, gb_hi)`` also write their grad_B / bias partials."""
+    ``FUSE_GRAD_B`` the steps in ``[gb_lo, gb_hi)`` also write their grad_B / bias partials: for
+    ``SPLIT_XA`` (a half ``a``) ``aᵀ·xa`` is ``(aᵀ·xa_hi + aᵀ·xa_lo)·xa_unscale``, two products on the
+    tensor cores straight from the ``a`` tile in shared memory, about 16 (bf16) / 22 (fp16) mantissa
+    bits of ``xa`` (TF32 keeps 10); converting the ``a`` tile to fp32 in registers instead spilled
+    (sm_90a, 128×256: 192 bytes of stack)."""
     offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
     offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if FUSE_GRAD_B and BIAS_GRAD and SPLIT_XA:
+        # Σ_rows a as a product with a column of ones (column 0 of 16: tl.dot's narrowest operand).
+        ones = tl.where((tl.arange(0, 16) == 0)[None, :] & mask_m[:, None], 1.0, 0.0).to(xa_hi.dtype)
     for step in range(k_lo, k_hi):
         k0 = step * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -150,13 +157,22 @@ def _k_loop(
                 acc_t = _dot(a_t, la.to(a.dtype), acc_t, PRECISION, UPCAST)
         if FUSE_GRAD_B:
             if (step >= gb_lo) & (step < gb_hi):
-                # grad_B rows k of this row block: gy[rows, k]ᵀ·xa[rows] (fp32, the low-rank precision).
-                a32 = a.to(tl.float32)
-                part = tl.dot(tl.trans(a32), xa_m, input_precision=LOW_RANK_PRECISION)
+                # grad_B rows k of this row block: gy[rows, k]ᵀ·xa[rows], and Σ_rows gy[rows, k].
+                a_tr = tl.trans(a)
+                if SPLIT_XA:
+                    part = _dot(a_tr, xa_hi, tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32), PRECISION, UPCAST)
+                    part = _dot(a_tr, xa_lo, part, PRECISION, UPCAST) * xa_unscale[None, :]
+                else:
+                    part = tl.dot(a_tr, xa_hi, input_precision=LOW_RANK_PRECISION)
                 gb_ptrs = gb_ws_ptr + pid_m * stride_gbm + offs_k[:, None] * stride_gbk + offs_r[None, :]
                 tl.store(gb_ptrs, part, mask=(offs_k < K)[:, None] & (offs_r < R)[None, :])
                 if BIAS_GRAD:
-                    tl.store(bias_ws_ptr + pid_m * stride_bwm + offs_k, tl.sum(a32, axis=0), mask=offs_k < K)
+                    if SPLIT_XA:
+                        sums = _dot(a_tr, ones, tl.zeros((BLOCK_K, 16), dtype=tl.float32), PRECISION, UPCAST)
+                        sums = tl.sum(sums, axis=1)
+                    else:
+                        sums = tl.sum(a, axis=0)
+                    tl.store(bias_ws_ptr + pid_m * stride_bwm + offs_k, sums, mask=offs_k < K)
     return acc, acc_t
 
 
@@ -198,8 +214,8 @@ def _lora_gemm_kernel(
     stride_gbm, stride_gbk, stride_bwm,
     scaling, dropout_p, dropout_scale, seed,
     HAS_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr, STORE_T: tl.constexpr, SPLIT_K: tl.constexpr,
-    FUSE_GRAD_B: tl.constexpr, BIAS_GRAD: tl.constexpr, USE_TMA: tl.constexpr, W_TRANS: tl.constexpr,
-    R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    FUSE_GRAD_B: tl.constexpr, BIAS_GRAD: tl.constexpr, SPLIT_XA: tl.constexpr, USE_TMA: tl.constexpr,
+    W_TRANS: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, LOW_RANK_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP32_ADAPTERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -234,26 +250,37 @@ def _lora_gemm_kernel(
         mask_m = offs_m < M
         k_lo = split * split_steps
         k_hi = tl.minimum(k_lo + split_steps, k_steps)
-        xa_m = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        xa_hi = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        xa_lo = xa_hi
+        xa_unscale = tl.zeros((R_PAD,), dtype=tl.float32)
         gb_lo = 0
         gb_hi = 0
         if FUSE_GRAD_B:
-            xa_m = tl.load(
+            xa_hi = tl.load(
                 xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
                 mask=mask_m[:, None] & mask_r[None, :],
                 other=0.0,
             )
+            if SPLIT_XA:
+                # xa = (hi + lo)·2^e per column, hi and lo in a's dtype: each column scaled by a power of
+                # two into [-1, 1] first (exact), so that an fp16 hi cannot overflow.
+                col_max = tl.max(tl.abs(xa_hi), axis=0)
+                exponent = tl.where(col_max > 0, tl.ceil(tl.log2(col_max)), 0.0)
+                xa_unscale = tl.exp2(exponent)
+                scaled = xa_hi * tl.exp2(-exponent)[None, :]
+                xa_hi = scaled.to(a_ptr.dtype.element_ty)
+                xa_lo = (scaled - xa_hi.to(tl.float32)).to(a_ptr.dtype.element_ty)
             steps_per_col = tl.cdiv(k_steps, num_n)
             gb_lo = pid_n * steps_per_col
             gb_hi = gb_lo + steps_per_col
         t_ptrs = t_ptr + split * stride_ts + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
         if STORE_T and pid_n == 0:
             acc, acc_t = _k_loop(
-                a_src, w_src, la_ptr, xa_m, gb_ws_ptr, bias_ws_ptr,
+                a_src, w_src, la_ptr, xa_hi, xa_lo, xa_unscale, gb_ws_ptr, bias_ws_ptr,
                 off_m, off_n, pid_m, k_lo, k_hi, gb_lo, gb_hi, M, N, K, R,
                 stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar, stride_gbm, stride_gbk, stride_bwm,
                 dropout_p, seed,
-                True, WRITE_OUT, FUSE_GRAD_B, BIAS_GRAD, USE_TMA, W_TRANS, R_PAD, DROPOUT,
+                True, WRITE_OUT, FUSE_GRAD_B, BIAS_GRAD, SPLIT_XA, USE_TMA, W_TRANS, R_PAD, DROPOUT,
                 PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
             if DROPOUT == DROPOUT_ON_INPUT:
@@ -267,11 +294,11 @@ def _lora_gemm_kernel(
                 tl.atomic_xchg(flags_ptr + pid_m, 1, sem="release")
         else:
             acc, acc_t = _k_loop(
-                a_src, w_src, la_ptr, xa_m, gb_ws_ptr, bias_ws_ptr,
+                a_src, w_src, la_ptr, xa_hi, xa_lo, xa_unscale, gb_ws_ptr, bias_ws_ptr,
                 off_m, off_n, pid_m, k_lo, k_hi, gb_lo, gb_hi, M, N, K, R,
                 stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar, stride_gbm, stride_gbk, stride_bwm,
                 dropout_p, seed,
-                False, WRITE_OUT, FUSE_GRAD_B, BIAS_GRAD, USE_TMA, W_TRANS, R_PAD, DROPOUT,
+                False, WRITE_OUT, FUSE_GRAD_B, BIAS_GRAD, SPLIT_XA, USE_TMA, W_TRANS, R_PAD, DROPOUT,
                 PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
             if WRITE_OUT and STORE_T and not SPLIT_K:
@@ -405,12 +432,19 @@ GPU_CONFIGS = _configs(
         (16, 128, 128, 4, 4),
         (16, 64, 256, 4, 3),
         (16, 64, 128, 4, 4),
+        (16, 64, 64, 4, 4),  # fp32 x on an A100 (164 KiB)
         # Short K steps and two stages keep the Aᵀ tile of r = 256 (fp32 adapters: 32 KiB a step) in
         # shared memory, where every config above is pruned.
         (64, 64, 32, 4, 2),
         (32, 64, 32, 4, 2),
+        (16, 64, 32, 4, 2),
     ]
 )
+
+# Decode: at most this many rows take the split-K path (W is read once whatever M is; the fp32
+# partials grow with M: at M = 64 they are 12 % of W's bytes with two splits at N = K = 4096).
+_DECODE_MAX_M = 64
+
 
 # Accumulator registers a thread may hold (acc and acc_t, fp32) before a config is not worth timing.
 _MAX_ACC_REGISTERS = 160
@@ -440,7 +474,11 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         return _shared_bytes(c, a.element_size(), la.element_size(), out.element_size(), rank)
 
     def rows_ok(c):
-        return c.kwargs["BLOCK_M"] == fixed_m if fixed_m else c.kwargs["BLOCK_M"] <= max(16, m_bucket)
+        # Short row blocks are for decode (M ≤ 64), where wgmma's 64-row minimum cannot be filled anyway.
+        bm = c.kwargs["BLOCK_M"]
+        if fixed_m:
+            return bm == fixed_m
+        return bm <= max(16, m_bucket) if m_bucket <= _DECODE_MAX_M else bm >= 64
 
     candidates = [c for c in configs if rows_ok(c)] or configs
     kept = [c for c in candidates if _acc_registers(c, rank) <= _MAX_ACC_REGISTERS and shared(c) <= budget]
@@ -453,7 +491,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
 _lora_gemm = triton.autotune(
     configs=INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS,
     key=["M_BUCKET", "N", "K", "R_PAD", "BLOCK_M_FIXED", "SPLITS", "HAS_BIAS", "WRITE_OUT", "STORE_T",
-         "SPLIT_K", "FUSE_GRAD_B", "BIAS_GRAD", "USE_TMA", "W_TRANS", "DROPOUT"],
+         "SPLIT_K", "FUSE_GRAD_B", "BIAS_GRAD", "SPLIT_XA", "USE_TMA", "W_TRANS", "DROPOUT"],
     prune_configs_by={"early_config_prune": prune_gemm_configs},
 )(_lora_gemm_kernel)  # fmt: skip
 
@@ -519,15 +557,10 @@ def _use_tma(device: torch.device, *operands) -> bool:
     return True
 
 
-# Decode: at most this many rows take the split-K path (W is read once whatever M is; the fp32
-# partials grow with M: at M = 64 they are 12 % of W's bytes with two splits at N = K = 4096).
-_DECODE_MAX_M = 64
-
-
 def _decode_splits(device: torch.device, M: int, N: int, K: int) -> int:
     """K splits that give every SM a share of w when the output alone has too few tiles (counting
     64-wide column blocks), with at least 512 columns of K a split."""
-    tiles = triton.cdiv(N, 64) * triton.cdiv(M, 16)
+    tiles = triton.cdiv(N, 64) * triton.cdiv(M, 64)
     return max(1, min(device_limits(device).sm_count // tiles, K // 512, 16))
 
 
@@ -596,7 +629,8 @@ def _launch_gemm(
         bias_ws.stride(0) if bias_ws is not None else 0,
         scaling, dropout.p, dropout.scale, dropout.seed,
         HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=store_t, SPLIT_K=split_k,
-        FUSE_GRAD_B=grad_b_ws is not None, BIAS_GRAD=bias_ws is not None, USE_TMA=use_tma, W_TRANS=w_trans,
+        FUSE_GRAD_B=grad_b_ws is not None, BIAS_GRAD=bias_ws is not None, SPLIT_XA=a.dtype != torch.float32,
+        USE_TMA=use_tma, W_TRANS=w_trans,
         R_PAD=_padded_rank(R), DROPOUT=dropout_site.value if dropout.p else NO_DROPOUT.value,
         PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
         UPCAST=INTERPRET and a.dtype == torch.bfloat16,
