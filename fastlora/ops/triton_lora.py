@@ -222,6 +222,9 @@ def _lora_gemm_kernel(
     HALF_N: tl.constexpr = BLOCK_N // 2
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N) if WRITE_OUT else 1
+    if FUSE_GRAD_B and STORE_T:
+        # grad_B is the consumers' work (a producer's loop holding both spilled): one at least a row block.
+        num_n = tl.maximum(num_n, 2)
     k_steps = tl.cdiv(K, BLOCK_K)
     split_steps = tl.cdiv(k_steps, SPLITS)
     num_tiles = num_m * num_n * SPLITS
@@ -265,13 +268,14 @@ def _lora_gemm_kernel(
                 # xa = (hi + lo)·2^e per column, hi and lo in a's dtype: each column scaled by a power of
                 # two into [-1, 1] first (exact), so that an fp16 hi cannot overflow.
                 col_max = tl.max(tl.abs(xa_hi), axis=0)
-                exponent = tl.where(col_max > 0, tl.ceil(tl.log2(col_max)), 0.0)
+                exponent = tl.where(col_max > 0, tl.ceil(tl.log2(tl.maximum(col_max, 1e-30))), 0.0)
                 xa_unscale = tl.exp2(exponent)
                 scaled = xa_hi * tl.exp2(-exponent)[None, :]
                 xa_hi = scaled.to(a_ptr.dtype.element_ty)
                 xa_lo = (scaled - xa_hi.to(tl.float32)).to(a_ptr.dtype.element_ty)
-            steps_per_col = tl.cdiv(k_steps, num_n)
-            gb_lo = pid_n * steps_per_col
+            gb_cols = num_n - 1 if STORE_T else num_n
+            steps_per_col = tl.cdiv(k_steps, gb_cols)
+            gb_lo = (pid_n - 1 if STORE_T else pid_n) * steps_per_col
             gb_hi = gb_lo + steps_per_col
         t_ptrs = t_ptr + split * stride_ts + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
         if STORE_T and pid_n == 0:
@@ -280,7 +284,7 @@ def _lora_gemm_kernel(
                 off_m, off_n, pid_m, k_lo, k_hi, gb_lo, gb_hi, M, N, K, R,
                 stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar, stride_gbm, stride_gbk, stride_bwm,
                 dropout_p, seed,
-                True, WRITE_OUT, FUSE_GRAD_B, BIAS_GRAD, SPLIT_XA, USE_TMA, W_TRANS, R_PAD, DROPOUT,
+                True, WRITE_OUT, False, BIAS_GRAD, SPLIT_XA, USE_TMA, W_TRANS, R_PAD, DROPOUT,
                 PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
             if DROPOUT == DROPOUT_ON_INPUT:
@@ -301,14 +305,14 @@ def _lora_gemm_kernel(
                 False, WRITE_OUT, FUSE_GRAD_B, BIAS_GRAD, SPLIT_XA, USE_TMA, W_TRANS, R_PAD, DROPOUT,
                 PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
-            if WRITE_OUT and STORE_T and not SPLIT_K:
+            if WRITE_OUT and STORE_T and not SPLIT_K and off_n < N:
                 ready = tl.atomic_cas(flags_ptr + pid_m, 1, 1, sem="acquire")
                 while ready != 1:
                     ready = tl.atomic_cas(flags_ptr + pid_m, 1, 1, sem="acquire")
                 # .cg: read t from L2, where the producer's stores are, not from a stale L1 line.
                 acc_t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
 
-        if WRITE_OUT:
+        if WRITE_OUT and off_n < N:  # (a grad_B-only tile when num_n was raised to 2 lies beyond N)
             if SPLIT_K:
                 # Decode: an fp32 partial of a·w; _split_k_reduce_kernel adds the splits and the rest.
                 offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
@@ -422,8 +426,7 @@ INTERPRETER_CONFIGS = _configs([(64, 64, 64, 4, 1)])
 GPU_CONFIGS = _configs(
     [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
         (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
+        (128, 128, 64, 8, 4),  # (4 warps: 576 bytes of stack on sm_90a)
         (64, 256, 64, 8, 3),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
@@ -435,6 +438,23 @@ GPU_CONFIGS = _configs(
         (16, 64, 64, 4, 4),  # fp32 x on an A100 (164 KiB)
         # Short K steps and two stages keep the Aᵀ tile of r = 256 (fp32 adapters: 32 KiB a step) in
         # shared memory, where every config above is pruned.
+        (64, 64, 32, 4, 2),
+        (32, 64, 32, 4, 2),
+        (16, 64, 32, 4, 2),
+    ]
+)
+
+# grad_x with the fused grad_B/bias partials holds their operands beside the accumulator: on sm_90a
+# (r = 16, bf16) 128×256×64/8 warps spilled 216-264 bytes and 128×128×64/8 warps 48-72 (ptxas C7511,
+# serialized wgmma); these compiled with no stack. Rows 16-64 for the fixed row block of short M.
+GRAD_X_CONFIGS = _configs(
+    [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+        (128, 128, 32, 8, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (32, 64, 64, 4, 4),
+        (16, 64, 64, 4, 4),
         (64, 64, 32, 4, 2),
         (32, 64, 32, 4, 2),
         (16, 64, 32, 4, 2),
@@ -486,14 +506,19 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     return kept or [min(candidates, key=lambda c: (shared(c), _acc_registers(c, rank)))]
 
 
-# Keyed on M's power-of-two bucket (M_BUCKET, an argument only the autotuner reads) rather than on M,
-# so that training on varying sequence lengths does not re-tune at every new batch size.
-_lora_gemm = triton.autotune(
-    configs=INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "BLOCK_M_FIXED", "SPLITS", "HAS_BIAS", "WRITE_OUT", "STORE_T",
-         "SPLIT_K", "FUSE_GRAD_B", "BIAS_GRAD", "SPLIT_XA", "USE_TMA", "W_TRANS", "DROPOUT"],
-    prune_configs_by={"early_config_prune": prune_gemm_configs},
-)(_lora_gemm_kernel)  # fmt: skip
+def _autotuned(configs):
+    # Keyed on M's power-of-two bucket (M_BUCKET, an argument only the autotuner reads) rather than on
+    # M, so that training on varying sequence lengths does not re-tune at every new batch size.
+    return triton.autotune(
+        configs=INTERPRETER_CONFIGS if INTERPRET else configs,
+        key=["M_BUCKET", "N", "K", "R_PAD", "BLOCK_M_FIXED", "SPLITS", "HAS_BIAS", "WRITE_OUT", "STORE_T",
+             "SPLIT_K", "FUSE_GRAD_B", "BIAS_GRAD", "SPLIT_XA", "USE_TMA", "W_TRANS", "DROPOUT"],
+        prune_configs_by={"early_config_prune": prune_gemm_configs},
+    )(_lora_gemm_kernel)  # fmt: skip
+
+
+_lora_gemm = _autotuned(GPU_CONFIGS)
+_lora_gemm_grad_x = _autotuned(GRAD_X_CONFIGS)  # with FUSE_GRAD_B
 
 
 def _padded_rank(size: int) -> int:
@@ -618,7 +643,8 @@ def _launch_gemm(
     grid = _grid(num_tiles, device, flags=flags is not None)
     out_strides = (out_buf.stride(-2), out_buf.stride(-1), out_buf.stride(0) if split_k else 0) if write_out else (0, 0, 0)
     t_strides = (t_buf.stride(-2), t_buf.stride(-1), t_buf.stride(0) if split_k else 0) if store_t else (0, 0, 0)
-    _lora_gemm[grid](
+    launcher = _lora_gemm_grad_x if grad_b_ws is not None else _lora_gemm
+    launcher[grid](
         a, w, la, lb, bias if bias is not None else dummy, out_buf if write_out else dummy,
         t_buf if store_t else dummy, flags if flags is not None else dummy, xa if xa is not None else dummy,
         grad_b_ws if grad_b_ws is not None else dummy, bias_ws if bias_ws is not None else dummy,
