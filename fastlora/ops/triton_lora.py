@@ -25,9 +25,10 @@ strided or unaligned inputs) the same source loads through pointers (cp.async on
 always read in its stored layout ``W [N, K]``; ``W_TRANS`` says the forward reads it transposed.
 
 grad_x also yields ``grad_B = scaling·gyᵀ xa`` and the bias gradient ``Σ_m gy`` while it streams
-``gy`` (``FUSE_GRAD_B``): the K steps of the grad_x tile row ``pid_m`` are dealt out among its column
-tiles, and the tile owning step ``k`` writes ``gy[rows, k]ᵀ·xa[rows]`` and ``Σ_rows gy[rows, k]`` as
-fp32 partials ``[num_m, N, R]`` / ``[num_m, N]`` that ``torch.sum`` adds over row blocks. ``grad_A =
+``gy`` (``FUSE_GRAD_B``): the K steps of row block ``pid_m`` are dealt out among its consumer tiles
+(a grad_B-only tile is added where the grid has a single column), and the tile owning step ``k``
+writes ``gy[rows, k]ᵀ·xa[rows]`` and ``Σ_rows gy[rows, k]`` as fp32 partials ``[num_m, N, R]`` /
+``[num_m, N]`` that ``torch.sum`` adds over row blocks (``num_m`` fixed before the launch). ``grad_A =
 scaling·(gy B)ᵀ D(x)`` is ``_lora_reduce_kernel``: M split across programs, fp32 partials summed in
 order. So ``gy`` and ``x`` are each read once by the backward; nothing is accumulated with atomics.
 
@@ -430,6 +431,10 @@ GPU_CONFIGS = _configs(
         (64, 256, 64, 8, 3),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
+        # K steps of 32 for mma.sync (sm_80-89), which holds a K step's operands in registers.
+        (128, 128, 32, 8, 4),
+        (64, 128, 32, 8, 4),
+        (64, 64, 32, 4, 4),
         # Decode (M ≤ 64, split over K): short rows, long K steps, bandwidth-bound on w.
         (32, 128, 128, 4, 4),
         (16, 128, 128, 4, 4),
@@ -453,6 +458,7 @@ GRAD_X_CONFIGS = _configs(
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
+        (64, 64, 32, 4, 4),
         (32, 64, 64, 4, 4),
         (16, 64, 64, 4, 4),
         (64, 64, 32, 4, 2),
@@ -488,7 +494,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     rank, m_bucket, fixed_m = args["R_PAD"], args["M_BUCKET"], args["BLOCK_M_FIXED"]
     a, la, out = args["a_ptr"], args["la_ptr"], args["out_ptr"]
-    budget = device_limits(a.device).max_shared_bytes
+    limits = device_limits(a.device)
 
     def shared(c):
         return _shared_bytes(c, a.element_size(), la.element_size(), out.element_size(), rank)
@@ -501,7 +507,11 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         return bm <= max(16, m_bucket) if m_bucket <= _DECODE_MAX_M else bm >= 64
 
     candidates = [c for c in configs if rows_ok(c)] or configs
-    kept = [c for c in candidates if _acc_registers(c, rank) <= _MAX_ACC_REGISTERS and shared(c) <= budget]
+    if limits.capability < (9, 0):
+        # mma.sync keeps a K step's operands in registers: on sm_80 every K step of 64 spilled (88-984
+        # bytes of stack, r = 16), every K step of 32 did not.
+        candidates = [c for c in candidates if c.kwargs["BLOCK_K"] <= 32] or candidates
+    kept = [c for c in candidates if _acc_registers(c, rank) <= _MAX_ACC_REGISTERS and shared(c) <= limits.max_shared_bytes]
     # The compiler-informed filter (configs whose compiled kernel spills) goes here, on `kept`.
     return kept or [min(candidates, key=lambda c: (shared(c), _acc_registers(c, rank)))]
 
@@ -600,12 +610,14 @@ def _grid(num_tiles, device: torch.device, flags: bool):
     return grid
 
 
-def _grad_b_block_m(M: int) -> int:
+def _grad_b_block_m(M: int, device: torch.device) -> int:
     """Row block of the grad_x pass when it writes grad_B partials, fixed before the launch because
-    the partials' buffer ``[cdiv(M, BLOCK_M), N, R]`` is allocated by it."""
+    the partials' buffer ``[cdiv(M, BLOCK_M), N, R]`` is allocated by it. 64 rows at most before
+    Hopper: on sm_80 every 128-row grad_x config spilled (112-168 bytes), 64×64×32 did not."""
     if INTERPRET:
         return INTERPRETER_CONFIGS[0].kwargs["BLOCK_M"]
-    return min(128, max(16, triton.next_power_of_2(M)))
+    most = 128 if device_limits(device).capability >= (9, 0) else 64
+    return min(most, max(16, triton.next_power_of_2(M)))
 
 
 def _launch_gemm(
@@ -741,7 +753,7 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
         grad_B = torch.zeros_like(lora_B) if need_B else grad_B
         grad_bias = gy.new_zeros((N,)) if need_bias else grad_bias
         return grad_x, grad_A, grad_B, grad_bias
-    block_m = _grad_b_block_m(M) if need_B or need_bias else 0
+    block_m = _grad_b_block_m(M, x.device) if need_B or need_bias else 0
     row_blocks = triton.cdiv(M, block_m) if block_m else 0
     grad_b_ws = _empty((row_blocks, N, R), torch.float32, x.device) if block_m else None
     bias_ws = _empty((row_blocks, N), torch.float32, x.device) if need_bias else None
