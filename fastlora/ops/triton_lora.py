@@ -38,9 +38,10 @@ a counter-based draw that the backward regenerates. Its sites are ``DROPOUT_ON_I
 so ``D(x)·Aᵀ`` transposes to ``D(g·A)``); ``grad_A`` applies it to the ``x`` tiles of its reduction.
 
 Precision: fp16/bf16 tiles go to the tensor cores with fp32 accumulation. With fp32 adapters on a
-half base (PEFT's default) the rank-r products take the ``a`` tile converted to fp32 in registers,
-as PEFT runs that branch in fp32: rounding the adapters to bf16 instead gave 1.5e-2 relative error
-in ``grad_B`` on a fuzzed r=1 case. ``t`` stays fp32, so an fp16 input whose ``x Aᵀ`` exceeds fp16's
+half base (PEFT's default) the fp32 operand of ``a·la`` is split in two of ``a``'s dtype (``hi`` and
+the remainder ``lo``: 16 mantissa bits for bf16, 22 for fp16, TF32 keeps 11), as PEFT runs that
+branch in fp32: rounding the adapters to bf16 alone gave 1.5e-2 relative error in ``grad_B`` on a
+fuzzed r=1 case. grad_B's ``gyᵀ·xa`` splits ``xa`` the same way. ``t`` stays fp32, so an fp16 input whose ``x Aᵀ`` exceeds fp16's
 range is still right; products with ``t`` run in fp32 (TF32 on the tensor cores, whose 10-bit
 mantissa holds fp16/bf16 operands exactly). fp32 inputs use exact fp32 products unless
 ``torch.set_float32_matmul_precision`` allows TF32.
@@ -153,7 +154,12 @@ def _k_loop(
                 keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= dropout_p
                 a_t = tl.where(keep, a, 0.0)
             if FP32_ADAPTERS:
-                acc_t = tl.dot(a_t.to(tl.float32), la, acc_t, input_precision=LOW_RANK_PRECISION)
+                # la = hi + lo in a's dtype: two products of the a tile as it is (an fp32 copy of the
+                # a tile in registers for a TF32 product spilled on sm_90a and sm_80).
+                la_hi = la.to(a.dtype)
+                la_lo = (la - la_hi.to(tl.float32)).to(a.dtype)
+                acc_t = _dot(a_t, la_hi, acc_t, PRECISION, UPCAST)
+                acc_t = _dot(a_t, la_lo, acc_t, PRECISION, UPCAST)
             else:
                 acc_t = _dot(a_t, la.to(a.dtype), acc_t, PRECISION, UPCAST)
         if FUSE_GRAD_B:
