@@ -67,14 +67,15 @@ def test_large_problems_keep_large_tiles_and_drop_decode_tiles():
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=str)
 @pytest.mark.parametrize("m", [1, 40, 64, 100, 8192])
-def test_grad_b_partials_fix_the_row_block(capability, m, monkeypatch):
+@pytest.mark.parametrize("r", [16, 64, 256])
+def test_grad_b_partials_fix_the_row_block(capability, m, r, monkeypatch):
     # The fused grad_B partials are allocated per row block before the launch: every kept config
     # must use exactly that row block.
     monkeypatch.setattr(triton_lora, "INTERPRET", False)  # the GPU's row block, not the interpreter's
     m_bucket = max(1, 1 << (m - 1).bit_length())
     with target_limits(KNOWN_LIMITS[capability]):
-        block_m = triton_lora._grad_b_block_m(m, torch.device("cpu"))
+        block_m = triton_lora._grad_b_block_m(m, r, torch.device("cpu"))
         kept = triton_lora.prune_gemm_configs(
-            triton_lora.GRAD_X_CONFIGS, named_args(torch.bfloat16, torch.float32, m_bucket, block_m), R_PAD=64
+            triton_lora.GRAD_X_CONFIGS, named_args(torch.bfloat16, torch.float32, m_bucket, block_m), R_PAD=r
         )
     assert kept and all(c.kwargs["BLOCK_M"] == block_m for c in kept)

@@ -455,14 +455,13 @@ GPU_CONFIGS = _configs(
     ]
 )
 
-# grad_x with the fused grad_B/bias partials holds their operands beside the accumulator: on sm_90a
-# (r = 16, bf16) 128×256×64/8 warps spilled 216-264 bytes and 128×128×64/8 warps 48-72 (ptxas C7511,
-# serialized wgmma); these compiled with no stack. Rows 16-64 for the fixed row block of short M.
+# grad_x with the fused grad_B/bias partials holds their operands beside the accumulator. On sm_90a,
+# r = 16: 128×256×64/8 warps spilled 216-264 bytes, 128×128×64/8 warps 32-72 (ptxas C7511, serialized
+# wgmma), 128×128×32/8 warps 40 with fp32 adapters and dropout; 128×64×64/8 warps none. r = 64: every
+# 128-row shape spilled (16-232), 64×64×64/4 warps none. These are the shapes that compiled clean.
 GRAD_X_CONFIGS = _configs(
     [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-        (128, 128, 32, 8, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
+        (128, 64, 64, 8, 4),
         (64, 64, 64, 4, 4),
         (64, 64, 32, 4, 4),
         (32, 64, 64, 4, 4),
@@ -478,8 +477,11 @@ GRAD_X_CONFIGS = _configs(
 _DECODE_MAX_M = 64
 
 
-# Accumulator registers a thread may hold (acc and acc_t, fp32) before a config is not worth timing.
+# Accumulator registers a thread may hold (acc and acc_t, fp32) before a config is not worth timing;
+# less where the main loop also draws a dropout mask or splits fp32 adapters (sm_90a, r = 16:
+# 128×256×64/8 warps, 136 by this count, spilled 112 bytes there and none without them).
 _MAX_ACC_REGISTERS = 160
+_MAX_ACC_REGISTERS_BUSY_LOOP = 128
 
 
 def _shared_bytes(config, a_size: int, la_size: int, out_size: int, rank: int) -> int:
@@ -499,6 +501,8 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     one the fused grad_B partials were allocated for); the leanest config if none is left."""
     args = {**named_args, **kwargs}
     rank, m_bucket, fixed_m = args["R_PAD"], args["M_BUCKET"], args["BLOCK_M_FIXED"]
+    busy_loop = args.get("DROPOUT", 0) == DROPOUT_ON_INPUT.value or args.get("FP32_ADAPTERS", False)
+    max_registers = _MAX_ACC_REGISTERS_BUSY_LOOP if busy_loop else _MAX_ACC_REGISTERS
     a, la, out = args["a_ptr"], args["la_ptr"], args["out_ptr"]
     limits = device_limits(a.device)
 
@@ -517,7 +521,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         # mma.sync keeps a K step's operands in registers: on sm_80 every K step of 64 spilled (88-984
         # bytes of stack, r = 16), every K step of 32 did not.
         candidates = [c for c in candidates if c.kwargs["BLOCK_K"] <= 32] or candidates
-    kept = [c for c in candidates if _acc_registers(c, rank) <= _MAX_ACC_REGISTERS and shared(c) <= limits.max_shared_bytes]
+    kept = [c for c in candidates if _acc_registers(c, rank) <= max_registers and shared(c) <= limits.max_shared_bytes]
     # The compiler-informed filter (configs whose compiled kernel spills) goes here, on `kept`.
     return kept or [min(candidates, key=lambda c: (shared(c), _acc_registers(c, rank)))]
 
@@ -616,13 +620,14 @@ def _grid(num_tiles, device: torch.device, flags: bool):
     return grid
 
 
-def _grad_b_block_m(M: int, device: torch.device) -> int:
+def _grad_b_block_m(M: int, R: int, device: torch.device) -> int:
     """Row block of the grad_x pass when it writes grad_B partials, fixed before the launch because
-    the partials' buffer ``[cdiv(M, BLOCK_M), N, R]`` is allocated by it. 64 rows at most before
-    Hopper: on sm_80 every 128-row grad_x config spilled (112-168 bytes), 64×64×32 did not."""
+    the partials' buffer ``[cdiv(M, BLOCK_M), N, R]`` is allocated by it. 128 rows only on Hopper at
+    r ≤ 32: on sm_80 every 128-row grad_x config spilled (112-168 bytes), and on sm_90a at r = 64 (see
+    ``GRAD_X_CONFIGS``)."""
     if INTERPRET:
         return INTERPRETER_CONFIGS[0].kwargs["BLOCK_M"]
-    most = 128 if device_limits(device).capability >= (9, 0) else 64
+    most = 128 if device_limits(device).capability >= (9, 0) and _padded_rank(R) <= 32 else 64
     return min(most, max(16, triton.next_power_of_2(M)))
 
 
@@ -759,7 +764,7 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
         grad_B = torch.zeros_like(lora_B) if need_B else grad_B
         grad_bias = gy.new_zeros((N,)) if need_bias else grad_bias
         return grad_x, grad_A, grad_B, grad_bias
-    block_m = _grad_b_block_m(M, x.device) if need_B or need_bias else 0
+    block_m = _grad_b_block_m(M, R, x.device) if need_B or need_bias else 0
     row_blocks = triton.cdiv(M, block_m) if block_m else 0
     grad_b_ws = _empty((row_blocks, N, R), torch.float32, x.device) if block_m else None
     bias_ws = _empty((row_blocks, N), torch.float32, x.device) if need_bias else None
