@@ -447,7 +447,8 @@ GPU_CONFIGS = _configs(
         (16, 64, 128, 4, 4),
         (16, 64, 64, 4, 4),  # fp32 x on an A100 (164 KiB)
         # Short K steps and two stages keep the Aᵀ tile of r = 256 (fp32 adapters: 32 KiB a step) in
-        # shared memory, where every config above is pruned.
+        # shared memory, where every config above is pruned; 8 warps share its accumulators.
+        (64, 64, 32, 8, 2),
         (64, 64, 32, 4, 2),
         (32, 64, 32, 4, 2),
         (16, 64, 32, 4, 2),
@@ -463,6 +464,7 @@ GRAD_X_CONFIGS = _configs(
         (128, 64, 64, 8, 4),
         (64, 64, 64, 4, 4),
         (64, 64, 32, 4, 4),
+        (64, 64, 32, 8, 2),
         (32, 64, 64, 4, 4),
         (16, 64, 64, 4, 4),
         (64, 64, 32, 4, 2),
@@ -476,10 +478,11 @@ GRAD_X_CONFIGS = _configs(
 _DECODE_MAX_M = 64
 
 
-# Accumulator registers a thread may hold (acc and acc_t, fp32) before a config is not worth timing;
-# less where the main loop also draws a dropout mask or splits fp32 adapters (sm_90a, r = 16:
-# 128×256×64/8 warps, 136 by this count, spilled 112 bytes there and none without them).
-_MAX_ACC_REGISTERS = 160
+# Accumulator registers a thread may hold (acc and acc_t, fp32) before a config is not worth timing
+# (sm_90a: 128×256×64/8 warps at r = 64, 160 by this count, spilled 8 bytes; at r = 16, 136, none);
+# less where the main loop also draws a dropout mask or splits fp32 adapters (there the r = 16 one
+# spilled 112 bytes).
+_MAX_ACC_REGISTERS = 144
 _MAX_ACC_REGISTERS_BUSY_LOOP = 128
 
 
