@@ -523,7 +523,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         # mma.sync keeps a K step's operands in registers: on sm_80 every K step of 64 spilled (88-984
         # bytes of stack, r = 16), every K step of 32 did not.
         candidates = [c for c in candidates if c.kwargs["BLOCK_K"] <= 32] or candidates
-        if busy_loop:  # and with fp32 adapters and dropout, 64×128 and 128×128 spilled (40, 96 bytes)
+        if busy_loop or rank >= 64:  # 64×128 and 128×128 spilled there too (40-120 bytes)
             candidates = [c for c in candidates if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or candidates
     kept = [c for c in candidates if _acc_registers(c, rank) <= max_registers and shared(c) <= limits.max_shared_bytes]
     # The compiler-informed filter (configs whose compiled kernel spills) goes here, on `kept`.
@@ -628,10 +628,11 @@ def _grad_b_block_m(M: int, R: int, device: torch.device) -> int:
     """Row block of the grad_x pass when it writes grad_B partials, fixed before the launch because
     the partials' buffer ``[cdiv(M, BLOCK_M), N, R]`` is allocated by it. 128 rows only on Hopper at
     r ≤ 32: on sm_80 every 128-row grad_x config spilled (112-168 bytes), and on sm_90a at r = 64 (see
-    ``GRAD_X_CONFIGS``)."""
+    ``GRAD_X_CONFIGS``); 32 rows on sm_80 at r ≥ 64, where 64×64×32 spilled 8-40 bytes."""
     if INTERPRET:
         return INTERPRETER_CONFIGS[0].kwargs["BLOCK_M"]
-    most = 128 if device_limits(device).capability >= (9, 0) and _padded_rank(R) <= 32 else 64
+    hopper, r_pad = device_limits(device).capability >= (9, 0), _padded_rank(R)
+    most = (128 if r_pad <= 32 else 64) if hopper else (64 if r_pad <= 32 else 32)
     return min(most, max(16, triton.next_power_of_2(M)))
 
 
