@@ -137,3 +137,21 @@ def test_launch_for_inspection_runs_the_launchers(launches):
     assert [launch["W_TRANS"] for launch in launches] == [True, False]
     assert launches[0]["DROPOUT"] == triton_lora.DROPOUT_ON_INPUT.value
     assert launches[1]["DROPOUT"] == triton_lora.DROPOUT_ON_LOW_RANK.value
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_gy_pass_in_several_launches(monkeypatch, p):
+    # The fused grad_B partials are bounded by launching the gy pass on slices of rows: the result
+    # (dropout mask included, which counts rows of the whole input) must not depend on the slicing.
+    x, w, b, A, B = (t.detach() for t in make_inputs(200, 48, 40, 6, torch.float32, DEVICE))
+    gy = torch.randn(200, 40, device=DEVICE)
+    seed = torch.tensor(5) if p else None
+    _, xa = triton_lora.triton_forward(x, w, b, A, B, 1.5, p, seed)
+    whole = triton_lora.triton_backward(gy, x, xa, w, A, B, 1.5, p, seed, True, True, True, True)
+    monkeypatch.setattr(triton_lora, "_MIN_PARTIAL_BLOCKS", 1)
+    monkeypatch.setattr(triton_lora, "_MAX_PARTIAL_BYTES", 4 * 40 * 6)  # one row block a launch
+    sliced = triton_lora.triton_backward(gy, x, xa, w, A, B, 1.5, p, seed, True, True, True, True)
+    for a, b in zip(whole, sliced, strict=True):
+        assert rel_error(b, a) <= 1e-6
+    if not p:
+        check_against_reference(make_inputs(200, 48, 40, 6, torch.float32, DEVICE), 1.5, "triton")

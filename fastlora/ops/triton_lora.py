@@ -107,7 +107,7 @@ def _k_loop(
     off_m, off_n, pid_m, k_lo, k_hi, gb_lo, gb_hi, M, N, K, R,
     stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar,
     stride_gbm, stride_gbk, stride_bwm,
-    dropout_p, seed,
+    dropout_p, seed, row0,
     LOW_RANK: tl.constexpr, WRITE_OUT: tl.constexpr, FUSE_GRAD_B: tl.constexpr, BIAS_GRAD: tl.constexpr,
     SPLIT_XA: tl.constexpr, USE_TMA: tl.constexpr, W_TRANS: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, LOW_RANK_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP32_ADAPTERS: tl.constexpr,
@@ -151,7 +151,7 @@ def _k_loop(
             la = tl.load(la_ptrs, mask=(offs_k < K)[:, None] & (offs_r < R)[None, :], other=0.0)
             a_t = a
             if DROPOUT == DROPOUT_ON_INPUT:
-                keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= dropout_p
+                keep = tl.rand(seed, (row0 + offs_m)[:, None] * K + offs_k[None, :]) >= dropout_p
                 a_t = tl.where(keep, a, 0.0)
             if FP32_ADAPTERS:
                 # la = hi + lo in a's dtype: two products of the a tile as it is (an fp32 copy of the
@@ -186,7 +186,7 @@ def _k_loop(
 @triton.jit
 def _epilogue_half(
     acc, t, lb_ptr, bias_ptr, out_dst, off_m, off_n, M, N, R,
-    stride_lbr, stride_lbn, stride_om, stride_on, dropout_p, seed,
+    stride_lbr, stride_lbn, stride_om, stride_on, dropout_p, seed, row0,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, R_PAD: tl.constexpr,
     LOW_RANK_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HALF_N: tl.constexpr,
 ):  # fmt: skip
@@ -199,7 +199,7 @@ def _epilogue_half(
     lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
     lb = tl.load(lb_ptrs, mask=(offs_r < R)[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     if DROPOUT == DROPOUT_ON_LOW_RANK:
-        keep = tl.rand(seed, offs_m[:, None] * N + offs_n[None, :]) >= dropout_p
+        keep = tl.rand(seed, (row0 + offs_m)[:, None] * N + offs_n[None, :]) >= dropout_p
         acc += tl.where(keep, tl.dot(t, lb, input_precision=LOW_RANK_PRECISION), 0.0)
     else:
         acc = tl.dot(t, lb, acc, input_precision=LOW_RANK_PRECISION)
@@ -215,7 +215,7 @@ def _epilogue_half(
 @triton.jit
 def _lora_gemm_kernel(
     a_ptr, w_ptr, la_ptr, lb_ptr, bias_ptr, out_ptr, t_ptr, flags_ptr, xa_ptr, gb_ws_ptr, bias_ws_ptr,
-    M, N, K, R, M_BUCKET, BLOCK_M_FIXED, SPLITS,
+    M, N, K, R, M_BUCKET, BLOCK_M_FIXED, SPLITS, row0,
     stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar, stride_lbr, stride_lbn,
     stride_om, stride_on, stride_os, stride_tm, stride_tr, stride_ts, stride_xam, stride_xar,
     stride_gbm, stride_gbk, stride_bwm,
@@ -290,7 +290,7 @@ def _lora_gemm_kernel(
                 a_src, w_src, la_ptr, xa_hi, xa_lo, xa_unscale, gb_ws_ptr, bias_ws_ptr,
                 off_m, off_n, pid_m, k_lo, k_hi, gb_lo, gb_hi, M, N, K, R,
                 stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar, stride_gbm, stride_gbk, stride_bwm,
-                dropout_p, seed,
+                dropout_p, seed, row0,
                 True, WRITE_OUT, False, BIAS_GRAD, SPLIT_XA, USE_TMA, W_TRANS, R_PAD, DROPOUT,
                 PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
@@ -308,7 +308,7 @@ def _lora_gemm_kernel(
                 a_src, w_src, la_ptr, xa_hi, xa_lo, xa_unscale, gb_ws_ptr, bias_ws_ptr,
                 off_m, off_n, pid_m, k_lo, k_hi, gb_lo, gb_hi, M, N, K, R,
                 stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar, stride_gbm, stride_gbk, stride_bwm,
-                dropout_p, seed,
+                dropout_p, seed, row0,
                 False, WRITE_OUT, FUSE_GRAD_B, BIAS_GRAD, SPLIT_XA, USE_TMA, W_TRANS, R_PAD, DROPOUT,
                 PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
@@ -333,12 +333,12 @@ def _lora_gemm_kernel(
                 acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1)))
                 _epilogue_half(
                     acc0, t, lb_ptr, bias_ptr, out_dst, off_m, off_n, M, N, R,
-                    stride_lbr, stride_lbn, stride_om, stride_on, dropout_p, seed,
+                    stride_lbr, stride_lbn, stride_om, stride_on, dropout_p, seed, row0,
                     HAS_BIAS, DROPOUT, USE_TMA, R_PAD, LOW_RANK_PRECISION, BLOCK_M, HALF_N,
                 )  # fmt: skip
                 _epilogue_half(
                     acc1, t, lb_ptr, bias_ptr, out_dst, off_m, off_n + HALF_N, M, N, R,
-                    stride_lbr, stride_lbn, stride_om, stride_on, dropout_p, seed,
+                    stride_lbr, stride_lbn, stride_om, stride_on, dropout_p, seed, row0,
                     HAS_BIAS, DROPOUT, USE_TMA, R_PAD, LOW_RANK_PRECISION, BLOCK_M, HALF_N,
                 )  # fmt: skip
 
@@ -472,6 +472,11 @@ GRAD_X_CONFIGS = _configs(
         (16, 64, 32, 4, 2),
     ]
 )
+
+# Bytes of fused grad_B partials one launch of the gy pass may write (see triton_backward), unless
+# that leaves it fewer row blocks than this (very wide layers at high rank).
+_MAX_PARTIAL_BYTES = 16 << 20
+_MIN_PARTIAL_BLOCKS = 16
 
 # Decode: at most this many rows take the split-K path (W is read once whatever M is; the fp32
 # partials grow with M: at M = 64 they are 12 % of W's bytes with two splits at N = K = 4096).
@@ -638,13 +643,14 @@ def _grad_b_block_m(M: int, R: int, device: torch.device) -> int:
 
 def _launch_gemm(
     a, w, w_trans: bool, la, lb, bias, out, t, scaling: float, dropout: _Dropout, dropout_site,
-    xa=None, grad_b_ws=None, bias_ws=None, block_m_fixed: int = 0, decode: bool = False,
+    xa=None, grad_b_ws=None, bias_ws=None, block_m_fixed: int = 0, decode: bool = False, row0: int = 0,
 ) -> None:  # fmt: skip
     """``out = a·w + scaling·D(a·la)·lb + bias`` and ``t = D(a·la)`` (fp32), for logical 2-D views
     ``a [M, K]``, ``w [K, N]`` (``w_trans``: ``w`` is the transpose of a row-major ``W [N, K]``),
     ``la [K, R]``, ``lb [R, N]``. ``out`` or ``t`` may be None (not written); ``grad_b_ws`` /
     ``bias_ws`` (with ``xa``) receive the fused grad_B / bias partials of ``aᵀ·xa`` / ``Σ a``;
-    ``decode`` allows the split-K path for short ``a`` (the forward's dropout site only)."""
+    ``decode`` allows the split-K path for short ``a`` (the forward's dropout site only); ``a`` holds
+    rows ``row0…`` of the whole input (the dropout counter's row)."""
     M, K = a.shape
     N = w.shape[1]
     R = la.shape[1]
@@ -676,7 +682,7 @@ def _launch_gemm(
         a, w, la, lb, bias if bias is not None else dummy, out_buf if write_out else dummy,
         t_buf if store_t else dummy, flags if flags is not None else dummy, xa if xa is not None else dummy,
         grad_b_ws if grad_b_ws is not None else dummy, bias_ws if bias_ws is not None else dummy,
-        M, N, K, R, triton.next_power_of_2(M), block_m_fixed, splits,
+        M, N, K, R, triton.next_power_of_2(M), block_m_fixed, splits, row0,
         *a.stride(), *w.stride(), *la.stride(), *lb.stride(), *out_strides, *t_strides,
         *(xa.stride() if xa is not None else (0, 0)),
         *(grad_b_ws.stride()[:2] if grad_b_ws is not None else (0, 0)),
@@ -770,19 +776,32 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
         grad_bias = gy.new_zeros((N,)) if need_bias else grad_bias
         return grad_x, grad_A, grad_B, grad_bias
     block_m = _grad_b_block_m(M, R, x.device) if need_B or need_bias else 0
-    row_blocks = triton.cdiv(M, block_m) if block_m else 0
+    # The grad_B partials take cdiv(rows, block_m)·N·R fp32: rows go in launches that keep them within
+    # _MAX_PARTIAL_BYTES (at r = 64, 64-row blocks, all of M = 8192 at once would take 128 MiB).
+    rows = max(_MIN_PARTIAL_BLOCKS, _MAX_PARTIAL_BYTES // (4 * N * R)) * block_m if block_m else M
+    row_blocks = triton.cdiv(min(rows, M), block_m) if block_m else 0
     grad_b_ws = _empty((row_blocks, N, R), torch.float32, x.device) if block_m else None
     bias_ws = _empty((row_blocks, N), torch.float32, x.device) if need_bias else None
-    _launch_gemm(
-        gy, weight, False, lora_B, lora_A, None, grad_x if need_x else None, g_xa, scaling, dropout,
-        DROPOUT_ON_LOW_RANK, xa=xa, grad_b_ws=grad_b_ws, bias_ws=bias_ws, block_m_fixed=block_m,
-    )  # fmt: skip
+    grad_b_sum = torch.zeros((N, R), dtype=torch.float32, device=x.device) if need_B else None
+    bias_sum = torch.zeros((N,), dtype=torch.float32, device=x.device) if need_bias else None
+    for m0 in range(0, M, rows):
+        m1 = min(m0 + rows, M)
+        blocks = triton.cdiv(m1 - m0, block_m) if block_m else 0
+        _launch_gemm(
+            gy[m0:m1], weight, False, lora_B, lora_A, None, grad_x[m0:m1] if need_x else None,
+            g_xa[m0:m1] if g_xa is not None else None, scaling, dropout, DROPOUT_ON_LOW_RANK,
+            xa=xa[m0:m1], grad_b_ws=grad_b_ws, bias_ws=bias_ws, block_m_fixed=block_m, row0=m0,
+        )  # fmt: skip
+        if need_B:  # summed over row blocks in order, then launches in order: deterministic
+            grad_b_sum += grad_b_ws[:blocks].sum(0)
+        if need_bias:
+            bias_sum += bias_ws[:blocks].sum(0)
     if need_A:
         grad_A = _reduce_over_m(g_xa, x, scaling, lora_A.dtype, rhs_dropout=dropout)
     if need_B:
-        grad_B = (grad_b_ws.sum(0) * scaling).to(lora_B.dtype)
+        grad_B = (grad_b_sum * scaling).to(lora_B.dtype)
     if need_bias:
-        grad_bias = bias_ws.sum(0).to(gy.dtype)
+        grad_bias = bias_sum.to(gy.dtype)
     return grad_x, grad_A, grad_B, grad_bias
 
 
