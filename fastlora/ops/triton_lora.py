@@ -39,12 +39,12 @@ so ``D(x)·Aᵀ`` transposes to ``D(g·A)``); ``grad_A`` applies it to the ``x``
 
 Precision: fp16/bf16 tiles go to the tensor cores with fp32 accumulation. With fp32 adapters on a
 half base (PEFT's default) the fp32 operand of ``a·la`` is split in two of ``a``'s dtype (``hi`` and
-the remainder ``lo``: 16 mantissa bits for bf16, 22 for fp16, TF32 keeps 11), as PEFT runs that
+the remainder ``lo``: 16 significant bits for bf16, 22 for fp16, TF32 keeps 11), as PEFT runs that
 branch in fp32: rounding the adapters to bf16 alone gave 1.5e-2 relative error in ``grad_B`` on a
-fuzzed r=1 case. grad_B's ``gyᵀ·xa`` splits ``xa`` the same way. ``t`` stays fp32, so an fp16 input whose ``x Aᵀ`` exceeds fp16's
-range is still right; products with ``t`` run in fp32 (TF32 on the tensor cores, whose 10-bit
-mantissa holds fp16/bf16 operands exactly). fp32 inputs use exact fp32 products unless
-``torch.set_float32_matmul_precision`` allows TF32.
+fuzzed r=1 case. grad_B's ``gyᵀ·xa`` splits ``xa`` the same way. ``t`` stays fp32, so an fp16 input
+whose ``x Aᵀ`` exceeds fp16's range is still right; the epilogue's products with ``t`` run in fp32
+(TF32 on the tensor cores, whose 11 significant bits hold fp16/bf16 operands exactly). fp32 inputs
+use exact fp32 products unless ``torch.set_float32_matmul_precision`` allows TF32.
 
 Under ``TRITON_INTERPRET=1`` (the CPU test suite) each kernel runs one fixed configuration, and
 bf16 operands are upcast to fp32 before ``tl.dot`` because the interpreter's bf16 dot is wrong.
@@ -116,8 +116,8 @@ def _k_loop(
     """``(a·w, a·la)`` over K steps ``[k_lo, k_hi)`` of one tile (``a·la`` only if ``LOW_RANK``); with
     ``FUSE_GRAD_B`` the steps in ``[gb_lo, gb_hi)`` also write their grad_B / bias partials: for
     ``SPLIT_XA`` (a half ``a``) ``aᵀ·xa`` is ``(aᵀ·xa_hi + aᵀ·xa_lo)·xa_unscale``, two products on the
-    tensor cores straight from the ``a`` tile in shared memory, about 16 (bf16) / 22 (fp16) mantissa
-    bits of ``xa`` (TF32 keeps 10); converting the ``a`` tile to fp32 in registers instead spilled
+    tensor cores straight from the ``a`` tile in shared memory, about 16 (bf16) / 22 (fp16) significant
+    bits of ``xa`` (TF32 keeps 11); converting the ``a`` tile to fp32 in registers instead spilled
     (sm_90a, 128×256: 192 bytes of stack)."""
     offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
     offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
@@ -373,7 +373,8 @@ def _split_k_reduce_kernel(
     acc = tl.dot(t * scaling, lb, acc, input_precision=LOW_RANK_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
 
 @triton.jit
@@ -666,7 +667,9 @@ def _launch_gemm(
     if split_k:
         partials = _empty((splits, M, N), torch.float32, device)
         t_partials = _empty((splits, M, R), torch.float32, device)
-    flags = torch.zeros(triton.cdiv(M, 16), dtype=torch.int32, device=device) if write_out and store_t and not split_k else None
+    flags = None
+    if write_out and store_t and not split_k:  # one per row block (of 16 rows at least), zeroed
+        flags = torch.zeros(triton.cdiv(M, 16), dtype=torch.int32, device=device)
     out_buf = partials if split_k else out
     t_buf = t_partials if split_k else t
 
@@ -675,8 +678,10 @@ def _launch_gemm(
         return triton.cdiv(M, meta["BLOCK_M"]) * num_n * splits
 
     grid = _grid(num_tiles, device, flags=flags is not None)
-    out_strides = (out_buf.stride(-2), out_buf.stride(-1), out_buf.stride(0) if split_k else 0) if write_out else (0, 0, 0)
-    t_strides = (t_buf.stride(-2), t_buf.stride(-1), t_buf.stride(0) if split_k else 0) if store_t else (0, 0, 0)
+    def strides(buf):  # rows, columns, splits
+        return (buf.stride(-2), buf.stride(-1), buf.stride(0) if split_k else 0) if buf is not None else (0, 0, 0)
+
+    out_strides, t_strides = strides(out_buf), strides(t_buf)
     launcher = _lora_gemm_grad_x if grad_b_ws is not None else _lora_gemm
     launcher[grid](
         a, w, la, lb, bias if bias is not None else dummy, out_buf if write_out else dummy,
