@@ -1,10 +1,12 @@
 """Under ``torch.use_deterministic_algorithms(True)`` two identical forward+backward runs give
 bit-identical outputs and gradients on every backend.
 
-The Triton kernels are deterministic by construction: every output tile of ``_lora_matmul_kernel``
-is owned by one program, and ``_lora_reduce_kernel`` writes one fp32 partial per split of M that
-``ws.sum(0)`` adds up in a fixed order afterwards; nothing is accumulated with atomics. (Bit-equality
-holds within a process: on a GPU the autotuner may pick another tile shape in another process.)
+The Triton kernels are deterministic by construction: every output tile of ``_lora_gemm_kernel``
+is computed by one program whatever program that is, and the adapter gradients are fp32 partials
+(per row block or split of M) that ``sum(0)`` adds up in a fixed order afterwards; nothing is
+accumulated with atomics (the only atomics are the flags that publish ``x Aᵀ`` to consumer tiles).
+(Bit-equality holds within a process: on a GPU the autotuner may pick another tile shape in another
+process.)
 """
 
 import pytest

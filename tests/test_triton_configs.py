@@ -1,12 +1,15 @@
 """The Triton autotuner's config pruning, checked on the CPU (the GPU configs are never timed here).
 
-Every supported problem must keep at least one config that fits the register and shared-memory
-budgets: an empty or overflowing set would fail at launch on the GPU (r = 256 with fp32 adapters
-overflows every large tile).
+Every supported problem must keep at least one config that fits the register budget and the
+shared memory of the GPU it launches on (``device_limits``, stood in with ``target_limits``): an
+empty or overflowing set would fail at launch on the GPU (r = 256 with fp32 adapters overflows
+every large tile).
 """
 
 import pytest
 import torch
+
+from fastlora.ops._device import KNOWN_LIMITS, target_limits
 
 triton_lora = pytest.importorskip("fastlora.ops.triton_lora")
 
@@ -18,26 +21,68 @@ def formula_only(monkeypatch):
     monkeypatch.setattr(triton_lora, "drop_spilling", lambda kernel, configs, named_args, **kwargs: list(configs))
 
 
+def named_args(x_dtype, adapter_dtype, m_bucket, block_m_fixed=0):
+    return {
+        "a_ptr": torch.empty(1, dtype=x_dtype),
+        "la_ptr": torch.empty(1, dtype=adapter_dtype),
+        "out_ptr": torch.empty(1, dtype=x_dtype),
+        "M_BUCKET": m_bucket,
+        "BLOCK_M_FIXED": block_m_fixed,
+    }
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=str)
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("r_pad", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("m_bucket", [1, 16, 64, 1024, 16384])
-def test_pruning_keeps_configs_that_fit(x_dtype, adapter_dtype, r_pad, m_bucket):
-    named_args = {
-        "a_ptr": torch.empty(1, dtype=x_dtype),
-        "la_ptr": torch.empty(1, dtype=adapter_dtype),
-        "M_BUCKET": m_bucket,
-    }
-    kept = triton_lora.prune_matmul_configs(triton_lora.GPU_CONFIGS, named_args, R_PAD=r_pad)
+def test_pruning_keeps_configs_that_fit(capability, x_dtype, adapter_dtype, r_pad, m_bucket):
+    limits = KNOWN_LIMITS[capability]
+    with target_limits(limits):
+        kept = triton_lora.prune_gemm_configs(
+            triton_lora.GPU_CONFIGS, named_args(x_dtype, adapter_dtype, m_bucket), R_PAD=r_pad
+        )
     assert kept
     for c in kept:
-        shared = triton_lora._shared_bytes(c, x_dtype.itemsize, adapter_dtype.itemsize, r_pad)
-        assert shared <= triton_lora._MAX_SHARED_BYTES, (c, shared)
+        shared = triton_lora._shared_bytes(c, x_dtype.itemsize, adapter_dtype.itemsize, x_dtype.itemsize, r_pad)
+        assert shared <= limits.max_shared_bytes, (c, shared)
         registers = c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + r_pad) / (32 * c.num_warps)
         assert registers <= triton_lora._MAX_ACC_REGISTERS, (c, registers)
+        assert c.kwargs["BLOCK_M"] <= max(16, m_bucket)
 
 
-def test_large_problems_keep_large_tiles():
-    named_args = {"a_ptr": torch.empty(1, dtype=torch.bfloat16), "la_ptr": torch.empty(1, dtype=torch.bfloat16)}
-    kept = triton_lora.prune_matmul_configs(triton_lora.GPU_CONFIGS, {**named_args, "M_BUCKET": 8192}, R_PAD=16)
+def test_shared_memory_budget_follows_the_gpu():
+    # 128x256x64 in 3 stages of bf16 (147 KiB + its store buffer) fits an H100's 227 KiB, not 100 KiB.
+    args = named_args(torch.bfloat16, torch.bfloat16, 8192)
+    with target_limits(KNOWN_LIMITS[(9, 0)]):
+        big = triton_lora.prune_gemm_configs(triton_lora.GPU_CONFIGS, args, R_PAD=16)
+    small_gpu = KNOWN_LIMITS[(8, 0)]._replace(max_shared_bytes=100 * 1024)
+    with target_limits(small_gpu):
+        small = triton_lora.prune_gemm_configs(triton_lora.GPU_CONFIGS, args, R_PAD=16)
+    assert any(c.kwargs["BLOCK_N"] == 256 and c.kwargs["BLOCK_M"] == 128 for c in big)
+    assert small and not any(c.kwargs["BLOCK_N"] == 256 and c.kwargs["BLOCK_M"] == 128 for c in small)
+
+
+def test_large_problems_keep_large_tiles_and_drop_decode_tiles():
+    with target_limits(KNOWN_LIMITS[(9, 0)]):
+        kept = triton_lora.prune_gemm_configs(
+            triton_lora.GPU_CONFIGS, named_args(torch.bfloat16, torch.bfloat16, 8192), R_PAD=16
+        )
     assert any(c.kwargs["BLOCK_M"] == 128 for c in kept)
+    assert all(c.kwargs["BLOCK_M"] >= 64 for c in kept)  # wgmma needs 64 rows a warp group
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=str)
+@pytest.mark.parametrize("m", [1, 40, 64, 100, 8192])
+@pytest.mark.parametrize("r", [16, 64, 256])
+def test_grad_b_partials_fix_the_row_block(capability, m, r, monkeypatch):
+    # The fused grad_B partials are allocated per row block before the launch: every kept config
+    # must use exactly that row block.
+    monkeypatch.setattr(triton_lora, "INTERPRET", False)  # the GPU's row block, not the interpreter's
+    m_bucket = max(1, 1 << (m - 1).bit_length())
+    with target_limits(KNOWN_LIMITS[capability]):
+        block_m = triton_lora._grad_b_block_m(m, r, torch.device("cpu"))
+        kept = triton_lora.prune_gemm_configs(
+            triton_lora.GRAD_X_CONFIGS, named_args(torch.bfloat16, torch.float32, m_bucket, block_m), R_PAD=r
+        )
+    assert kept and all(c.kwargs["BLOCK_M"] == block_m for c in kept)
