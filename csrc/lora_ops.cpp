@@ -15,6 +15,9 @@
 #include <tuple>
 
 #include "lora_kernels.cuh"
+#ifdef FASTLORA_SM90A
+#include "lora_sm90.cuh"
+#endif
 
 namespace fastlora {
 namespace {
@@ -172,6 +175,71 @@ void launch_fused(const Tensor& a, const Tensor& b, const Tensor& xa, const Tens
   C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
 }
 
+#ifdef FASTLORA_SM90A
+// The Hopper path (lora_sm90.cuh): out = a · b + [s·xa rounded to T] · l, with l the rank-r factor
+// in b's layout, plus bias, on TMA + wgmma. Taken on a compute capability 9.0 device for fp16/bf16
+// when every operand meets TMA's contract (16-byte aligned base, unit inner stride, leading dimension
+// and contiguous extent multiples of 8 elements); returns false, launching nothing, otherwise, and
+// the caller runs the portable kernel. DESIGN.md lists which case takes which path.
+constexpr int64_t kTmaElems = 8;  // 16 bytes of fp16/bf16
+
+bool tma_ready(const Tensor& t) {
+  return t.stride(1) == 1 && t.stride(0) % kTmaElems == 0 && t.size(1) % kTmaElems == 0 &&
+         reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+// src [rows, cols] (any strides and dtype) as a TMA-ready T tensor times `scale`, columns padded to a
+// multiple of 8 with zeros (the padded rank adds zero products); `src` itself when it already is one.
+Tensor tma_operand(const Tensor& src, at::ScalarType dtype, double scale) {
+  if (scale == 1.0 && src.scalar_type() == dtype && tma_ready(src)) return src;
+  const int64_t cols = ceil_div(src.size(1), kTmaElems) * kTmaElems;
+  Tensor out = at::zeros({src.size(0), cols}, src.options().dtype(dtype));
+  out.narrow(1, 0, src.size(1)).copy_(scale == 1.0 ? src : src * scale);
+  return out;
+}
+
+// a [M, Kr] (T), b_nk: the [N, Kr] right operand as a strided view (W in the forward, Wᵀ in grad_x),
+// xa [M, R] fp32, l_nr: the [N, R] rank-r factor as a view (B in the forward, Aᵀ in grad_x).
+bool try_sm90(const Tensor& a, const Tensor& b_nk, const Tensor& xa, const Tensor& l_nr, const Tensor& bias,
+              double scaling, Tensor& out, cudaStream_t stream) {
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const auto dtype = a.scalar_type();
+  const int64_t M = a.size(0), K = a.size(1), N = b_nk.size(0), R = xa.size(1);
+  if (props->major != 9 || props->minor != 0 || (dtype != at::kHalf && dtype != at::kBFloat16)) return false;
+  if (K == 0 || R == 0 || std::max({M, N, K}) >= (int64_t{1} << 31)) return false;
+  // b in one of the layouts the kernel reads in place: K-major (b_nk rows contiguous) or N-major.
+  const bool k_major = b_nk.stride(1) == 1;
+  const Tensor b = k_major ? b_nk : b_nk.t();
+  if (!tma_ready(a) || !tma_ready(b) || !tma_ready(out) || N % kTmaElems != 0 || K % kTmaElems != 0) return false;
+  if (bias.defined() && reinterpret_cast<uintptr_t>(bias.const_data_ptr()) % 16 != 0) return false;
+
+  // The LoRA K-blocks: a_ext = s·xa [M, R8] and l in b's layout, both small (M·r and N·r elements).
+  const Tensor a_ext = tma_operand(xa, dtype, scaling);
+  Tensor b_ext = tma_operand(k_major ? l_nr : l_nr.t(), dtype, 1.0);
+  if (b_ext.size(k_major ? 1 : 0) != a_ext.size(1)) {  // pad l's rank to a_ext's (zeros)
+    b_ext = k_major ? tma_operand(at::constant_pad_nd(l_nr, {0, a_ext.size(1) - R}), dtype, 1.0)
+                    : tma_operand(at::constant_pad_nd(l_nr.t(), {0, 0, 0, a_ext.size(1) - R}), dtype, 1.0);
+  }
+  Sm90LoRAGemm p{};
+  p.M = M, p.N = N, p.K = K, p.R = a_ext.size(1);
+  p.a = a.const_data_ptr(), p.lda = a.stride(0);
+  p.a_ext = a_ext.const_data_ptr(), p.lda_ext = a_ext.stride(0);
+  p.b = b.const_data_ptr(), p.ldb = b.stride(0);
+  p.b_ext = b_ext.const_data_ptr(), p.ldb_ext = b_ext.stride(0);
+  p.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
+  p.out = out.mutable_data_ptr(), p.ldo = out.stride(0);
+  p.sm_count = props->multiProcessorCount;
+  const bool k = k_major;
+  const cudaError_t err = dtype == at::kHalf
+                              ? (k ? launch_lora_gemm_sm90<__half, true>(p, stream) : launch_lora_gemm_sm90<__half, false>(p, stream))
+                              : (k ? launch_lora_gemm_sm90<__nv_bfloat16, true>(p, stream)
+                                   : launch_lora_gemm_sm90<__nv_bfloat16, false>(p, stream));
+  if (err == cudaErrorNotSupported) return false;  // CUTLASS refused the shape: nothing was launched
+  C10_CUDA_CHECK(err);
+  return true;
+}
+#endif
+
 std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight_in,
                                         const std::optional<Tensor>& bias_in, const Tensor& lora_A_in,
                                         const Tensor& lora_B_in, double scaling, double dropout_p,
@@ -190,7 +258,7 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight
   }
 
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const Tensor x = unit_inner_stride(x_in), weight = unit_inner_stride(weight_in);
+  const Tensor x = unit_inner_stride(x_in);
   const Tensor lora_A = unit_inner_stride(lora_A_in), lora_B = unit_inner_stride(lora_B_in);
   Tensor y = at::empty({M, N}, x.options());
   Tensor xa = at::empty({M, R}, x.options().dtype(at::kFloat));
@@ -202,8 +270,13 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight
     using TA = typename decltype(ta)::type;
     // xa = D(x) Aᵀ, kept in fp32: the main kernel's epilogue and the backward both read it.
     launch_rank_gemm<true, T, TA>(x, lora_A, dropout, xa, stream);
-    // y = x Wᵀ + scaling · xa Bᵀ + bias (dropout already applied inside xa).
-    launch_fused<true, T, TA>(x, weight, xa, lora_B, bias, scaling, Dropout{}, y, stream);
+    // y = x Wᵀ + scaling · xa Bᵀ + bias (dropout already applied inside xa). The Hopper kernel reads
+    // W in place in either layout (GPT-2's Conv1D passes a transposed view); the portable one needs
+    // unit inner stride.
+#ifdef FASTLORA_SM90A
+    if (try_sm90(x, weight_in, xa, lora_B, bias, scaling, y, stream)) return;
+#endif
+    launch_fused<true, T, TA>(x, unit_inner_stride(weight_in), xa, lora_B, bias, scaling, Dropout{}, y, stream);
   });
   return {y, xa};
 }
@@ -229,7 +302,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
 
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor gy = unit_inner_stride(gy_in), x = unit_inner_stride(x_in), xa = unit_inner_stride(xa_in);
-  const Tensor weight = unit_inner_stride(weight_in);
   const Tensor lora_A = unit_inner_stride(lora_A_in), lora_B = unit_inner_stride(lora_B_in);
   auto maybe_empty = [](bool needed, const Tensor& like, at::IntArrayRef shape) {
     return needed ? at::empty(shape, like.options()) : at::empty({0}, like.options());
@@ -255,8 +327,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
       g_xa = at::empty({M, R}, x.options().dtype(at::kFloat));
       launch_rank_gemm<false, T, TA>(gy, lora_B, Dropout{}, g_xa, stream);
     }
-    // grad_x = gy W + scaling · D(g_xa A): the forward's kernel with W and A read untransposed.
-    if (need_x) launch_fused<false, T, TA>(gy, weight, g_xa, lora_A, Tensor(), scaling, dropout, grad_x, stream);
+    // grad_x = gy W + scaling · D(g_xa A): the forward's kernel with W and A read untransposed. The
+    // Hopper kernel cannot apply dropout to the low-rank term alone (it shares the accumulator).
+    if (need_x) {
+#ifdef FASTLORA_SM90A
+      const bool done = dropout.p == 0.f && try_sm90(gy, weight_in.t(), g_xa, lora_A.t(), Tensor(), scaling, grad_x, stream);
+#else
+      const bool done = false;
+#endif
+      if (!done) launch_fused<false, T, TA>(gy, unit_inner_stride(weight_in), g_xa, lora_A, Tensor(), scaling, dropout, grad_x, stream);
+    }
     // grad_A[r, k] = scaling · Σ_m g_xa[m, r] D(x)[m, k]
     if (need_A) reduce_rows<TA>(ptr<float>(g_xa), R, ptr<T>(x), x.stride(0), M, scaling, dropout, grad_A, stream);
     // grad_B[n, r] = scaling · Σ_m gy[m, n] xa[m, r]   (xa already holds D(x) Aᵀ)
