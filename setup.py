@@ -128,16 +128,17 @@ def cuda_extension() -> tuple[list, dict]:
         for what in ("HALF_OPERATORS", "HALF_CONVERSIONS", "HALF2_OPERATORS", "BFLOAT16_OPERATORS", "BFLOAT16_CONVERSIONS")
     ]
     archs = os.environ.get("FASTLORA_CUDA_ARCHS", DEFAULT_ARCHS)
-    # The Hopper kernels (csrc/lora_sm90_*.cu) exist only in an sm_90a build; the host code takes their
-    # path only then, so a build without it never launches a kernel missing from the binary.
-    sm90a = ["-DFASTLORA_SM90A"] if "90a" in archs.replace(".", "").split(";") else []
-    nvcc_flags = ["-O3", "-lineinfo", *sm90a, *cutlass_flags, *gencode_flags(archs)]
+    # FASTLORA_CUTLASS: the CUTLASS kernels exist (the CPU emulation of csrc/ builds without them).
+    # FASTLORA_SM90A: the Hopper kernels (csrc/lora_sm90_*.cu) exist only in an sm_90a build; the host
+    # code takes their path only then, so a build without it never launches a kernel missing from it.
+    defines = ["-DFASTLORA_CUTLASS"] + (["-DFASTLORA_SM90A"] if "90a" in archs.replace(".", "").split(";") else [])
+    nvcc_flags = ["-O3", "-lineinfo", *defines, *cutlass_flags, *gencode_flags(archs)]
     extension = CUDAExtension(
         name="fastlora._C",
         sources=sorted(str(p.relative_to(ROOT)) for p in (*ROOT.glob("csrc/*.cpp"), *ROOT.glob("csrc/*.cu"))),
         depends=sorted(str(p.relative_to(ROOT)) for p in (*ROOT.glob("csrc/*.cuh"), *ROOT.glob("csrc/*.hpp"))),
         include_dirs=cutlass_dirs,
-        extra_compile_args={"cxx": ["-O3", *sm90a], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3", *defines], "nvcc": nvcc_flags},
     )
     return [extension], {"build_ext": BuildExt.with_options(use_ninja=True)}
 

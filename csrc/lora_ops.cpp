@@ -15,8 +15,8 @@
 #include <tuple>
 
 #include "lora_kernels.cuh"
-#ifdef FASTLORA_SM90A
-#include "lora_sm90.cuh"
+#ifdef FASTLORA_CUTLASS
+#include "lora_cutlass.cuh"
 #endif
 
 namespace fastlora {
@@ -175,68 +175,107 @@ void launch_fused(const Tensor& a, const Tensor& b, const Tensor& xa, const Tens
   C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
 }
 
-#ifdef FASTLORA_SM90A
-// The Hopper path (lora_sm90.cuh): out = a · b + [s·xa rounded to T] · l, with l the rank-r factor
-// in b's layout, plus bias, on TMA + wgmma. Taken on a compute capability 9.0 device for fp16/bf16
-// when every operand meets TMA's contract (16-byte aligned base, unit inner stride, leading dimension
-// and contiguous extent multiples of 8 elements); returns false, launching nothing, otherwise, and
-// the caller runs the portable kernel. DESIGN.md lists which case takes which path.
-constexpr int64_t kTmaElems = 8;  // 16 bytes of fp16/bf16
+// Which kernel computes out = a · bᵀ + [s·xa rounded to T] · lᵀ (+ bias), for a [M, K] (x, or gy in
+// grad_x), b_nk the [N, K] right operand as a view (W, or Wᵀ in grad_x), rank r, and out [M, N]:
+//   kSm90: the TMA + wgmma kernel, on compute capability 9.0 when the build has sm_90a;
+//   kSm80: the cp.async + mma.sync kernel, on any other compute capability >= 8.0;
+//   kPortable: the WMMA/FMA kernel of lora_kernels.cu, for everything the CUTLASS kernels cannot
+//     take: fp32, K = 0 or r = 0, sizes >= 2^31, and operands off the 16-byte vector contract
+//     (a base pointer not 16-byte aligned, an inner stride other than 1 in both of b's layouts, a
+//     leading dimension or a contiguous extent K, N not a multiple of 8 elements).
+// A pure function of the device and the tensors' metadata (no device access), so it is unit-tested
+// on the CPU; DESIGN.md has the table. The callers also keep grad_x with dropout on kPortable (the
+// mask applies to the low-rank term alone, which shares the CUTLASS kernels' accumulator).
+enum class GemmPath : int64_t { kPortable = 0, kSm80 = 1, kSm90 = 2 };
+constexpr int64_t kVecElems = 8;  // 16 bytes of fp16/bf16: one TMA or cp.async vector
 
-bool tma_ready(const Tensor& t) {
-  return t.stride(1) == 1 && t.stride(0) % kTmaElems == 0 && t.size(1) % kTmaElems == 0 &&
+// (A row stride of 0, as an expanded gradient has, is not a valid TMA stride.)
+bool vector_ready(const Tensor& t) {
+  return t.stride(1) == 1 && t.stride(0) > 0 && t.stride(0) % kVecElems == 0 && t.size(1) % kVecElems == 0 &&
          reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
-// src [rows, cols] (any strides and dtype) as a TMA-ready T tensor times `scale`, columns padded to a
-// multiple of 8 with zeros (the padded rank adds zero products); `src` itself when it already is one.
-Tensor tma_operand(const Tensor& src, at::ScalarType dtype, double scale) {
-  if (scale == 1.0 && src.scalar_type() == dtype && tma_ready(src)) return src;
-  const int64_t cols = ceil_div(src.size(1), kTmaElems) * kTmaElems;
+// b_nk as the CUTLASS kernels read it: itself when its rows are contiguous (K-major), else its
+// transpose (N-major), so that a transposed W (GPT-2's Conv1D) is read in place.
+bool k_major(const Tensor& b_nk) { return b_nk.stride(1) == 1; }
+Tensor stored(const Tensor& b_nk) { return k_major(b_nk) ? b_nk : b_nk.t(); }
+
+GemmPath choose_gemm_path(int64_t major, int64_t minor, bool sm90a_built, const Tensor& a, const Tensor& b_nk,
+                          int64_t R, const Tensor& bias, const Tensor& out) {
+  const auto dtype = a.scalar_type();
+  const int64_t M = a.size(0), K = a.size(1), N = b_nk.size(0);
+  if ((dtype != at::kHalf && dtype != at::kBFloat16) || b_nk.scalar_type() != dtype || major < 8) {
+    return GemmPath::kPortable;
+  }
+  if (K == 0 || R == 0 || std::max({M, N, K}) >= (int64_t{1} << 31)) return GemmPath::kPortable;
+  if (!vector_ready(a) || !vector_ready(stored(b_nk)) || !vector_ready(out)) return GemmPath::kPortable;
+  if (bias.defined() && reinterpret_cast<uintptr_t>(bias.const_data_ptr()) % 16 != 0) return GemmPath::kPortable;
+  return major == 9 && minor == 0 && sm90a_built ? GemmPath::kSm90 : GemmPath::kSm80;
+}
+
+#ifdef FASTLORA_SM90A
+constexpr bool kSm90aBuilt = true;
+#else
+constexpr bool kSm90aBuilt = false;
+#endif
+
+#ifdef FASTLORA_CUTLASS
+// src [rows, cols] (any strides and dtype) times `scale` as a vector-ready T tensor, columns padded
+// with zeros to `cols` (a multiple of 8); `src` itself when it already is one.
+Tensor vector_operand(const Tensor& src, at::ScalarType dtype, double scale, int64_t cols) {
+  if (scale == 1.0 && src.scalar_type() == dtype && src.size(1) == cols && vector_ready(src)) return src;
   Tensor out = at::zeros({src.size(0), cols}, src.options().dtype(dtype));
   out.narrow(1, 0, src.size(1)).copy_(scale == 1.0 ? src : src * scale);
   return out;
 }
 
-// a [M, Kr] (T), b_nk: the [N, Kr] right operand as a strided view (W in the forward, Wᵀ in grad_x),
-// xa [M, R] fp32, l_nr: the [N, R] rank-r factor as a view (B in the forward, Aᵀ in grad_x).
-bool try_sm90(const Tensor& a, const Tensor& b_nk, const Tensor& xa, const Tensor& l_nr, const Tensor& bias,
-              double scaling, Tensor& out, cudaStream_t stream) {
-  const auto* props = at::cuda::getCurrentDeviceProperties();
+// Runs the CUTLASS kernel choose_gemm_path picked (not kPortable). xa [M, R] fp32 and l_nr, the
+// [N, R] rank-r factor as a view (B in the forward, Aᵀ in grad_x), become the LoRA K-blocks:
+// a_ext = s·xa and l in b's layout, both rounded to T with the rank padded to a multiple of 8 by
+// zeros (M·r and N·r elements: small next to the GEMM).
+void run_cutlass(GemmPath path, const Tensor& a, const Tensor& b_nk, const Tensor& xa, const Tensor& l_nr,
+                 const Tensor& bias, double scaling, Tensor& out, cudaStream_t stream) {
   const auto dtype = a.scalar_type();
-  const int64_t M = a.size(0), K = a.size(1), N = b_nk.size(0), R = xa.size(1);
-  if (props->major != 9 || props->minor != 0 || (dtype != at::kHalf && dtype != at::kBFloat16)) return false;
-  if (K == 0 || R == 0 || std::max({M, N, K}) >= (int64_t{1} << 31)) return false;
-  // b in one of the layouts the kernel reads in place: K-major (b_nk rows contiguous) or N-major.
-  const bool k_major = b_nk.stride(1) == 1;
-  const Tensor b = k_major ? b_nk : b_nk.t();
-  if (!tma_ready(a) || !tma_ready(b) || !tma_ready(out) || N % kTmaElems != 0 || K % kTmaElems != 0) return false;
-  if (bias.defined() && reinterpret_cast<uintptr_t>(bias.const_data_ptr()) % 16 != 0) return false;
-
-  // The LoRA K-blocks: a_ext = s·xa [M, R8] and l in b's layout, both small (M·r and N·r elements).
-  const Tensor a_ext = tma_operand(xa, dtype, scaling);
-  Tensor b_ext = tma_operand(k_major ? l_nr : l_nr.t(), dtype, 1.0);
-  if (b_ext.size(k_major ? 1 : 0) != a_ext.size(1)) {  // pad l's rank to a_ext's (zeros)
-    b_ext = k_major ? tma_operand(at::constant_pad_nd(l_nr, {0, a_ext.size(1) - R}), dtype, 1.0)
-                    : tma_operand(at::constant_pad_nd(l_nr.t(), {0, 0, 0, a_ext.size(1) - R}), dtype, 1.0);
+  const int64_t R8 = ceil_div(xa.size(1), kVecElems) * kVecElems;
+  const bool kmaj = k_major(b_nk);
+  const Tensor b = stored(b_nk);
+  const Tensor a_ext = vector_operand(xa, dtype, scaling, R8);
+  Tensor b_ext;
+  if (kmaj) {
+    b_ext = vector_operand(l_nr, dtype, 1.0, R8);
+  } else {  // [R8, N], rows past r zero
+    const Tensor l_rn = R8 == l_nr.size(1) ? l_nr.t() : at::constant_pad_nd(l_nr.t(), {0, 0, 0, R8 - l_nr.size(1)});
+    b_ext = vector_operand(l_rn, dtype, 1.0, l_rn.size(1));
   }
-  Sm90LoRAGemm p{};
-  p.M = M, p.N = N, p.K = K, p.R = a_ext.size(1);
+  LoRAGemmArgs p{};
+  p.M = a.size(0), p.N = b_nk.size(0), p.K = a.size(1), p.R = R8;
   p.a = a.const_data_ptr(), p.lda = a.stride(0);
   p.a_ext = a_ext.const_data_ptr(), p.lda_ext = a_ext.stride(0);
   p.b = b.const_data_ptr(), p.ldb = b.stride(0);
   p.b_ext = b_ext.const_data_ptr(), p.ldb_ext = b_ext.stride(0);
   p.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
   p.out = out.mutable_data_ptr(), p.ldo = out.stride(0);
-  p.sm_count = props->multiProcessorCount;
-  const bool k = k_major;
-  const cudaError_t err = dtype == at::kHalf
-                              ? (k ? launch_lora_gemm_sm90<__half, true>(p, stream) : launch_lora_gemm_sm90<__half, false>(p, stream))
-                              : (k ? launch_lora_gemm_sm90<__nv_bfloat16, true>(p, stream)
-                                   : launch_lora_gemm_sm90<__nv_bfloat16, false>(p, stream));
-  if (err == cudaErrorNotSupported) return false;  // CUTLASS refused the shape: nothing was launched
+  p.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  auto launch = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+#ifdef FASTLORA_SM90A
+    if (path == GemmPath::kSm90) {
+      return kmaj ? launch_lora_gemm_sm90<T, true>(p, stream) : launch_lora_gemm_sm90<T, false>(p, stream);
+    }
+#endif
+    return kmaj ? launch_lora_gemm_sm80<T, true>(p, stream) : launch_lora_gemm_sm80<T, false>(p, stream);
+  };
+  const cudaError_t err = dtype == at::kHalf ? launch(Tag<__half>{}) : launch(Tag<__nv_bfloat16>{});
+  TORCH_CHECK(err != cudaErrorNotSupported, "fastlora: CUTLASS rejected a problem fastlora's checks accepted (M=", p.M,
+              ", N=", p.N, ", K=", p.K, ", r=", p.R, "); please report it");
   C10_CUDA_CHECK(err);
-  return true;
+}
+
+// choose_gemm_path for the current device.
+GemmPath device_gemm_path(const Tensor& a, const Tensor& b_nk, int64_t R, const Tensor& bias, const Tensor& out) {
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  return choose_gemm_path(props->major, props->minor, kSm90aBuilt, a, b_nk, R, bias, out);
 }
 #endif
 
@@ -270,11 +309,13 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight
     using TA = typename decltype(ta)::type;
     // xa = D(x) Aᵀ, kept in fp32: the main kernel's epilogue and the backward both read it.
     launch_rank_gemm<true, T, TA>(x, lora_A, dropout, xa, stream);
-    // y = x Wᵀ + scaling · xa Bᵀ + bias (dropout already applied inside xa). The Hopper kernel reads
+    // y = x Wᵀ + scaling · xa Bᵀ + bias (dropout already applied inside xa). The CUTLASS kernels read
     // W in place in either layout (GPT-2's Conv1D passes a transposed view); the portable one needs
     // unit inner stride.
-#ifdef FASTLORA_SM90A
-    if (try_sm90(x, weight_in, xa, lora_B, bias, scaling, y, stream)) return;
+#ifdef FASTLORA_CUTLASS
+    if (const GemmPath path = device_gemm_path(x, weight_in, R, bias, y); path != GemmPath::kPortable) {
+      return run_cutlass(path, x, weight_in, xa, lora_B, bias, scaling, y, stream);
+    }
 #endif
     launch_fused<true, T, TA>(x, unit_inner_stride(weight_in), xa, lora_B, bias, scaling, Dropout{}, y, stream);
   });
@@ -327,15 +368,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
       g_xa = at::empty({M, R}, x.options().dtype(at::kFloat));
       launch_rank_gemm<false, T, TA>(gy, lora_B, Dropout{}, g_xa, stream);
     }
-    // grad_x = gy W + scaling · D(g_xa A): the forward's kernel with W and A read untransposed. The
-    // Hopper kernel cannot apply dropout to the low-rank term alone (it shares the accumulator).
+    // grad_x = gy W + scaling · D(g_xa A): the forward's kernel with W and A read untransposed.
     if (need_x) {
-#ifdef FASTLORA_SM90A
-      const bool done = dropout.p == 0.f && try_sm90(gy, weight_in.t(), g_xa, lora_A.t(), Tensor(), scaling, grad_x, stream);
+#ifdef FASTLORA_CUTLASS
+      const GemmPath path = dropout.p == 0.f ? device_gemm_path(gy, weight_in.t(), R, Tensor(), grad_x) : GemmPath::kPortable;
+      if (path != GemmPath::kPortable) run_cutlass(path, gy, weight_in.t(), g_xa, lora_A.t(), Tensor(), scaling, grad_x, stream);
 #else
-      const bool done = false;
+      const GemmPath path = GemmPath::kPortable;
 #endif
-      if (!done) launch_fused<false, T, TA>(gy, unit_inner_stride(weight_in), g_xa, lora_A, Tensor(), scaling, dropout, grad_x, stream);
+      if (path == GemmPath::kPortable) launch_fused<false, T, TA>(gy, unit_inner_stride(weight_in), g_xa, lora_A, Tensor(), scaling, dropout, grad_x, stream);
     }
     // grad_A[r, k] = scaling · Σ_m g_xa[m, r] D(x)[m, k]
     if (need_A) reduce_rows<TA>(ptr<float>(g_xa), R, ptr<T>(x), x.stride(0), M, scaling, dropout, grad_A, stream);

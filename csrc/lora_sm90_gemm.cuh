@@ -1,9 +1,9 @@
-// The Hopper fused LoRA GEMM (contract in lora_sm90.cuh): CUTLASS 3.x's persistent, warp-specialised
+// The Hopper fused LoRA GEMM (contract in lora_cutlass.cuh): CUTLASS 3.x's persistent, warp-specialised
 // cooperative kernel with a mainloop that appends the LoRA K-blocks. Included by the lora_sm90_*.cu
 // files only (each instantiates a few types: every instantiation costs ~30-60 s of nvcc).
 #pragma once
 
-#include "lora_sm90.cuh"
+#include "lora_cutlass.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -153,7 +153,7 @@ struct Kernel {
 };
 
 template <typename T, bool kKMajor>
-cudaError_t launch(const Sm90LoRAGemm& p, cudaStream_t stream) {
+cudaError_t launch(const LoRAGemmArgs& p, cudaStream_t stream) {
   using K = Kernel<T, kKMajor>;
   using E = typename K::Element;
   using StrideA = typename K::Mainloop::StrideA;
@@ -208,7 +208,7 @@ cudaError_t launch(const Sm90LoRAGemm& p, cudaStream_t stream) {
 }  // namespace sm90
 
 template <typename T, bool kKMajor>
-cudaError_t launch_lora_gemm_sm90(const Sm90LoRAGemm& p, cudaStream_t stream) {
+cudaError_t launch_lora_gemm_sm90(const LoRAGemmArgs& p, cudaStream_t stream) {
   return sm90::launch<T, kKMajor>(p, stream);
 }
 

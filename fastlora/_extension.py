@@ -69,7 +69,7 @@ def _jit_build() -> str | None:
         # Targets come from TORCH_CUDA_ARCH_LIST, else the visible GPUs; the kernels need sm_80 or newer.
         # On an H100 the Hopper kernels are added (sm_90a is not in torch's default target list).
         hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-        sm90a = ["-DFASTLORA_SM90A"] if hopper else []
+        defines = ["-DFASTLORA_CUTLASS"] + (["-DFASTLORA_SM90A"] if hopper else [])
         cutlass_flags = ["-std=c++17", "--expt-relaxed-constexpr"] + [
             f"-U__CUDA_NO_{what}__"
             for what in ("HALF_OPERATORS", "HALF_CONVERSIONS", "HALF2_OPERATORS", "BFLOAT16_OPERATORS", "BFLOAT16_CONVERSIONS")
@@ -78,8 +78,8 @@ def _jit_build() -> str | None:
         load(
             name="fastlora_C",
             sources=sources,
-            extra_cflags=["-O3", *sm90a],
-            extra_cuda_cflags=["-O3", "-lineinfo", *sm90a, *cutlass_flags, *gencode],
+            extra_cflags=["-O3", *defines],
+            extra_cuda_cflags=["-O3", "-lineinfo", *defines, *cutlass_flags, *gencode],
             extra_include_paths=include_dirs,
             is_python_module=False,
         )

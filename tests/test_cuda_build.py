@@ -164,6 +164,24 @@ def test_fakes_propagate_shapes():
 # ---------------------------------------------------------------- kernels, emulated (CPU) ----------
 
 
+# lora_ops.cpp's kernel choice (a pure function of the device and tensor metadata) as a test op,
+# fastlora_emu::gemm_path, so it can be checked on CPU tensors: 0 portable, 1 sm80, 2 sm90.
+_GEMM_PATH_HOOK = """
+namespace fastlora {
+namespace {
+int64_t gemm_path_for_test(int64_t major, int64_t minor, bool sm90a, const at::Tensor& a, const at::Tensor& b_nk,
+                           int64_t r, const std::optional<at::Tensor>& bias, const at::Tensor& out) {
+  return static_cast<int64_t>(choose_gemm_path(major, minor, sm90a, a, b_nk, r, bias.value_or(at::Tensor()), out));
+}
+}  // namespace
+}  // namespace fastlora
+TORCH_LIBRARY_FRAGMENT(fastlora_emu, m) {
+  m.def("gemm_path(int major, int minor, bool sm90a, Tensor a, Tensor b_nk, int r, Tensor? bias, Tensor out) -> int",
+        &fastlora::gemm_path_for_test);
+}
+"""
+
+
 def _emulated_sources(out_dir: Path) -> list[str]:
     """csrc/'s sources rewritten for a host compiler: launches through the emulation, the host file's
     CUDA runtime calls stubbed, its ops registered as CPU kernels of ``fastlora_emu::cuda_*``."""
@@ -189,6 +207,8 @@ def _emulated_sources(out_dir: Path) -> list[str]:
     }.items():
         assert old in host, f"lora_ops.cpp no longer contains {old!r}: update _emulated_sources"
         host = host.replace(old, new)
+    assert "GemmPath choose_gemm_path(" in host, "lora_ops.cpp's kernel choice changed: update _emulated_sources"
+    host += _GEMM_PATH_HOOK
     (out_dir / "kernels.cpp").write_text('#include "emulation/cuda_emulation.h"\n' + kernels)
     (out_dir / "ops.cpp").write_text(host)
     return [str(out_dir / "ops.cpp"), str(out_dir / "kernels.cpp")]
@@ -335,6 +355,53 @@ def test_emulated_dropout_matches_the_formula_with_its_mask(emulated, p):
             assert rel_error(g, g64) <= TOLERANCE[dtype]
 
 
+PORTABLE, SM80, SM90 = 0, 1, 2
+
+
+def _path(major, minor, a, b_nk, r=16, bias=None, out=None, sm90a=True):
+    out = torch.empty(a.shape[0], b_nk.shape[0], dtype=a.dtype) if out is None else out
+    return torch.ops.fastlora_emu.gemm_path(major, minor, sm90a, a, b_nk, r, bias, out)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_kernel_choice_by_device(emulated, dtype):
+    x, w = torch.randn(40, 64).to(dtype), torch.randn(48, 64).to(dtype)
+    assert _path(9, 0, x, w) == SM90
+    assert _path(9, 0, x, w, sm90a=False) == SM80  # a build without sm_90a has no Hopper kernel
+    assert [_path(8, minor, x, w) for minor in (0, 6, 9)] == [SM80] * 3
+    assert _path(12, 0, x, w) == SM80
+    assert _path(7, 5, x, w) == PORTABLE
+
+
+def test_kernel_choice_reads_either_weight_layout_in_place(emulated):
+    x, w = torch.randn(40, 64).bfloat16(), torch.randn(48, 64).bfloat16()
+    conv1d_weight = torch.randn(64, 48).bfloat16()  # GPT-2's Conv1D stores W transposed: [K, N]
+    gy = torch.randn(40, 48).bfloat16()
+    assert _path(9, 0, x, conv1d_weight.t()) == SM90  # forward, N-major W
+    assert _path(9, 0, gy, w.t()) == SM90  # grad_x reads row-major W as an N-major operand
+    assert _path(8, 0, gy, conv1d_weight) == SM80
+    assert _path(9, 0, x, torch.randn(96, 128).bfloat16()[::2, ::2]) == PORTABLE  # no unit stride at all
+
+
+def test_kernel_choice_falls_back_off_the_vector_contract(emulated):
+    bf = torch.bfloat16
+    x, w = torch.randn(40, 64, dtype=bf), torch.randn(48, 64, dtype=bf)
+    assert _path(9, 0, x.float(), w.float()) == PORTABLE  # fp32
+    assert _path(9, 0, torch.randn(40, 60, dtype=bf), torch.randn(48, 60, dtype=bf)) == PORTABLE  # K % 8
+    assert _path(9, 0, x, torch.randn(44, 64, dtype=bf)) == PORTABLE  # N % 8
+    assert _path(9, 0, torch.randn(40, 72, dtype=bf)[:, 1:65], w) == PORTABLE  # 2-byte-offset base pointer
+    assert _path(9, 0, torch.randn(40, 68, dtype=bf)[:, :64], w) == PORTABLE  # row stride 68: rows misaligned
+    assert _path(9, 0, torch.randn(40, 72, dtype=bf)[:, :64], w) == SM90  # row stride 72: a padded view is fine
+    assert _path(9, 0, torch.randn(1, 64, dtype=bf).expand(40, 64), w) == PORTABLE  # row stride 0
+    assert _path(9, 0, x, w, r=0) == PORTABLE
+    assert _path(9, 0, torch.randn(40, 0, dtype=bf), torch.randn(48, 0, dtype=bf)) == PORTABLE  # K = 0
+    bias = torch.randn(49, dtype=bf)
+    assert _path(9, 0, x, w, bias=bias[:48]) == SM90
+    assert _path(9, 0, x, w, bias=bias[1:]) == PORTABLE  # misaligned bias
+    assert _path(9, 0, x, w, out=torch.empty(40, 56, dtype=bf)[:, :48]) == SM90
+    assert _path(9, 0, x, w, out=torch.empty(40, 52, dtype=bf)[:, :48]) == PORTABLE
+
+
 def test_emulated_ops_reject_bad_arguments_clearly(emulated):
     x, w, A, B = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 2)
     with pytest.raises(RuntimeError, match="x must be float16, bfloat16 or float32, got Double"):
@@ -383,6 +450,21 @@ def test_dtypes_bias_and_strides(shape, dtype, adapter_dtype, bias, x_noncontigu
         m, k, n, r, dtype, "cuda", bias=bias, adapter_dtype=adapter_dtype, x_noncontiguous=x_noncontiguous
     )
     check_against_reference(inputs, SCALING, "cuda")
+
+
+@requires_cuda_backend
+@pytest.mark.usefixtures("nan_cache")
+@pytest.mark.parametrize("conv1d_weight", [False, True], ids=["row-major-W", "transposed-W"])
+@pytest.mark.parametrize("dtype, adapter_dtype", [(d, a) for d, a in DTYPE_PAIRS if d != torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(1000, 512, 384, 5), (257, 4096, 1024, 16), (64, 64, 64, 256), (1, 8, 8, 1)], ids=str)
+def test_cutlass_paths_both_weight_layouts(shape, dtype, adapter_dtype, conv1d_weight):
+    # Shapes on the 16-byte vector contract, so the CUTLASS kernels run (sm90 on an H100, sm80 on
+    # other Ampere-or-newer parts): partial tiles, r not a multiple of 8, r = 256 (several LoRA K-blocks).
+    m, k, n, r = shape
+    x, w, b, A, B = make_inputs(m, k, n, r, dtype, "cuda", adapter_dtype=adapter_dtype)
+    if conv1d_weight:  # GPT-2's Conv1D hands over weight.t(): [N, K] with strides (1, N)
+        w = w.t().contiguous().t()
+    check_against_reference((x, w, b, A, B), SCALING, "cuda")
 
 
 @requires_cuda_backend
