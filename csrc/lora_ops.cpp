@@ -151,9 +151,27 @@ void launch_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& dropout, 
   p.M = a.size(0), p.N = out.size(1), p.K = a.size(1);
   p.a = ptr<T>(a), p.lda = a.stride(0);
   p.b = ptr<TA>(b), p.ldb = b.stride(0);
-  p.out = mutable_ptr<float>(out), p.ldo = out.stride(0);
   p.dropout = dropout, p.dropout_site = DropoutSite::kA;
+  // N = r is one or a few 64-wide column tiles, so M / 64 blocks alone leave most SMs idle while
+  // they stream all of a (x or gy: the whole pass is memory-bound): split K until the grid has
+  // about 4 blocks per SM, each split at least 512 deep, partials summed in split order
+  // (deterministic) from an fp32 workspace of splits · M · r floats.
+  constexpr int64_t kMinSplitDepth = 512;
+  const int64_t tiles = ceil_div(p.M, kTile) * ceil_div(p.N, kTile);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t wanted = std::clamp<int64_t>(ceil_div(4 * sms, std::max<int64_t>(tiles, 1)), 1,
+                                             std::clamp<int64_t>(p.K / kMinSplitDepth, 1, 65535));
+  if (wanted == 1 || !out.is_contiguous()) {
+    p.out = mutable_ptr<float>(out), p.ldo = out.stride(0);
+    C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
+    return;
+  }
+  p.k_per_split = ceil_div(ceil_div(p.K, wanted), 32) * 32;  // whole main-loop steps
+  const int64_t splits = ceil_div(p.K, p.k_per_split);
+  Tensor ws = at::empty({splits, p.M, p.N}, out.options());
+  p.out = ws.mutable_data_ptr<float>(), p.ldo = p.N, p.out_split_stride = p.M * p.N;
   C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
+  C10_CUDA_CHECK(launch_sum_splits(ws.const_data_ptr<float>(), splits, p.M * p.N, 1.f, mutable_ptr<float>(out), stream));
 }
 
 // out = a · b + scaling · D(xa · l) + bias, the fused kernel: y = x Wᵀ + s·xa Bᵀ + bias in the forward

@@ -336,6 +336,7 @@ EMULATED_SHAPES = [
     (3, 5, 7, 2),
     (4, 0, 8, 2),
     (1000, 40, 30, 3),
+    (70, 1100, 24, 6),  # K deep enough for the rank-r GEMMs' split-K (3 splits at 132 SMs)
 ]
 
 
@@ -370,10 +371,11 @@ def test_emulated_need_flags_match_the_torch_backend(emulated, m):
             assert g.shape == g_ref.shape and g.dtype == g_ref.dtype and rel_error(g, g_ref) <= 1e-5, needs
 
 
+@pytest.mark.parametrize("k", [37, 1100], ids=["one-split", "split-K"])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_emulated_dropout_matches_the_formula_with_its_mask(emulated, p):
+def test_emulated_dropout_matches_the_formula_with_its_mask(emulated, p, k):
     # With identity adapters and no base weight, y = D(x): that reveals the mask a seed draws.
-    k, seed = 37, torch.tensor(1234)
+    seed = torch.tensor(1234)
     x = torch.rand(45, k, dtype=torch.float64).add_(0.5).float()
     eye = torch.eye(k)
     y, _ = emulated.forward(x, torch.zeros(k, k), None, eye, eye, 1.0, p, seed)
