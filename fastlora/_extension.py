@@ -70,7 +70,7 @@ def _jit_build() -> str | None:
         # On an H100 the Hopper kernels are added (sm_90a is not in torch's default target list).
         hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
         defines = ["-DFASTLORA_CUTLASS"] + (["-DFASTLORA_SM90A"] if hopper else [])
-        cutlass_flags = ["-std=c++17", "--expt-relaxed-constexpr"] + [
+        cutlass_flags = ["-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG"] + [
             f"-U__CUDA_NO_{what}__"
             for what in ("HALF_OPERATORS", "HALF_CONVERSIONS", "HALF2_OPERATORS", "BFLOAT16_OPERATORS", "BFLOAT16_CONVERSIONS")
         ]
