@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "lora_kernels.cuh"
 #ifdef FASTLORA_CUTLASS
@@ -237,36 +238,42 @@ constexpr bool kSm90aBuilt = true;
 constexpr bool kSm90aBuilt = false;
 #endif
 
-#ifdef FASTLORA_CUTLASS
-// src [rows, cols] (any strides and dtype) times `scale` as a vector-ready T tensor, columns padded
-// with zeros to `cols` (a multiple of 8); `src` itself when it already is one.
-Tensor vector_operand(const Tensor& src, at::ScalarType dtype, double scale, int64_t cols) {
-  if (scale == 1.0 && src.scalar_type() == dtype && src.size(1) == cols && vector_ready(src)) return src;
-  Tensor out = at::zeros({src.size(0), cols}, src.options().dtype(dtype));
-  out.narrow(1, 0, src.size(1)).copy_(scale == 1.0 ? src : src * scale);
-  return out;
+// The operands of the CUTLASS kernels' LoRA K-blocks, for xa [M, r] fp32 and l_nr, the [N, r]
+// rank-r factor as a view (B in the forward, Aᵀ in grad_x): a_ext [M, D] and b_ext in b's layout
+// ([N, D] K-major, else [D, N]) with a_ext · b_extᵀ = s · xa · l_nrᵀ to ~2⁻¹⁶ relative. Rounding
+// s·xa once to fp16/bf16 would cost the low-rank term 2⁻⁹ (bf16) relative, more than the 1e-2 budget
+// where it cancels against x Wᵀ (the fuzzer's cases), so it is split into hi + lo parts, each
+// multiplied by l: D = 2r (3r with fp32 adapters, whose l is split the same way: hi·hi + hi·lo +
+// lo·hi), padded with zeros to a multiple of 8. At r ≤ 32 that is still one 64-deep K-block.
+// M·D and N·D elements: small next to the GEMM.
+std::tuple<Tensor, Tensor> lora_blocks(const Tensor& xa, const Tensor& l_nr, double scaling, at::ScalarType dtype,
+                                       bool k_major_b) {
+  const Tensor sxa = xa * scaling;
+  const Tensor a_hi = sxa.to(dtype);
+  const Tensor a_lo = (sxa - a_hi.to(sxa.scalar_type())).to(dtype);
+  const Tensor l_hi = l_nr.to(dtype);
+  std::vector<Tensor> as{a_hi, a_lo}, ls{l_hi, l_hi};
+  if (l_nr.scalar_type() != dtype) {  // fp32 adapters
+    as.push_back(a_hi);
+    ls.push_back((l_nr - l_hi.to(l_nr.scalar_type())).to(dtype));
+  }
+  const int64_t depth = static_cast<int64_t>(as.size()) * xa.size(1);
+  const int64_t pad = ceil_div(depth, kVecElems) * kVecElems - depth;
+  const Tensor a_ext = at::constant_pad_nd(at::cat(as, 1), {0, pad});
+  const Tensor l_ext = at::constant_pad_nd(at::cat(ls, 1), {0, pad});
+  return {a_ext, k_major_b ? l_ext : l_ext.t().contiguous()};
 }
 
-// Runs the CUTLASS kernel choose_gemm_path picked (not kPortable). xa [M, R] fp32 and l_nr, the
-// [N, R] rank-r factor as a view (B in the forward, Aᵀ in grad_x), become the LoRA K-blocks:
-// a_ext = s·xa and l in b's layout, both rounded to T with the rank padded to a multiple of 8 by
-// zeros (M·r and N·r elements: small next to the GEMM).
+#ifdef FASTLORA_CUTLASS
+// Runs the CUTLASS kernel choose_gemm_path picked (not kPortable): out = a · b_nkᵀ + s·xa · l_nrᵀ
+// + bias, the low-rank term as the K-blocks of lora_blocks.
 void run_cutlass(GemmPath path, const Tensor& a, const Tensor& b_nk, const Tensor& xa, const Tensor& l_nr,
                  const Tensor& bias, double scaling, Tensor& out, cudaStream_t stream) {
-  const auto dtype = a.scalar_type();
-  const int64_t R8 = ceil_div(xa.size(1), kVecElems) * kVecElems;
   const bool kmaj = k_major(b_nk);
   const Tensor b = stored(b_nk);
-  const Tensor a_ext = vector_operand(xa, dtype, scaling, R8);
-  Tensor b_ext;
-  if (kmaj) {
-    b_ext = vector_operand(l_nr, dtype, 1.0, R8);
-  } else {  // [R8, N], rows past r zero
-    const Tensor l_rn = R8 == l_nr.size(1) ? l_nr.t() : at::constant_pad_nd(l_nr.t(), {0, 0, 0, R8 - l_nr.size(1)});
-    b_ext = vector_operand(l_rn, dtype, 1.0, l_rn.size(1));
-  }
+  const auto [a_ext, b_ext] = lora_blocks(xa, l_nr, scaling, a.scalar_type(), kmaj);
   LoRAGemmArgs p{};
-  p.M = a.size(0), p.N = b_nk.size(0), p.K = a.size(1), p.R = R8;
+  p.M = a.size(0), p.N = b_nk.size(0), p.K = a.size(1), p.R = a_ext.size(1);
   p.a = a.const_data_ptr(), p.lda = a.stride(0);
   p.a_ext = a_ext.const_data_ptr(), p.lda_ext = a_ext.stride(0);
   p.b = b.const_data_ptr(), p.ldb = b.stride(0);
@@ -284,7 +291,7 @@ void run_cutlass(GemmPath path, const Tensor& a, const Tensor& b_nk, const Tenso
 #endif
     return kmaj ? launch_lora_gemm_sm80<T, true>(p, stream) : launch_lora_gemm_sm80<T, false>(p, stream);
   };
-  const cudaError_t err = dtype == at::kHalf ? launch(Tag<__half>{}) : launch(Tag<__nv_bfloat16>{});
+  const cudaError_t err = a.scalar_type() == at::kHalf ? launch(Tag<__half>{}) : launch(Tag<__nv_bfloat16>{});
   TORCH_CHECK(err != cudaErrorNotSupported, "fastlora: CUTLASS rejected a problem fastlora's checks accepted (M=", p.M,
               ", N=", p.N, ", K=", p.K, ", r=", p.R, "); please report it");
   C10_CUDA_CHECK(err);

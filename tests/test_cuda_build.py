@@ -202,8 +202,9 @@ def test_fakes_propagate_shapes():
 # ---------------------------------------------------------------- kernels, emulated (CPU) ----------
 
 
-# lora_ops.cpp's kernel choice (a pure function of the device and tensor metadata) as a test op,
-# fastlora_emu::gemm_path, so it can be checked on CPU tensors: 0 portable, 1 sm80, 2 sm90.
+# lora_ops.cpp's kernel choice (a pure function of the device and tensor metadata) and the operands
+# of the CUTLASS kernels' LoRA K-blocks (ATen ops on the host) as test ops, fastlora_emu::gemm_path
+# (0 portable, 1 sm80, 2 sm90) and fastlora_emu::lora_blocks, so they can be checked on CPU tensors.
 _GEMM_PATH_HOOK = """
 namespace fastlora {
 namespace {
@@ -211,11 +212,17 @@ int64_t gemm_path_for_test(int64_t major, int64_t minor, bool sm90a, const at::T
                            int64_t r, const std::optional<at::Tensor>& bias, const at::Tensor& out) {
   return static_cast<int64_t>(choose_gemm_path(major, minor, sm90a, a, b_nk, r, bias.value_or(at::Tensor()), out));
 }
+std::tuple<at::Tensor, at::Tensor> lora_blocks_for_test(const at::Tensor& xa, const at::Tensor& l_nr, double scaling,
+                                                        at::ScalarType dtype, bool k_major_b) {
+  return lora_blocks(xa, l_nr, scaling, dtype, k_major_b);
+}
 }  // namespace
 }  // namespace fastlora
 TORCH_LIBRARY_FRAGMENT(fastlora_emu, m) {
   m.def("gemm_path(int major, int minor, bool sm90a, Tensor a, Tensor b_nk, int r, Tensor? bias, Tensor out) -> int",
         &fastlora::gemm_path_for_test);
+  m.def("lora_blocks(Tensor xa, Tensor l_nr, float scaling, ScalarType dtype, bool k_major) -> (Tensor, Tensor)",
+        &fastlora::lora_blocks_for_test);
 }
 """
 
@@ -440,6 +447,28 @@ def test_kernel_choice_falls_back_off_the_vector_contract(emulated):
     assert _path(9, 0, x, w, bias=bias[1:]) == PORTABLE  # misaligned bias
     assert _path(9, 0, x, w, out=torch.empty(40, 56, dtype=bf)[:, :48]) == SM90
     assert _path(9, 0, x, w, out=torch.empty(40, 52, dtype=bf)[:, :48]) == PORTABLE
+
+
+@pytest.mark.parametrize("k_major", [True, False], ids=["K-major", "N-major"])
+@pytest.mark.parametrize("dtype, adapter_dtype", [(d, a) for d in HALVES for a in (d, torch.float32)], ids=str)
+@pytest.mark.parametrize("r", [1, 5, 16, 40])
+def test_lora_k_blocks_carry_the_low_rank_term_to_fp32_accuracy(emulated, r, dtype, adapter_dtype, k_major):
+    # The CUTLASS kernels add a_ext · b_extᵀ to the base product on tensor cores (fp16/bf16 inputs,
+    # exact products, fp32 sums): that must equal s · xa · lᵀ far better than one rounding of s·xa.
+    m, n, scaling = 37, 24, 1.7
+    xa = torch.randn(m, r) * 3
+    l_nr = (torch.randn(n, r) * 0.1).to(adapter_dtype)
+    a_ext, b_ext = torch.ops.fastlora_emu.lora_blocks(xa, l_nr, scaling, dtype, k_major)
+    depth = a_ext.shape[1]
+    assert a_ext.dtype == b_ext.dtype == dtype and depth % 8 == 0 and depth >= 2 * r
+    assert a_ext.is_contiguous() and b_ext.is_contiguous()  # the kernels read both in place
+    b_nk = b_ext if k_major else b_ext.t()
+    assert b_nk.shape == (n, depth)
+    want = scaling * xa.double() @ l_nr.double().t()
+    got = a_ext.double() @ b_nk.double().t()
+    rounded_once = (scaling * xa).to(dtype).double() @ l_nr.to(dtype).double().t()
+    assert rel_error(got, want) <= rel_error(rounded_once, want) / 16
+    assert rel_error(got, want) <= 1e-4
 
 
 def test_emulated_ops_reject_bad_arguments_clearly(emulated):
