@@ -1,21 +1,27 @@
-"""Build and install fastlora; torch must already be installed (``pip install --no-build-isolation``).
+"""Build and install fastlora; torch must already be installed (``pip install --no-build-isolation``,
+see pyproject.toml for why torch is not a build requirement).
 
 The package is pure Python plus an optional CUDA extension, ``fastlora._C`` (``csrc/``), which backs
 ``backend="cuda"``. The extension is built when torch sees a GPU, or when forced; without torch, a
-CUDA build of torch or the CUDA toolkit, setup warns and installs the pure-Python package.
+CUDA build of torch, the CUDA toolkit or the CUTLASS headers, setup warns and installs the
+pure-Python package, except when forced: then it stops with the reason.
 
 Environment flags:
     FASTLORA_FORCE_CUDA_BUILD=1  build the extension even without a visible GPU (e.g. on a CPU build
-                                 machine with the toolkit); a compile error then fails the install.
+                                 machine with the toolkit); anything that prevents the build (no
+                                 torch, no toolkit, no CUTLASS, a compile error) then fails the install.
     FASTLORA_SKIP_CUDA_BUILD=1   never build it.
     FASTLORA_CUDA_ARCHS          ';'-separated targets, default "80;90a" (A100, H100). The kernels
                                  need sm_80 or newer. Non-"a" targets also embed PTX for newer GPUs.
     CUDA_HOME                    the toolkit root, if nvcc is not on PATH.
+    CUTLASS_PATH                 a CUTLASS checkout (its include/ and tools/util/include/), instead of
+                                 the headers of the installed nvidia-cutlass wheel (pinned in pyproject.toml).
     MAX_JOBS                     parallel compile jobs (ninja).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import warnings
@@ -48,27 +54,59 @@ def gencode_flags(archs: str) -> list[str]:
     return flags
 
 
+def cutlass_include_dirs() -> tuple[list[str], str | None]:
+    """(include dirs, None) for the CUTLASS/CuTe headers, or ([], what is missing)."""
+    if os.environ.get("CUTLASS_PATH"):
+        root = Path(os.environ["CUTLASS_PATH"])
+        source = f"CUTLASS_PATH={root}"
+    else:
+        # The nvidia-cutlass wheel ships the C++ headers inside its cutlass_library package; find it
+        # without importing it (its import pulls in the Python code generator).
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or not spec.submodule_search_locations:
+            return [], (
+                "the CUTLASS headers are missing: the nvidia-cutlass package is not installed in this environment "
+                "(pip install nvidia-cutlass==4.2.0.0) and CUTLASS_PATH is not set"
+            )
+        root = Path(next(iter(spec.submodule_search_locations))) / "source"
+        source = f"the nvidia-cutlass package at {root}"
+    dirs = [root / "include", root / "tools" / "util" / "include"]
+    for d, header in zip(dirs, ("cute/tensor.hpp", "cutlass/util/packed_stride.hpp")):
+        if not (d / header).is_file():
+            return [], f"the CUTLASS headers are missing: {source} has no {d / header}"
+    return [str(d) for d in dirs], None
+
+
 def cuda_extension() -> tuple[list, dict]:
-    """(ext_modules, cmdclass) for fastlora._C, or ([], {}) with the reason given as a warning."""
+    """(ext_modules, cmdclass) for fastlora._C, or ([], {}) with the reason given as a warning; when
+    the build is forced, a reason not to build raises instead (pip shows the error, not warnings)."""
+    forced = os.environ.get("FASTLORA_FORCE_CUDA_BUILD") == "1"
 
     def skip(reason: str) -> tuple[list, dict]:
+        if forced:
+            raise RuntimeError(f"fastlora: FASTLORA_FORCE_CUDA_BUILD=1 but the CUDA extension cannot be built: {reason}")
         warnings.warn(f"fastlora: building without the CUDA extension ({reason}); backend='cuda' will be unavailable")
         return [], {}
 
     if os.environ.get("FASTLORA_SKIP_CUDA_BUILD") == "1":
         return [], {}
-    forced = os.environ.get("FASTLORA_FORCE_CUDA_BUILD") == "1"
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError as err:
-        return skip(f"torch is not importable: {err}; install torch first and use --no-build-isolation")
+        return skip(
+            f"torch is not importable in the build environment ({err}); install torch first and build with "
+            "pip's --no-build-isolation"
+        )
     if torch.version.cuda is None:
         return skip(f"torch {torch.__version__} is a CPU-only build")
     if not (forced or torch.cuda.is_available()):
         return skip("no GPU is visible; set FASTLORA_FORCE_CUDA_BUILD=1 to build anyway")
     if CUDA_HOME is None:
         return skip("no CUDA toolkit found; set CUDA_HOME or put nvcc on PATH")
+    cutlass_dirs, missing = cutlass_include_dirs()
+    if missing is not None:
+        return skip(missing)
 
     class BuildExt(BuildExtension):
         """Unless forced, a failed compile degrades to a pure-Python install instead of failing it."""
@@ -83,12 +121,26 @@ def cuda_extension() -> tuple[list, dict]:
 
     # No --use_fast_math: it flushes fp32 denormals and changes rounding, which the fp32 path's 1e-5
     # accuracy and the reference semantics do not allow; the kernels gain little from it anyway.
-    nvcc_flags = ["-O3", "-lineinfo", *gencode_flags(os.environ.get("FASTLORA_CUDA_ARCHS", DEFAULT_ARCHS))]
+    # CUTLASS needs C++17 and relaxed constexpr, and its half/bfloat16 types need the conversions and
+    # operators that torch's extension flags (-D__CUDA_NO_HALF_OPERATORS__ ...) switch off. NDEBUG
+    # drops CuTe's device asserts: their __assertfail calls made ptxas serialise every wgmma of the
+    # sm90 kernels ("wgmma pipeline crossing function boundary", C7510).
+    cutlass_flags = ["-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG"] + [
+        f"-U__CUDA_NO_{what}__"
+        for what in ("HALF_OPERATORS", "HALF_CONVERSIONS", "HALF2_OPERATORS", "BFLOAT16_OPERATORS", "BFLOAT16_CONVERSIONS")
+    ]
+    archs = os.environ.get("FASTLORA_CUDA_ARCHS", DEFAULT_ARCHS)
+    # FASTLORA_CUTLASS: the CUTLASS kernels exist (the CPU emulation of csrc/ builds without them).
+    # FASTLORA_SM90A: the Hopper kernels (csrc/lora_sm90_*.cu) exist only in an sm_90a build; the host
+    # code takes their path only then, so a build without it never launches a kernel missing from it.
+    defines = ["-DFASTLORA_CUTLASS"] + (["-DFASTLORA_SM90A"] if "90a" in archs.replace(".", "").split(";") else [])
+    nvcc_flags = ["-O3", "-lineinfo", *defines, *cutlass_flags, *gencode_flags(archs)]
     extension = CUDAExtension(
         name="fastlora._C",
-        sources=["csrc/lora_ops.cpp", "csrc/lora_kernels.cu"],
-        depends=["csrc/lora_kernels.cuh"],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+        sources=sorted(str(p.relative_to(ROOT)) for p in (*ROOT.glob("csrc/*.cpp"), *ROOT.glob("csrc/*.cu"))),
+        depends=sorted(str(p.relative_to(ROOT)) for p in (*ROOT.glob("csrc/*.cuh"), *ROOT.glob("csrc/*.hpp"))),
+        include_dirs=cutlass_dirs,
+        extra_compile_args={"cxx": ["-O3", *defines], "nvcc": nvcc_flags},
     )
     return [extension], {"build_ext": BuildExt.with_options(use_ninja=True)}
 

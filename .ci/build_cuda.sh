@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Compile the CUDA extension fastlora._C (csrc/) on a machine without a GPU: needs a CUDA build of
-# torch in $PYTHON's environment and the CUDA toolkit; fails on any compile error or a missing .so.
+# torch in $PYTHON's environment and the CUDA toolkit; installs the CUTLASS headers (the
+# nvidia-cutlass pin of pyproject.toml) unless CUTLASS_PATH is set; fails on any compile error or a
+# missing .so.
 #   PYTHON               interpreter whose environment holds torch (default: python3)
 #   FASTLORA_CUDA_ARCHS  GPU targets (default: "80;90a")
 #   MAX_JOBS             parallel compile jobs (default: 2)
@@ -34,6 +36,17 @@ roots = spec.submodule_search_locations if spec else []
 print(next((str(p) for r in roots for p in [pathlib.Path(r, "cu13", "include")] if p.is_dir()), ""))')
 if [[ -n "$pip_include" ]]; then
   export CPATH="$pip_include${CPATH:+:$CPATH}"
+fi
+
+# The build is not isolated (it must see this environment's torch), so its CUTLASS requirement is
+# installed here, at the version pyproject.toml pins.
+if [[ -z "${CUTLASS_PATH:-}" ]]; then
+  cutlass_pin=$(grep -o '"nvidia-cutlass==[^"]*"' pyproject.toml | tr -d '"')
+  if [[ -z "$cutlass_pin" ]]; then
+    echo "build_cuda.sh: pyproject.toml pins no nvidia-cutlass==VERSION" >&2
+    exit 1
+  fi
+  "$PYTHON" -m pip install -q "$cutlass_pin"
 fi
 
 export FASTLORA_FORCE_CUDA_BUILD=1

@@ -262,6 +262,10 @@ __global__ void __launch_bounds__(kThreads) lora_gemm_kernel(const GemmParams<T,
   const int64_t m0 = int64_t{blockIdx.x} * kTile;
   const int64_t n0 = int64_t{blockIdx.y} * kTile;
   const int tx = threadIdx.x % kThreadCols, ty = threadIdx.x / kThreadCols;
+  // This block's share of K (all of it unless split); dropout counters stay global (m * K + k).
+  const int64_t k_begin = p.k_per_split > 0 ? int64_t{blockIdx.z} * p.k_per_split : 0;
+  const int64_t k_end = p.k_per_split > 0 ? min64(p.K, k_begin + p.k_per_split) : p.K;
+  TO* const out = p.out + int64_t{blockIdx.z} * p.out_split_stride;
 
   // 1. Main loop.
   C* As = reinterpret_cast<C*>(smem);
@@ -270,23 +274,23 @@ __global__ void __launch_bounds__(kThreads) lora_gemm_kernel(const GemmParams<T,
   TileCopy<C, BT::kRows, BT::kCols> b_copy;
   const bool drop_a = p.dropout.p > 0.f && p.dropout_site == DropoutSite::kA;
   auto fetch = [&](int64_t k0) {
-    a_copy.fetch(p.a, p.lda, m0, p.M, k0, p.K);
+    a_copy.fetch(p.a, p.lda, m0, p.M, k0, k_end);
     if (drop_a) a_copy.drop(p.dropout, p.K, m0, k0);
     if constexpr (kKContig) {
-      b_copy.fetch(p.b, p.ldb, n0, p.N, k0, p.K);
+      b_copy.fetch(p.b, p.ldb, n0, p.N, k0, k_end);
     } else {
-      b_copy.fetch(p.b, p.ldb, k0, p.K, n0, p.N);
+      b_copy.fetch(p.b, p.ldb, k0, k_end, n0, p.N);
     }
   };
 
   Core core;
   core.init();
-  fetch(0);
-  for (int64_t k0 = 0; k0 < p.K; k0 += kTileK) {
+  fetch(k_begin);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTileK) {
     a_copy.store(As, Core::kLdA);
     b_copy.store(Bs, Core::kLdB);
     __syncthreads();
-    if (k0 + kTileK < p.K) fetch(k0 + kTileK);
+    if (k0 + kTileK < k_end) fetch(k0 + kTileK);
     core.step(As, Bs);
     __syncthreads();
   }
@@ -331,7 +335,7 @@ __global__ void __launch_bounds__(kThreads) lora_gemm_kernel(const GemmParams<T,
       if (m >= p.M) continue;
       float lr = p.scaling * low_rank[i][j];
       if (drop_low_rank) lr = dropout_keep(p.dropout, m * p.N + n) ? lr * p.dropout.scale : 0.f;
-      p.out[m * p.ldo + n] = from_float<TO>(base_scale * acc[i][j] + lr + bias);
+      out[m * p.ldo + n] = from_float<TO>(base_scale * acc[i][j] + lr + bias);
     }
   }
 }
@@ -424,7 +428,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <bool kKContig, typename T, typename TB, typename TL, typename TO>
 cudaError_t launch_gemm(const GemmParams<T, TB, TL, TO>& p, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.M, kTile)), static_cast<unsigned>(ceil_div(p.N, kTile)));
+  const int64_t splits = p.k_per_split > 0 ? ceil_div(p.K, p.k_per_split) : 1;
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.M, kTile)), static_cast<unsigned>(ceil_div(p.N, kTile)),
+                  static_cast<unsigned>(splits));
   lora_gemm_kernel<kKContig><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }

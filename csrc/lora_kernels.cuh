@@ -65,9 +65,15 @@ struct GemmParams {
   int64_t ldo;
   Dropout dropout;
   DropoutSite dropout_site;
+  // Split-K (the rank-r GEMMs, whose N = r gives one column tile): with k_per_split > 0, block z
+  // reduces k in [z * k_per_split, (z + 1) * k_per_split) and writes its partial product to
+  // out + z * out_split_stride (R must be 0 and bias nullptr); 0 reduces all of K in every block.
+  int64_t k_per_split;
+  int64_t out_split_stride;
 };
 
-// One block per 64 x 64 output tile; nothing is launched when M or N is 0. N <= kMaxColumns.
+// One block per 64 x 64 output tile (and K split, see k_per_split); nothing is launched when M or N
+// is 0. N <= kMaxColumns, K splits <= 65535.
 template <bool kKContig, typename T, typename TB, typename TL, typename TO>
 cudaError_t launch_gemm(const GemmParams<T, TB, TL, TO>& p, cudaStream_t stream);
 

@@ -13,8 +13,12 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "lora_kernels.cuh"
+#ifdef FASTLORA_CUTLASS
+#include "lora_cutlass.cuh"
+#endif
 
 namespace fastlora {
 namespace {
@@ -148,9 +152,27 @@ void launch_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& dropout, 
   p.M = a.size(0), p.N = out.size(1), p.K = a.size(1);
   p.a = ptr<T>(a), p.lda = a.stride(0);
   p.b = ptr<TA>(b), p.ldb = b.stride(0);
-  p.out = mutable_ptr<float>(out), p.ldo = out.stride(0);
   p.dropout = dropout, p.dropout_site = DropoutSite::kA;
+  // N = r is one or a few 64-wide column tiles, so M / 64 blocks alone leave most SMs idle while
+  // they stream all of a (x or gy: the whole pass is memory-bound): split K until the grid has
+  // about 4 blocks per SM, each split at least 512 deep, partials summed in split order
+  // (deterministic) from an fp32 workspace of splits · M · r floats.
+  constexpr int64_t kMinSplitDepth = 512;
+  const int64_t tiles = ceil_div(p.M, kTile) * ceil_div(p.N, kTile);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t wanted = std::clamp<int64_t>(ceil_div(4 * sms, std::max<int64_t>(tiles, 1)), 1,
+                                             std::clamp<int64_t>(p.K / kMinSplitDepth, 1, 65535));
+  if (wanted == 1 || !out.is_contiguous()) {
+    p.out = mutable_ptr<float>(out), p.ldo = out.stride(0);
+    C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
+    return;
+  }
+  p.k_per_split = ceil_div(ceil_div(p.K, wanted), 32) * 32;  // whole main-loop steps
+  const int64_t splits = ceil_div(p.K, p.k_per_split);
+  Tensor ws = at::empty({splits, p.M, p.N}, out.options());
+  p.out = ws.mutable_data_ptr<float>(), p.ldo = p.N, p.out_split_stride = p.M * p.N;
   C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
+  C10_CUDA_CHECK(launch_sum_splits(ws.const_data_ptr<float>(), splits, p.M * p.N, 1.f, mutable_ptr<float>(out), stream));
 }
 
 // out = a · b + scaling · D(xa · l) + bias, the fused kernel: y = x Wᵀ + s·xa Bᵀ + bias in the forward
@@ -172,6 +194,116 @@ void launch_fused(const Tensor& a, const Tensor& b, const Tensor& xa, const Tens
   C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
 }
 
+// Which kernel computes out = a · bᵀ + [s·xa rounded to T] · lᵀ (+ bias), for a [M, K] (x, or gy in
+// grad_x), b_nk the [N, K] right operand as a view (W, or Wᵀ in grad_x), rank r, and out [M, N]:
+//   kSm90: the TMA + wgmma kernel, on compute capability 9.0 when the build has sm_90a;
+//   kSm80: the cp.async + mma.sync kernel, on any other compute capability >= 8.0;
+//   kPortable: the WMMA/FMA kernel of lora_kernels.cu, for everything the CUTLASS kernels cannot
+//     take: fp32, K = 0 or r = 0, sizes >= 2^31, and operands off the 16-byte vector contract
+//     (a base pointer not 16-byte aligned, an inner stride other than 1 in both of b's layouts, a
+//     leading dimension or a contiguous extent K, N not a multiple of 8 elements).
+// A pure function of the device and the tensors' metadata (no device access), so it is unit-tested
+// on the CPU; DESIGN.md has the table. The callers also keep grad_x with dropout on kPortable (the
+// mask applies to the low-rank term alone, which shares the CUTLASS kernels' accumulator).
+enum class GemmPath : int64_t { kPortable = 0, kSm80 = 1, kSm90 = 2 };
+constexpr int64_t kVecElems = 8;  // 16 bytes of fp16/bf16: one TMA or cp.async vector
+
+// (A row stride of 0, as an expanded gradient has, is not a valid TMA stride.)
+bool vector_ready(const Tensor& t) {
+  return t.stride(1) == 1 && t.stride(0) > 0 && t.stride(0) % kVecElems == 0 && t.size(1) % kVecElems == 0 &&
+         reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+// b_nk as the CUTLASS kernels read it: itself when its rows are contiguous (K-major), else its
+// transpose (N-major), so that a transposed W (GPT-2's Conv1D) is read in place.
+bool k_major(const Tensor& b_nk) { return b_nk.stride(1) == 1; }
+Tensor stored(const Tensor& b_nk) { return k_major(b_nk) ? b_nk : b_nk.t(); }
+
+GemmPath choose_gemm_path(int64_t major, int64_t minor, bool sm90a_built, const Tensor& a, const Tensor& b_nk,
+                          int64_t R, const Tensor& bias, const Tensor& out) {
+  const auto dtype = a.scalar_type();
+  const int64_t M = a.size(0), K = a.size(1), N = b_nk.size(0);
+  if ((dtype != at::kHalf && dtype != at::kBFloat16) || b_nk.scalar_type() != dtype || major < 8) {
+    return GemmPath::kPortable;
+  }
+  if (K == 0 || R == 0 || std::max({M, N, K}) >= (int64_t{1} << 31)) return GemmPath::kPortable;
+  if (!vector_ready(a) || !vector_ready(stored(b_nk)) || !vector_ready(out)) return GemmPath::kPortable;
+  if (bias.defined() && reinterpret_cast<uintptr_t>(bias.const_data_ptr()) % 16 != 0) return GemmPath::kPortable;
+  return major == 9 && minor == 0 && sm90a_built ? GemmPath::kSm90 : GemmPath::kSm80;
+}
+
+#ifdef FASTLORA_SM90A
+constexpr bool kSm90aBuilt = true;
+#else
+constexpr bool kSm90aBuilt = false;
+#endif
+
+// The operands of the CUTLASS kernels' LoRA K-blocks, for xa [M, r] fp32 and l_nr, the [N, r]
+// rank-r factor as a view (B in the forward, Aᵀ in grad_x): a_ext [M, D] and b_ext in b's layout
+// ([N, D] K-major, else [D, N]) with a_ext · b_extᵀ = s · xa · l_nrᵀ to ~2⁻¹⁶ relative. Rounding
+// s·xa once to fp16/bf16 would cost the low-rank term 2⁻⁹ (bf16) relative, more than the 1e-2 budget
+// where it cancels against x Wᵀ (the fuzzer's cases), so it is split into hi + lo parts, each
+// multiplied by l: D = 2r (3r with fp32 adapters, whose l is split the same way: hi·hi + hi·lo +
+// lo·hi), padded with zeros to a multiple of 8. At r ≤ 32 that is still one 64-deep K-block.
+// M·D and N·D elements: small next to the GEMM.
+std::tuple<Tensor, Tensor> lora_blocks(const Tensor& xa, const Tensor& l_nr, double scaling, at::ScalarType dtype,
+                                       bool k_major_b) {
+  const Tensor sxa = xa * scaling;
+  const Tensor a_hi = sxa.to(dtype);
+  const Tensor a_lo = (sxa - a_hi.to(sxa.scalar_type())).to(dtype);
+  const Tensor l_hi = l_nr.to(dtype);
+  std::vector<Tensor> as{a_hi, a_lo}, ls{l_hi, l_hi};
+  if (l_nr.scalar_type() != dtype) {  // fp32 adapters
+    as.push_back(a_hi);
+    ls.push_back((l_nr - l_hi.to(l_nr.scalar_type())).to(dtype));
+  }
+  const int64_t depth = static_cast<int64_t>(as.size()) * xa.size(1);
+  const int64_t pad = ceil_div(depth, kVecElems) * kVecElems - depth;
+  const Tensor a_ext = at::constant_pad_nd(at::cat(as, 1), {0, pad});
+  const Tensor l_ext = at::constant_pad_nd(at::cat(ls, 1), {0, pad});
+  return {a_ext, k_major_b ? l_ext : l_ext.t().contiguous()};
+}
+
+#ifdef FASTLORA_CUTLASS
+// Runs the CUTLASS kernel choose_gemm_path picked (not kPortable): out = a · b_nkᵀ + s·xa · l_nrᵀ
+// + bias, the low-rank term as the K-blocks of lora_blocks.
+void run_cutlass(GemmPath path, const Tensor& a, const Tensor& b_nk, const Tensor& xa, const Tensor& l_nr,
+                 const Tensor& bias, double scaling, Tensor& out, cudaStream_t stream) {
+  const bool kmaj = k_major(b_nk);
+  const Tensor b = stored(b_nk);
+  const auto [a_ext, b_ext] = lora_blocks(xa, l_nr, scaling, a.scalar_type(), kmaj);
+  LoRAGemmArgs p{};
+  p.M = a.size(0), p.N = b_nk.size(0), p.K = a.size(1), p.R = a_ext.size(1);
+  p.a = a.const_data_ptr(), p.lda = a.stride(0);
+  p.a_ext = a_ext.const_data_ptr(), p.lda_ext = a_ext.stride(0);
+  p.b = b.const_data_ptr(), p.ldb = b.stride(0);
+  p.b_ext = b_ext.const_data_ptr(), p.ldb_ext = b_ext.stride(0);
+  p.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
+  p.out = out.mutable_data_ptr(), p.ldo = out.stride(0);
+  p.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  auto launch = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+#ifdef FASTLORA_SM90A
+    if (path == GemmPath::kSm90) {
+      return kmaj ? launch_lora_gemm_sm90<T, true>(p, stream) : launch_lora_gemm_sm90<T, false>(p, stream);
+    }
+#endif
+    return kmaj ? launch_lora_gemm_sm80<T, true>(p, stream) : launch_lora_gemm_sm80<T, false>(p, stream);
+  };
+  const cudaError_t err = a.scalar_type() == at::kHalf ? launch(Tag<__half>{}) : launch(Tag<__nv_bfloat16>{});
+  TORCH_CHECK(err != cudaErrorNotSupported, "fastlora: CUTLASS rejected a problem fastlora's checks accepted (M=", p.M,
+              ", N=", p.N, ", K=", p.K, ", r=", p.R, "); please report it");
+  C10_CUDA_CHECK(err);
+}
+
+// choose_gemm_path for the current device.
+GemmPath device_gemm_path(const Tensor& a, const Tensor& b_nk, int64_t R, const Tensor& bias, const Tensor& out) {
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  return choose_gemm_path(props->major, props->minor, kSm90aBuilt, a, b_nk, R, bias, out);
+}
+#endif
+
 std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight_in,
                                         const std::optional<Tensor>& bias_in, const Tensor& lora_A_in,
                                         const Tensor& lora_B_in, double scaling, double dropout_p,
@@ -190,7 +322,7 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight
   }
 
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const Tensor x = unit_inner_stride(x_in), weight = unit_inner_stride(weight_in);
+  const Tensor x = unit_inner_stride(x_in);
   const Tensor lora_A = unit_inner_stride(lora_A_in), lora_B = unit_inner_stride(lora_B_in);
   Tensor y = at::empty({M, N}, x.options());
   Tensor xa = at::empty({M, R}, x.options().dtype(at::kFloat));
@@ -202,8 +334,15 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight
     using TA = typename decltype(ta)::type;
     // xa = D(x) Aᵀ, kept in fp32: the main kernel's epilogue and the backward both read it.
     launch_rank_gemm<true, T, TA>(x, lora_A, dropout, xa, stream);
-    // y = x Wᵀ + scaling · xa Bᵀ + bias (dropout already applied inside xa).
-    launch_fused<true, T, TA>(x, weight, xa, lora_B, bias, scaling, Dropout{}, y, stream);
+    // y = x Wᵀ + scaling · xa Bᵀ + bias (dropout already applied inside xa). The CUTLASS kernels read
+    // W in place in either layout (GPT-2's Conv1D passes a transposed view); the portable one needs
+    // unit inner stride.
+#ifdef FASTLORA_CUTLASS
+    if (const GemmPath path = device_gemm_path(x, weight_in, R, bias, y); path != GemmPath::kPortable) {
+      return run_cutlass(path, x, weight_in, xa, lora_B, bias, scaling, y, stream);
+    }
+#endif
+    launch_fused<true, T, TA>(x, unit_inner_stride(weight_in), xa, lora_B, bias, scaling, Dropout{}, y, stream);
   });
   return {y, xa};
 }
@@ -229,7 +368,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
 
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor gy = unit_inner_stride(gy_in), x = unit_inner_stride(x_in), xa = unit_inner_stride(xa_in);
-  const Tensor weight = unit_inner_stride(weight_in);
   const Tensor lora_A = unit_inner_stride(lora_A_in), lora_B = unit_inner_stride(lora_B_in);
   auto maybe_empty = [](bool needed, const Tensor& like, at::IntArrayRef shape) {
     return needed ? at::empty(shape, like.options()) : at::empty({0}, like.options());
@@ -256,7 +394,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
       launch_rank_gemm<false, T, TA>(gy, lora_B, Dropout{}, g_xa, stream);
     }
     // grad_x = gy W + scaling · D(g_xa A): the forward's kernel with W and A read untransposed.
-    if (need_x) launch_fused<false, T, TA>(gy, weight, g_xa, lora_A, Tensor(), scaling, dropout, grad_x, stream);
+    if (need_x) {
+#ifdef FASTLORA_CUTLASS
+      const GemmPath path = dropout.p == 0.f ? device_gemm_path(gy, weight_in.t(), R, Tensor(), grad_x) : GemmPath::kPortable;
+      if (path != GemmPath::kPortable) run_cutlass(path, gy, weight_in.t(), g_xa, lora_A.t(), Tensor(), scaling, grad_x, stream);
+#else
+      const GemmPath path = GemmPath::kPortable;
+#endif
+      if (path == GemmPath::kPortable) launch_fused<false, T, TA>(gy, unit_inner_stride(weight_in), g_xa, lora_A, Tensor(), scaling, dropout, grad_x, stream);
+    }
     // grad_A[r, k] = scaling · Σ_m g_xa[m, r] D(x)[m, k]
     if (need_A) reduce_rows<TA>(ptr<float>(g_xa), R, ptr<T>(x), x.stride(0), M, scaling, dropout, grad_A, stream);
     // grad_B[n, r] = scaling · Σ_m gy[m, n] xa[m, r]   (xa already holds D(x) Aᵀ)

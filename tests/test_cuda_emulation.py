@@ -29,6 +29,31 @@ DTYPE_PAIRS = [(torch.float32, torch.float32), *((d, a) for d in HALVES for a in
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 
+# lora_ops.cpp's kernel choice (a pure function of the device and tensor metadata) and the operands
+# of the CUTLASS kernels' LoRA K-blocks (ATen ops on the host) as test ops, fastlora_emu::gemm_path
+# (0 portable, 1 sm80, 2 sm90) and fastlora_emu::lora_blocks, so they can be checked on CPU tensors.
+_GEMM_PATH_HOOK = """
+namespace fastlora {
+namespace {
+int64_t gemm_path_for_test(int64_t major, int64_t minor, bool sm90a, const at::Tensor& a, const at::Tensor& b_nk,
+                           int64_t r, const std::optional<at::Tensor>& bias, const at::Tensor& out) {
+  return static_cast<int64_t>(choose_gemm_path(major, minor, sm90a, a, b_nk, r, bias.value_or(at::Tensor()), out));
+}
+std::tuple<at::Tensor, at::Tensor> lora_blocks_for_test(const at::Tensor& xa, const at::Tensor& l_nr, double scaling,
+                                                        at::ScalarType dtype, bool k_major_b) {
+  return lora_blocks(xa, l_nr, scaling, dtype, k_major_b);
+}
+}  // namespace
+}  // namespace fastlora
+TORCH_LIBRARY_FRAGMENT(fastlora_emu, m) {
+  m.def("gemm_path(int major, int minor, bool sm90a, Tensor a, Tensor b_nk, int r, Tensor? bias, Tensor out) -> int",
+        &fastlora::gemm_path_for_test);
+  m.def("lora_blocks(Tensor xa, Tensor l_nr, float scaling, ScalarType dtype, bool k_major) -> (Tensor, Tensor)",
+        &fastlora::lora_blocks_for_test);
+}
+"""
+
+
 def _emulated_sources(out_dir: Path) -> list[str]:
     """csrc/'s sources rewritten for a host compiler: launches through the emulation, the host file's
     CUDA runtime calls stubbed, its ops registered as CPU kernels of ``fastlora_emu::cuda_*``."""
@@ -52,6 +77,8 @@ def _emulated_sources(out_dir: Path) -> list[str]:
     }.items():
         assert old in host, f"lora_ops.cpp no longer contains {old!r}: update _emulated_sources"
         host = host.replace(old, new)
+    assert "GemmPath choose_gemm_path(" in host, "lora_ops.cpp's kernel choice changed: update _emulated_sources"
+    host += _GEMM_PATH_HOOK
     (out_dir / "kernels.cpp").write_text('#include "emulation/cuda_emulation.h"\n' + kernels)
     (out_dir / "ops.cpp").write_text(host)
     return [str(out_dir / "ops.cpp"), str(out_dir / "kernels.cpp")]
@@ -141,6 +168,7 @@ EMULATED_SHAPES = [
     (3, 5, 7, 2),
     (4, 0, 8, 2),
     (1000, 40, 30, 3),
+    (70, 1100, 24, 6),  # K deep enough for the rank-r GEMMs' split-K (3 splits at 132 SMs)
 ]
 
 
@@ -175,10 +203,11 @@ def test_emulated_need_flags_match_the_torch_backend(emulated, m):
             assert g.shape == g_ref.shape and g.dtype == g_ref.dtype and rel_error(g, g_ref) <= 1e-5, needs
 
 
+@pytest.mark.parametrize("k", [37, 1100], ids=["one-split", "split-K"])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_emulated_dropout_matches_the_formula_with_its_mask(emulated, p):
+def test_emulated_dropout_matches_the_formula_with_its_mask(emulated, p, k):
     # With identity adapters and no base weight, y = D(x): that reveals the mask a seed draws.
-    k, seed = 37, torch.tensor(1234)
+    seed = torch.tensor(1234)
     x = torch.rand(45, k, dtype=torch.float64).add_(0.5).float()
     eye = torch.eye(k)
     y, _ = emulated.forward(x, torch.zeros(k, k), None, eye, eye, 1.0, p, seed)
@@ -196,6 +225,75 @@ def test_emulated_dropout_matches_the_formula_with_its_mask(emulated, p):
         grads64 = torch.autograd.grad(ref, (x64, b64, A64, B64), gy.double())
         for g, g64 in zip(grads, grads64):
             assert rel_error(g, g64) <= TOLERANCE[dtype]
+
+
+PORTABLE, SM80, SM90 = 0, 1, 2
+
+
+def _path(major, minor, a, b_nk, r=16, bias=None, out=None, sm90a=True):
+    out = torch.empty(a.shape[0], b_nk.shape[0], dtype=a.dtype) if out is None else out
+    return torch.ops.fastlora_emu.gemm_path(major, minor, sm90a, a, b_nk, r, bias, out)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_kernel_choice_by_device(emulated, dtype):
+    x, w = torch.randn(40, 64).to(dtype), torch.randn(48, 64).to(dtype)
+    assert _path(9, 0, x, w) == SM90
+    assert _path(9, 0, x, w, sm90a=False) == SM80  # a build without sm_90a has no Hopper kernel
+    assert [_path(8, minor, x, w) for minor in (0, 6, 9)] == [SM80] * 3
+    assert _path(12, 0, x, w) == SM80
+    assert _path(7, 5, x, w) == PORTABLE
+
+
+def test_kernel_choice_reads_either_weight_layout_in_place(emulated):
+    x, w = torch.randn(40, 64).bfloat16(), torch.randn(48, 64).bfloat16()
+    conv1d_weight = torch.randn(64, 48).bfloat16()  # GPT-2's Conv1D stores W transposed: [K, N]
+    gy = torch.randn(40, 48).bfloat16()
+    assert _path(9, 0, x, conv1d_weight.t()) == SM90  # forward, N-major W
+    assert _path(9, 0, gy, w.t()) == SM90  # grad_x reads row-major W as an N-major operand
+    assert _path(8, 0, gy, conv1d_weight) == SM80
+    assert _path(9, 0, x, torch.randn(96, 128).bfloat16()[::2, ::2]) == PORTABLE  # no unit stride at all
+
+
+def test_kernel_choice_falls_back_off_the_vector_contract(emulated):
+    bf = torch.bfloat16
+    x, w = torch.randn(40, 64, dtype=bf), torch.randn(48, 64, dtype=bf)
+    assert _path(9, 0, x.float(), w.float()) == PORTABLE  # fp32
+    assert _path(9, 0, torch.randn(40, 60, dtype=bf), torch.randn(48, 60, dtype=bf)) == PORTABLE  # K % 8
+    assert _path(9, 0, x, torch.randn(44, 64, dtype=bf)) == PORTABLE  # N % 8
+    assert _path(9, 0, torch.randn(40, 72, dtype=bf)[:, 1:65], w) == PORTABLE  # 2-byte-offset base pointer
+    assert _path(9, 0, torch.randn(40, 68, dtype=bf)[:, :64], w) == PORTABLE  # row stride 68: rows misaligned
+    assert _path(9, 0, torch.randn(40, 72, dtype=bf)[:, :64], w) == SM90  # row stride 72: a padded view is fine
+    assert _path(9, 0, torch.randn(1, 64, dtype=bf).expand(40, 64), w) == PORTABLE  # row stride 0
+    assert _path(9, 0, x, w, r=0) == PORTABLE
+    assert _path(9, 0, torch.randn(40, 0, dtype=bf), torch.randn(48, 0, dtype=bf)) == PORTABLE  # K = 0
+    bias = torch.randn(49, dtype=bf)
+    assert _path(9, 0, x, w, bias=bias[:48]) == SM90
+    assert _path(9, 0, x, w, bias=bias[1:]) == PORTABLE  # misaligned bias
+    assert _path(9, 0, x, w, out=torch.empty(40, 56, dtype=bf)[:, :48]) == SM90
+    assert _path(9, 0, x, w, out=torch.empty(40, 52, dtype=bf)[:, :48]) == PORTABLE
+
+
+@pytest.mark.parametrize("k_major", [True, False], ids=["K-major", "N-major"])
+@pytest.mark.parametrize("dtype, adapter_dtype", [(d, a) for d in HALVES for a in (d, torch.float32)], ids=str)
+@pytest.mark.parametrize("r", [1, 5, 16, 40])
+def test_lora_k_blocks_carry_the_low_rank_term_to_fp32_accuracy(emulated, r, dtype, adapter_dtype, k_major):
+    # The CUTLASS kernels add a_ext · b_extᵀ to the base product on tensor cores (fp16/bf16 inputs,
+    # exact products, fp32 sums): that must equal s · xa · lᵀ far better than one rounding of s·xa.
+    m, n, scaling = 37, 24, 1.7
+    xa = torch.randn(m, r) * 3
+    l_nr = (torch.randn(n, r) * 0.1).to(adapter_dtype)
+    a_ext, b_ext = torch.ops.fastlora_emu.lora_blocks(xa, l_nr, scaling, dtype, k_major)
+    depth = a_ext.shape[1]
+    assert a_ext.dtype == b_ext.dtype == dtype and depth % 8 == 0 and depth >= 2 * r
+    assert a_ext.is_contiguous() and b_ext.is_contiguous()  # the kernels read both in place
+    b_nk = b_ext if k_major else b_ext.t()
+    assert b_nk.shape == (n, depth)
+    want = scaling * xa.double() @ l_nr.double().t()
+    got = a_ext.double() @ b_nk.double().t()
+    rounded_once = (scaling * xa).to(dtype).double() @ l_nr.to(dtype).double().t()
+    assert rel_error(got, want) <= rel_error(rounded_once, want) / 16
+    assert rel_error(got, want) <= 1e-4
 
 
 def test_emulated_ops_reject_bad_arguments_clearly(emulated):

@@ -64,6 +64,21 @@ def test_dtypes_bias_and_strides(shape, dtype, adapter_dtype, bias, x_noncontigu
 
 @requires_cuda_backend
 @pytest.mark.usefixtures("nan_cache")
+@pytest.mark.parametrize("conv1d_weight", [False, True], ids=["row-major-W", "transposed-W"])
+@pytest.mark.parametrize("dtype, adapter_dtype", [(d, a) for d, a in DTYPE_PAIRS if d != torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(1000, 512, 384, 5), (257, 4096, 1024, 16), (64, 64, 64, 256), (1, 8, 8, 1)], ids=str)
+def test_cutlass_paths_both_weight_layouts(shape, dtype, adapter_dtype, conv1d_weight):
+    # Shapes on the 16-byte vector contract, so the CUTLASS kernels run (sm90 on an H100, sm80 on
+    # other Ampere-or-newer parts): partial tiles, r not a multiple of 8, r = 256 (several LoRA K-blocks).
+    m, k, n, r = shape
+    x, w, b, A, B = make_inputs(m, k, n, r, dtype, "cuda", adapter_dtype=adapter_dtype)
+    if conv1d_weight:  # GPT-2's Conv1D hands over weight.t(): [N, K] with strides (1, N)
+        w = w.t().contiguous().t()
+    check_against_reference((x, w, b, A, B), SCALING, "cuda")
+
+
+@requires_cuda_backend
+@pytest.mark.usefixtures("nan_cache")
 def test_row_broadcast_gradient_is_read_in_place():
     # d(Σ_n v_n Σ_m y_mn)/dy is v expanded over rows (sum's backward): a gy with row stride 0, which
     # the kernels read in place.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -91,6 +92,44 @@ def test_without_a_device_the_reason_says_so():
 
     reason = load_cuda_ops()
     assert isinstance(reason, str) and "CUDA" in reason
+
+
+# ---------------------------------------------------------------- build description (CPU) ----------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_py(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``setup.py --version`` (which decides on the extension, and builds nothing) under env."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("FASTLORA_", "CUTLASS_PATH"))}, **env}
+    return subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_build_requirements_pin_cutlass_and_leave_torch_to_the_environment():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert "nvidia-cutlass==4.2.0.0" in requires
+    assert not any(req.startswith("torch") for req in requires)  # must match the runtime torch: --no-build-isolation
+    # .ci/build_cuda.sh installs the pin it greps out of pyproject.toml.
+    assert re.findall(r'"(nvidia-cutlass==[^"]*)"', (ROOT / "pyproject.toml").read_text()) == ["nvidia-cutlass==4.2.0.0"]
+
+
+def test_forced_build_that_cannot_build_fails_with_the_reason(tmp_path):
+    result = _setup_py({"FASTLORA_FORCE_CUDA_BUILD": "1", "CUTLASS_PATH": str(tmp_path)})
+    assert result.returncode != 0
+    assert "FASTLORA_FORCE_CUDA_BUILD=1 but the CUDA extension cannot be built" in result.stderr
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is not None and CUDA_HOME is not None:  # the first missing piece is CUTLASS
+        assert f"CUTLASS_PATH={tmp_path} has no {tmp_path / 'include' / 'cute' / 'tensor.hpp'}" in result.stderr
+
+
+def test_unforced_build_without_cutlass_installs_the_python_package(tmp_path):
+    result = _setup_py({"CUTLASS_PATH": str(tmp_path)})
+    assert result.returncode == 0 and result.stdout.strip() == fastlora.__version__
+    skipped = _setup_py({"FASTLORA_SKIP_CUDA_BUILD": "1", "FASTLORA_FORCE_CUDA_BUILD": "1", "CUTLASS_PATH": str(tmp_path)})
+    assert skipped.returncode == 0  # SKIP wins over FORCE
 
 
 # ---------------------------------------------------------------- built extension (CPU) ----------

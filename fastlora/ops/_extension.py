@@ -41,19 +41,47 @@ def _import_prebuilt() -> tuple[str | None, bool]:
     return None, False
 
 
+def _cutlass_include_dirs() -> list[str] | str:
+    """The CUTLASS/CuTe header directories (CUTLASS_PATH, else the nvidia-cutlass package), or why not."""
+    if os.environ.get("CUTLASS_PATH"):
+        root = Path(os.environ["CUTLASS_PATH"])
+    else:
+        spec = importlib.util.find_spec("cutlass_library")  # located, not imported (its import is heavy)
+        if spec is None or not spec.submodule_search_locations:
+            return "the CUTLASS headers are missing (pip install nvidia-cutlass==4.2.0.0, or set CUTLASS_PATH)"
+        root = Path(next(iter(spec.submodule_search_locations))) / "source"
+    dirs = [root / "include", root / "tools" / "util" / "include"]
+    if not (dirs[0] / "cute" / "tensor.hpp").is_file():
+        return f"the CUTLASS headers are missing: no {dirs[0] / 'cute' / 'tensor.hpp'}"
+    return [str(d) for d in dirs]
+
+
 def _jit_build() -> str | None:
     sources = sorted(str(p) for p in (*_CSRC.glob("*.cpp"), *_CSRC.glob("*.cu")))
     if not sources:
         return f"FASTLORA_JIT_BUILD=1 but the CUDA sources are not in {_CSRC} (they ship with a source checkout only)"
+    include_dirs = _cutlass_include_dirs()
+    if isinstance(include_dirs, str):
+        return f"FASTLORA_JIT_BUILD=1 but {include_dirs}"
     try:
+        import torch
         from torch.utils.cpp_extension import load
 
         # Targets come from TORCH_CUDA_ARCH_LIST, else the visible GPUs; the kernels need sm_80 or newer.
+        # On an H100 the Hopper kernels are added (sm_90a is not in torch's default target list).
+        hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+        defines = ["-DFASTLORA_CUTLASS"] + (["-DFASTLORA_SM90A"] if hopper else [])
+        cutlass_flags = ["-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG"] + [
+            f"-U__CUDA_NO_{what}__"
+            for what in ("HALF_OPERATORS", "HALF_CONVERSIONS", "HALF2_OPERATORS", "BFLOAT16_OPERATORS", "BFLOAT16_CONVERSIONS")
+        ]
+        gencode = ["-gencode=arch=compute_90a,code=sm_90a"] if hopper else []
         load(
             name="fastlora_C",
             sources=sources,
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "-lineinfo"],
+            extra_cflags=["-O3", *defines],
+            extra_cuda_cflags=["-O3", "-lineinfo", *defines, *cutlass_flags, *gencode],
+            extra_include_paths=include_dirs,
             is_python_module=False,
         )
     except Exception as err:  # compiler, toolkit and loader failures surface as many exception types

@@ -1,0 +1,8 @@
+// The sm_80-class fused LoRA GEMMs for __half (lora_sm80_gemm.cuh): one translation unit per element
+// type, so that ninja compiles the types in parallel.
+#include "lora_sm80_gemm.cuh"
+
+namespace fastlora {
+template cudaError_t launch_lora_gemm_sm80<__half, true>(const LoRAGemmArgs&, cudaStream_t);
+template cudaError_t launch_lora_gemm_sm80<__half, false>(const LoRAGemmArgs&, cudaStream_t);
+}  // namespace fastlora

@@ -1,0 +1,10 @@
+// The sm_90a fused LoRA GEMMs for __nv_bfloat16 (lora_sm90_gemm.cuh): one translation unit per element type,
+// so that ninja compiles the types in parallel. Empty unless the build targets sm_90a (setup.py).
+#ifdef FASTLORA_SM90A
+#include "lora_sm90_gemm.cuh"
+
+namespace fastlora {
+template cudaError_t launch_lora_gemm_sm90<__nv_bfloat16, true>(const LoRAGemmArgs&, cudaStream_t);
+template cudaError_t launch_lora_gemm_sm90<__nv_bfloat16, false>(const LoRAGemmArgs&, cudaStream_t);
+}  // namespace fastlora
+#endif
