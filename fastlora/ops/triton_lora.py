@@ -519,12 +519,17 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     def shared(c):
         return _shared_bytes(c, a.element_size(), la.element_size(), out.element_size(), rank)
 
+    # wgmma needs 64 rows a warp group; mma.sync (before Hopper) takes 32-row tiles, which keep the
+    # busiest loops off the stack there (sm_80, r = 64, fp32 adapters and dropout: every 64-row tile
+    # spilled, 112 bytes or more; 32×64×32 none).
+    min_rows = 64 if limits.capability >= (9, 0) else 32
+
     def rows_ok(c):
         # Short row blocks are for decode (M ≤ 64), where wgmma's 64-row minimum cannot be filled anyway.
         bm = c.kwargs["BLOCK_M"]
         if fixed_m:
             return bm == fixed_m
-        return bm <= max(16, m_bucket) if m_bucket <= _DECODE_MAX_M else bm >= 64
+        return bm <= max(16, m_bucket) if m_bucket <= _DECODE_MAX_M else bm >= min_rows
 
     candidates = [c for c in configs if rows_ok(c)] or configs
     if limits.capability < (9, 0):
