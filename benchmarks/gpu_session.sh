@@ -38,7 +38,7 @@ fi
 if [[ " $steps " == *" bench "* ]]; then
   timeout 540 "$python" -m fastlora bench --device cuda --shapes llama3-8b --tokens 1024,8192 \
     --decode-tokens 1,64 --ranks 16 --dtypes bf16 --modes forward,train,decode \
-    --providers base,naive,peft-fp32,peft,addmm,fastlora-triton,fastlora-cuda,fastlora-torch \
+    --providers base,naive,peft-fp32,peft,addmm,fastlora-triton,fastlora-cuda,fastlora-torch,fastlora-auto,peft-qlora,fastlora-qlora \
     --json "$out/bench.json" --csv "$out/bench.csv" --markdown "$out/bench.md" --plot "$out/bench.png" \
     >"$out/bench.stdout" 2>"$out/bench.stderr"
   echo "bench: exit $?"
