@@ -55,6 +55,7 @@ import triton.language as tl
 
 from ..qlora import code_table
 from . import _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
+from ._contract import autograd_pair, fake_grads
 from ._device import device_limits
 from ._triton_common import (
     INTERPRET, INTERPRETER_CONFIGS, _configs, _dot, _dropout, _padded_rank, _precisions, _reduce_over_m,
@@ -383,15 +384,7 @@ def _(x, packed, absmax, code, absmax2, code2, offset, out_features, blocksize, 
 @backward_op.register_fake
 def _(gy, x, xa, packed, absmax, code, absmax2, code2, offset, out_features, blocksize, blocksize2, lora_A, lora_B,
       scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):  # fmt: skip
-    def maybe(needed, like, shape):
-        return like.new_empty(shape if needed else (0,))
-
-    return (
-        maybe(need_x, x, x.shape),
-        maybe(need_A, lora_A, lora_A.shape),
-        maybe(need_B, lora_B, lora_B.shape),
-        maybe(need_bias, x, (out_features,)),
-    )
+    return fake_grads(x, lora_A, lora_B, out_features, need_x, need_A, need_B, need_bias)
 
 
 # Positions in the forward's inputs: x, the nine quant arguments, bias, lora_A, lora_B, scaling, dropout_p, seed.
@@ -420,25 +413,9 @@ def _grads(ctx, backward, gy) -> tuple:
     return tuple(grads)
 
 
-torch.library.register_autograd(
-    forward_op,
-    lambda ctx, gy, _grad_xa: _grads(ctx, backward_op, gy),
-    setup_context=lambda ctx, inputs, output: _save(ctx, inputs, output[1]),
-)
-
-
-class QLoRAFunction(torch.autograd.Function):
-    """Eager path: the same computation without the ops' Python dispatch."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        y, xa = qlora_forward(*inputs)
-        _save(ctx, inputs, xa)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        return _grads(ctx, qlora_backward, gy)
+# The eager path (QLoRAFunction) skips the ops' Python dispatch; _save and _grads are this family's
+# own (16 inputs: the nine quant arguments stand in the dense contract's weight, which has no gradient).
+QLoRAFunction = autograd_pair("QLoRAFunction", forward_op, backward_op, qlora_forward, qlora_backward, _save, _grads)
 
 
 def qlora_linear_2d(x, q: Quant4bit, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed) -> torch.Tensor:
