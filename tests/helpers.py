@@ -10,9 +10,9 @@ from fastlora._tolerance import rel_error, tolerance  # noqa: F401  (re-exported
 from fastlora.ops.registry import backend_ops
 
 try:
-    from fastlora.ops import triton_lora
+    from fastlora.ops import _triton_common
 except ImportError:  # no triton here: nothing to poison
-    triton_lora = None
+    _triton_common = None
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -100,5 +100,5 @@ def poisoned(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    if triton_lora is not None:
-        monkeypatch.setattr(triton_lora, "_empty", nan_empty)
+    if _triton_common is not None:  # one allocator serves both Triton op modules (dense and 4-bit)
+        monkeypatch.setattr(_triton_common, "_empty", nan_empty)

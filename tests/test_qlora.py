@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 bnb = pytest.importorskip("bitsandbytes")
 triton_qlora = pytest.importorskip("fastlora.ops.triton_qlora")
+from fastlora.ops import _triton_common  # noqa: E402
 
 import fastlora  # noqa: E402
 from fastlora import FusedLoRALinear, patch_peft, qlora  # noqa: E402
@@ -31,7 +32,7 @@ def poisoned(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(triton_qlora, "_empty", nan_empty)
+    monkeypatch.setattr(_triton_common, "_empty", nan_empty)
 
 
 def quantized(in_features, out_features, dtype, quant_type="nf4", blocksize=64, nested=True, bias=True):

@@ -75,7 +75,10 @@ def _fake_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y, xa
 
 
-def _fake_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
+def fake_grads(x, lora_A, lora_B, out_features: int, need_x, need_A, need_B, need_bias) -> tuple:
+    """What a backward returns, as fakes: ``(grad_x, grad_A, grad_B, grad_bias)``, each empty where
+    its ``need_*`` is False."""
+
     def maybe(needed, like, shape):
         return like.new_empty(shape if needed else (0,))
 
@@ -83,8 +86,12 @@ def _fake_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, 
         maybe(need_x, x, x.shape),
         maybe(need_A, lora_A, lora_A.shape),
         maybe(need_B, lora_B, lora_B.shape),
-        maybe(need_bias, x, (weight.shape[0],)),
+        maybe(need_bias, x, (out_features,)),
     )
+
+
+def _fake_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
+    return fake_grads(x, lora_A, lora_B, weight.shape[0], need_x, need_A, need_B, need_bias)
 
 
 def _save_for_backward(ctx, inputs, xa) -> None:
@@ -116,6 +123,30 @@ def _input_grads(ctx, backward: Callable, gy: torch.Tensor) -> tuple:
     )
 
 
+def autograd_pair(name: str, forward_op, backward_op, forward_impl, backward_impl, save, input_grads) -> type:
+    """Register autograd on ``forward_op`` (whose outputs are ``(y, xa)``) and return the eager
+    ``torch.autograd.Function`` called ``name`` that runs the same computation through
+    ``forward_impl`` / ``backward_impl``. ``save(ctx, inputs, xa)`` keeps what the backward needs,
+    ``input_grads(ctx, backward, gy)`` returns the gradients of the forward's inputs; both are the
+    op family's, which fixes its signature (this module's for the dense contract)."""
+    torch.library.register_autograd(
+        forward_op,
+        lambda ctx, gy, _grad_xa: input_grads(ctx, backward_op, gy),
+        setup_context=lambda ctx, inputs, output: save(ctx, inputs, output[1]),
+    )
+
+    def forward(ctx, *inputs):
+        y, xa = forward_impl(*inputs)
+        save(ctx, inputs, xa)
+        return y
+
+    def backward(ctx, gy):
+        return input_grads(ctx, backward_impl, gy)
+
+    # type() rather than a class statement: the Function's name (and its grad_fn's, "<name>Backward") is the caller's.
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
 def attach_autograd(
     forward_op,
     backward_op,
@@ -129,26 +160,11 @@ def attach_autograd(
     build the eager Function, which calls ``forward_impl``/``backward_impl`` (default: the ops)."""
     torch.library.register_fake(forward_op)(_fake_forward)
     torch.library.register_fake(backward_op)(_fake_backward)
-    torch.library.register_autograd(
-        forward_op,
-        lambda ctx, gy, _grad_xa: _input_grads(ctx, backward_op, gy),
-        setup_context=lambda ctx, inputs, output: _save_for_backward(ctx, inputs, output[1]),
-    )
-    forward_impl = forward_impl or forward_op
-    backward_impl = backward_impl or backward_op
-
-    class LoRAFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            y, xa = forward_impl(*inputs)
-            _save_for_backward(ctx, inputs, xa)
-            return y
-
-        @staticmethod
-        def backward(ctx, gy):
-            return _input_grads(ctx, backward_impl, gy)
-
-    return LoRAOps(forward_op, backward_op, LoRAFunction, runs_on, device_unsupported)
+    function = autograd_pair(
+        "LoRAFunction", forward_op, backward_op, forward_impl or forward_op, backward_impl or backward_op,
+        _save_for_backward, _input_grads,
+    )  # fmt: skip
+    return LoRAOps(forward_op, backward_op, function, runs_on, device_unsupported)
 
 
 def define_ops(namespace: str, name: str) -> tuple:

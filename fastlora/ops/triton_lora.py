@@ -52,36 +52,22 @@ bf16 operands are upcast to fp32 before ``tl.dot`` because the interpreter's bf1
 
 from __future__ import annotations
 
-import os
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from ._device import device_limits
+from . import _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
 from ._contract import register_backend
+from ._device import device_limits
+from ._triton_common import (
+    INTERPRET, INTERPRETER_CONFIGS, _configs, _dot, _Dropout, _dropout, _padded_rank, _precisions, _reduce_over_m,
+)  # fmt: skip
 from ._triton_compile import drop_spilling
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Where LoRA dropout applies (csrc/lora_kernels.cuh: DropoutSite::kA, kLowRank).
 NO_DROPOUT = tl.constexpr(0)
 DROPOUT_ON_INPUT = tl.constexpr(1)
 DROPOUT_ON_LOW_RANK = tl.constexpr(2)
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the kernels fill comes from here (the tests patch it to poison them)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -378,60 +364,6 @@ def _split_k_reduce_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
 
-@triton.jit
-def _lora_reduce_kernel(
-    lhs_ptr, rhs_ptr, ws_ptr,
-    M, P, Q, rows_per_split,
-    stride_lm, stride_lp, stride_rm, stride_rq,
-    stride_ws_split, stride_ws_p, stride_ws_q,
-    scaling, dropout_p, seed,
-    RHS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-):  # fmt: skip
-    # ws[split] = scaling · lhs[rows, :]ᵀ · D(rhs[rows, :]) over this split's rows, on the tensor cores
-    # (D: the dropout mask, unscaled: its 1/(1 − p) is folded into scaling).
-    pid_p = tl.program_id(0)
-    pid_q = tl.program_id(1)
-    split = tl.program_id(2)
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    mask_p = offs_p < P
-    mask_q = offs_q < Q
-    row_start = split * rows_per_split
-    row_end = min(row_start + rows_per_split, M)
-
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < row_end
-        offs_m = offs_m.to(tl.int64)
-        lhs = tl.load(
-            lhs_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp,
-            mask=mask_m[:, None] & mask_p[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        rhs = tl.load(
-            rhs_ptr + offs_m[:, None] * stride_rm + offs_q[None, :] * stride_rq,
-            mask=mask_m[:, None] & mask_q[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if RHS_DROPOUT:
-            rhs = tl.where(tl.rand(seed, offs_m[:, None] * Q + offs_q[None, :]) >= dropout_p, rhs, 0.0)
-        acc = tl.dot(tl.trans(lhs), rhs, acc, input_precision=PRECISION)
-
-    ws_ptrs = ws_ptr + split.to(tl.int64) * stride_ws_split + offs_p[:, None] * stride_ws_p + offs_q[None, :] * stride_ws_q
-    tl.store(ws_ptrs, acc * scaling, mask=mask_p[:, None] & mask_q[None, :])
-
-
-def _configs(shapes) -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
-
-
-# The interpreter cannot benchmark, and its cost grows with programs × K steps: one big tile.
-INTERPRETER_CONFIGS = _configs([(64, 64, 64, 4, 1)])
 GPU_CONFIGS = _configs(
     [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
         (128, 256, 64, 8, 3),
@@ -560,34 +492,6 @@ _lora_gemm = _autotuned(GPU_CONFIGS)
 _lora_gemm_grad_x = _autotuned(GRAD_X_CONFIGS)  # with FUSE_GRAD_B
 
 
-def _padded_rank(size: int) -> int:
-    return max(16, triton.next_power_of_2(size))  # tl.dot needs every dimension >= 16
-
-
-def _precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """``tl.dot`` input precision of the main loop and of the fp32 low-rank products."""
-    fp32 = "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
-    return fp32, ("tf32" if dtype in (torch.float16, torch.bfloat16) else fp32)
-
-
-class _Dropout(NamedTuple):
-    """LoRA dropout of one call: probability, seed, and ``1/(1 − p)`` (0 when everything drops)."""
-
-    p: float
-    seed: int
-
-    @property
-    def scale(self) -> float:
-        return 1 / (1 - self.p) if self.p < 1 else 0.0
-
-
-_NO_DROPOUT = _Dropout(0.0, 0)
-
-
-def _dropout(dropout_p: float, seed) -> _Dropout:
-    return _Dropout(dropout_p, int(seed)) if dropout_p else _NO_DROPOUT
-
-
 def _tma_ready(t: torch.Tensor | None) -> bool:
     """Can a tensor descriptor address ``t``: 2-D, unit last stride, 16-byte aligned base and rows."""
     if t is None:
@@ -674,8 +578,8 @@ def _launch_gemm(
     dummy = a
     partials = t_partials = None
     if split_k:
-        partials = _empty((splits, M, N), torch.float32, device)
-        t_partials = _empty((splits, M, R), torch.float32, device)
+        partials = _triton_common._empty((splits, M, N), torch.float32, device)
+        t_partials = _triton_common._empty((splits, M, R), torch.float32, device)
     flags = None
     if write_out and store_t and not split_k:  # one per row block (of 16 rows at least), zeroed
         flags = torch.zeros(triton.cdiv(M, 16), dtype=torch.int32, device=device)
@@ -720,54 +624,10 @@ def _launch_gemm(
         )  # fmt: skip
 
 
-def _split_count(device: torch.device, tiles: int, row_blocks: int) -> int:
-    """Splits of M that give about two programs per SM."""
-    programs = 2 * device_limits(device).sm_count
-    return max(1, min(row_blocks, programs // tiles))
-
-
-def _reduce_blocks(P: int, Q: int) -> tuple[int, int]:
-    """Output tile of the reduction: each side up to 128, at most 8192 fp32 accumulators a program."""
-    block_p = min(128, _padded_rank(P))
-    block_q = min(128, _padded_rank(Q))
-    while block_p * block_q > 8192:
-        if block_p >= block_q:
-            block_p //= 2
-        else:
-            block_q //= 2
-    return block_p, block_q
-
-
-def _reduce_over_m(lhs, rhs, scaling: float, out_dtype: torch.dtype, rhs_dropout=_NO_DROPOUT) -> torch.Tensor:
-    """``scaling·lhsᵀ·D(rhs)`` [P, Q] in ``out_dtype`` for ``lhs [M, P]``, ``rhs [M, Q]``; ``D`` is
-    LoRA dropout, the identity by default."""
-    M, P = lhs.shape
-    Q = rhs.shape[1]
-    if M == 0:
-        return torch.zeros((P, Q), dtype=out_dtype, device=lhs.device)
-    block_m = 64
-    block_p, block_q = _reduce_blocks(P, Q)
-    tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
-    row_blocks = triton.cdiv(M, block_m)
-    rows_per_split = triton.cdiv(row_blocks, _split_count(lhs.device, tiles, row_blocks)) * block_m
-    splits = triton.cdiv(M, rows_per_split)
-    ws = _empty((splits, P, Q), torch.float32, lhs.device)
-    _, low_rank_precision = _precisions(rhs.dtype)
-    _lora_reduce_kernel[(triton.cdiv(P, block_p), triton.cdiv(Q, block_q), splits)](
-        lhs, rhs, ws,
-        M, P, Q, rows_per_split,
-        *lhs.stride(), *rhs.stride(), *ws.stride(),
-        scaling * rhs_dropout.scale, rhs_dropout.p, rhs_dropout.seed,
-        RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=low_rank_precision,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,
-    )  # fmt: skip
-    return ws.sum(0).to(out_dtype)
-
-
 def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     M = x.shape[0]
-    y = _empty((M, weight.shape[0]), x.dtype, x.device)
-    xa = _empty((M, lora_A.shape[0]), torch.float32, x.device)
+    y = _triton_common._empty((M, weight.shape[0]), x.dtype, x.device)
+    xa = _triton_common._empty((M, lora_A.shape[0]), torch.float32, x.device)
     if M:
         dropout = _dropout(dropout_p, seed)
         _launch_gemm(
@@ -780,9 +640,9 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     M, N = gy.shape
     R = lora_A.shape[0]
     dropout = _dropout(dropout_p, seed)
-    grad_x = _empty(x.shape, x.dtype, x.device) if need_x else x.new_empty((0,))
+    grad_x = _triton_common._empty(x.shape, x.dtype, x.device) if need_x else x.new_empty((0,))
     # gy B feeds grad_A, and grad_x's epilogue: its consumers read it from this buffer.
-    g_xa = _empty((M, R), torch.float32, x.device) if need_A or need_x else None
+    g_xa = _triton_common._empty((M, R), torch.float32, x.device) if need_A or need_x else None
     grad_A, grad_B, grad_bias = lora_A.new_empty((0,)), lora_B.new_empty((0,)), gy.new_empty((0,))
     if M == 0:
         grad_A = torch.zeros_like(lora_A) if need_A else grad_A
@@ -794,8 +654,8 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     # _MAX_PARTIAL_BYTES (at r = 64, 64-row blocks, all of M = 8192 at once would take 128 MiB).
     rows = max(_MIN_PARTIAL_BLOCKS, _MAX_PARTIAL_BYTES // (4 * N * R)) * block_m if block_m else M
     row_blocks = triton.cdiv(min(rows, M), block_m) if block_m else 0
-    grad_b_ws = _empty((row_blocks, N, R), torch.float32, x.device) if block_m else None
-    bias_ws = _empty((row_blocks, N), torch.float32, x.device) if need_bias else None
+    grad_b_ws = _triton_common._empty((row_blocks, N, R), torch.float32, x.device) if block_m else None
+    bias_ws = _triton_common._empty((row_blocks, N), torch.float32, x.device) if need_bias else None
     grad_b_sum = torch.zeros((N, R), dtype=torch.float32, device=x.device) if need_B else None
     bias_sum = torch.zeros((N,), dtype=torch.float32, device=x.device) if need_bias else None
     for m0 in range(0, M, rows):
@@ -811,7 +671,7 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
         if need_bias:
             bias_sum += bias_ws[:blocks].sum(0)
     if need_A:
-        grad_A = _reduce_over_m(g_xa, x, scaling, lora_A.dtype, rhs_dropout=dropout)
+        grad_A = _reduce_over_m(g_xa, x, scaling, lora_A.dtype, rhs_dropout=dropout)[0]
     if need_B:
         grad_B = (grad_b_sum * scaling).to(lora_B.dtype)
     if need_bias:

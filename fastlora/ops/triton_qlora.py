@@ -36,10 +36,10 @@ rank-r recompute, is what a 4-bit GEMM pays over a dense one (an estimate; not y
 The dropout mask is the counter-based ``tl.rand(seed, m·K + k) ≥ p`` of the dense Triton backend,
 regenerated in the backward.
 
-``_qlora_reduce_kernel`` computes the two adapter gradients (``s·lhsᵀ·rhs`` over the long M axis)
-and the bias gradient: M is split across programs writing fp32 partials that are summed afterwards
-in a fixed order, so results are deterministic (no atomics). Its operands are rank-r and ``[M, N]``
-/ ``[M, K]`` activations; W is not involved.
+The two adapter gradients (``s·lhsᵀ·rhs`` over the long M axis) and the bias gradient come from
+``_triton_common._reduce_over_m``, the dense backend's deterministic split-M reduction (with its
+``COL_SUM`` option for ``Σ_m gy``). Its operands are rank-r and ``[M, N]`` / ``[M, K]`` activations;
+W is not involved.
 
 Under ``TRITON_INTERPRET=1`` (the CPU tests) each kernel runs one configuration and bf16 operands are
 upcast before ``tl.dot``, whose bf16 form the interpreter gets wrong.
@@ -47,7 +47,6 @@ upcast before ``tl.dot``, whose bf16 form the interpreter gets wrong.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -55,13 +54,12 @@ import triton
 import triton.language as tl
 
 from ..qlora import code_table
+from . import _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
+from ._contract import autograd_pair, fake_grads
 from ._device import device_limits
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the kernels fill comes from here (the tests patch it to poison them)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+from ._triton_common import (
+    INTERPRET, INTERPRETER_CONFIGS, _configs, _dot, _dropout, _padded_rank, _precisions, _reduce_over_m,
+)  # fmt: skip
 
 
 @triton.jit
@@ -108,14 +106,6 @@ def _dequantize(
         scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, first_block + local // QBLOCK,
                              mask, QBLOCK2, NESTED)  # fmt: skip
     return tl.where(mask, value * scale, 0.0)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -210,58 +200,6 @@ def _qlora_matmul_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _qlora_reduce_kernel(
-    lhs_ptr, rhs_ptr, ws_ptr, col_sum_ptr,
-    M, P, Q, rows_per_split,
-    stride_lm, stride_lp, stride_rm, stride_rq,
-    stride_ws_split, stride_ws_p, stride_ws_q, stride_cs_split,
-    scaling, dropout_p, seed,
-    COL_SUM: tl.constexpr, RHS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-):  # fmt: skip
-    # ws[split] = scaling·lhs[rows]ᵀ·D(rhs[rows]) over this split's rows (D: the dropout keep mask;
-    # its 1/(1 − p) is folded into scaling); col_sum[split] = Σ lhs[rows].
-    pid_p = tl.program_id(0)
-    pid_q = tl.program_id(1)
-    split = tl.program_id(2)
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    mask_p = offs_p < P
-    mask_q = offs_q < Q
-    row_start = split * rows_per_split
-    row_end = min(row_start + rows_per_split, M)
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < row_end
-        offs_m = offs_m.to(tl.int64)
-        lhs_ptrs = lhs_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp
-        rhs_ptrs = rhs_ptr + offs_m[:, None] * stride_rm + offs_q[None, :] * stride_rq
-        lhs = tl.load(lhs_ptrs, mask=mask_m[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-        rhs = tl.load(rhs_ptrs, mask=mask_m[:, None] & mask_q[None, :], other=0.0).to(tl.float32)
-        if RHS_DROPOUT:
-            rhs = tl.where(tl.rand(seed, offs_m[:, None] * Q + offs_q[None, :]) >= dropout_p, rhs, 0.0)
-        acc = tl.dot(tl.trans(lhs), rhs, acc, input_precision=PRECISION)
-        if COL_SUM:
-            col_sum += tl.sum(lhs, axis=0)
-    ws_ptrs = ws_ptr + split.to(tl.int64) * stride_ws_split + offs_p[:, None] * stride_ws_p + offs_q[None, :] * stride_ws_q
-    tl.store(ws_ptrs, acc * scaling, mask=mask_p[:, None] & mask_q[None, :])
-    if COL_SUM:
-        if pid_q == 0:
-            tl.store(col_sum_ptr + split * stride_cs_split + offs_p, col_sum, mask=mask_p)
-
-
-def _configs(shapes) -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
-
-
-# The interpreter cannot benchmark and its cost grows with programs × K steps: one big tile.
-INTERPRETER_CONFIGS = _configs([(64, 64, 64, 4, 1)])
 # Compiled for sm_90a and sm_80 (bf16 x, nested NF4, fp32 or bf16 adapters, r = 16…256, forward and
 # grad_x with dropout): every config kept by ``prune_configs`` has zero spill stack. The dequantized
 # W tile is built in registers from per-element gathers (packed byte, code, absmax), which the
@@ -346,29 +284,6 @@ class Quant4bit(NamedTuple):
     blocksize2: int
 
 
-def _padded_rank(size: int) -> int:
-    return max(16, triton.next_power_of_2(size))  # tl.dot needs every dimension >= 16
-
-
-def _precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """``tl.dot`` input precision of the main loop and of the fp32 low-rank products."""
-    fp32 = "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
-    return fp32, ("tf32" if dtype in (torch.float16, torch.bfloat16) else fp32)
-
-
-class _Dropout(NamedTuple):
-    p: float
-    seed: int
-
-    @property
-    def scale(self) -> float:
-        return 1 / (1 - self.p) if self.p < 1 else 0.0
-
-
-def _dropout(dropout_p: float, seed) -> _Dropout:
-    return _Dropout(dropout_p, int(seed)) if dropout_p else _Dropout(0.0, 0)
-
-
 def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb, bias, out, t, scaling, dropout, mode):
     """``out = a·w + scaling·(a·la)·lb + bias`` and ``t = a·la`` (fp32) with ``w = Wᵀ [K, N]``
     (``transpose_w``, the forward) or ``w = W`` (``grad_x``), dequantized in-tile. ``out`` or ``t``
@@ -406,45 +321,6 @@ def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb,
     )  # fmt: skip
 
 
-def _reduce_blocks(P: int, Q: int) -> tuple[int, int]:
-    """Output tile of the reduction: each side up to 128, at most 8192 fp32 accumulators a program."""
-    block_p, block_q = min(128, _padded_rank(P)), min(128, _padded_rank(Q))
-    while block_p * block_q > 8192:
-        if block_p >= block_q:
-            block_p //= 2
-        else:
-            block_q //= 2
-    return block_p, block_q
-
-
-def _reduce_over_m(lhs, rhs, scaling: float, out_dtype, col_sum: bool = False, rhs_dropout=_Dropout(0.0, 0)):
-    """``(scaling·lhsᵀ·D(rhs) [P, Q] in out_dtype, Σ_m lhs [P] fp32 or None)`` for ``lhs [M, P]``,
-    ``rhs [M, Q]``, split over M to about two programs an SM."""
-    M, P = lhs.shape
-    Q = rhs.shape[1]
-    if M == 0:
-        sums = torch.zeros(P, dtype=torch.float32, device=lhs.device) if col_sum else None
-        return torch.zeros((P, Q), dtype=out_dtype, device=lhs.device), sums
-    block_m = 64
-    block_p, block_q = _reduce_blocks(P, Q)
-    tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
-    row_blocks = triton.cdiv(M, block_m)
-    splits_wanted = max(1, min(row_blocks, 2 * device_limits(lhs.device).sm_count // tiles))
-    rows_per_split = triton.cdiv(row_blocks, splits_wanted) * block_m
-    splits = triton.cdiv(M, rows_per_split)
-    ws = _empty((splits, P, Q), torch.float32, lhs.device)
-    sums = _empty((splits, P), torch.float32, lhs.device) if col_sum else ws
-    _qlora_reduce_kernel[(triton.cdiv(P, block_p), triton.cdiv(Q, block_q), splits)](
-        lhs, rhs, ws, sums,
-        M, P, Q, rows_per_split,
-        *lhs.stride(), *rhs.stride(), *ws.stride(), sums.stride(0),
-        scaling * rhs_dropout.scale, rhs_dropout.p, rhs_dropout.seed,
-        COL_SUM=col_sum, RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=_precisions(rhs.dtype)[1],
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,
-    )  # fmt: skip
-    return ws.sum(0).to(out_dtype), (sums.sum(0) if col_sum else None)
-
-
 def _quant(packed, absmax, code, absmax2, code2, offset, out_features, blocksize, blocksize2) -> Quant4bit:
     return Quant4bit(packed, absmax, code, absmax2, code2, offset, out_features, blocksize, blocksize2)
 
@@ -454,8 +330,8 @@ def qlora_forward(x, packed, absmax, code, absmax2, code2, offset, out_features:
     """``(y [M, N] in x.dtype, xa [M, R] fp32)`` for ``x [M, K]`` (see the module doc)."""
     q = _quant(packed, absmax, code, absmax2, code2, offset, out_features, blocksize, blocksize2)
     M, K = x.shape
-    y = _empty((M, out_features), x.dtype, x.device)
-    xa = _empty((M, lora_A.shape[0]), torch.float32, x.device)
+    y = _triton_common._empty((M, out_features), x.dtype, x.device)
+    xa = _triton_common._empty((M, lora_A.shape[0]), torch.float32, x.device)
     if M:
         _launch_matmul(x, q, K, True, lora_A.t(), lora_B.t(), bias, y, xa, scaling, _dropout(dropout_p, seed), 1)
     return y, xa
@@ -468,8 +344,8 @@ def qlora_backward(gy, x, xa, packed, absmax, code, absmax2, code2, offset, out_
     q = _quant(packed, absmax, code, absmax2, code2, offset, out_features, blocksize, blocksize2)
     M, K = x.shape
     dropout = _dropout(dropout_p, seed)
-    grad_x = _empty(x.shape, x.dtype, x.device) if need_x else x.new_empty((0,))
-    g_xa = _empty((M, lora_A.shape[0]), torch.float32, x.device) if need_A else None
+    grad_x = _triton_common._empty(x.shape, x.dtype, x.device) if need_x else x.new_empty((0,))
+    g_xa = _triton_common._empty((M, lora_A.shape[0]), torch.float32, x.device) if need_A else None
     if M and (need_x or need_A):
         _launch_matmul(gy, q, K, False, lora_B, lora_A, None, grad_x if need_x else None, g_xa, scaling, dropout, 2)
     grad_A = _reduce_over_m(g_xa, x, scaling, lora_A.dtype, rhs_dropout=dropout)[0] if need_A else lora_A.new_empty((0,))
@@ -508,15 +384,7 @@ def _(x, packed, absmax, code, absmax2, code2, offset, out_features, blocksize, 
 @backward_op.register_fake
 def _(gy, x, xa, packed, absmax, code, absmax2, code2, offset, out_features, blocksize, blocksize2, lora_A, lora_B,
       scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):  # fmt: skip
-    def maybe(needed, like, shape):
-        return like.new_empty(shape if needed else (0,))
-
-    return (
-        maybe(need_x, x, x.shape),
-        maybe(need_A, lora_A, lora_A.shape),
-        maybe(need_B, lora_B, lora_B.shape),
-        maybe(need_bias, x, (out_features,)),
-    )
+    return fake_grads(x, lora_A, lora_B, out_features, need_x, need_A, need_B, need_bias)
 
 
 # Positions in the forward's inputs: x, the nine quant arguments, bias, lora_A, lora_B, scaling, dropout_p, seed.
@@ -545,25 +413,9 @@ def _grads(ctx, backward, gy) -> tuple:
     return tuple(grads)
 
 
-torch.library.register_autograd(
-    forward_op,
-    lambda ctx, gy, _grad_xa: _grads(ctx, backward_op, gy),
-    setup_context=lambda ctx, inputs, output: _save(ctx, inputs, output[1]),
-)
-
-
-class QLoRAFunction(torch.autograd.Function):
-    """Eager path: the same computation without the ops' Python dispatch."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        y, xa = qlora_forward(*inputs)
-        _save(ctx, inputs, xa)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        return _grads(ctx, qlora_backward, gy)
+# The eager path (QLoRAFunction) skips the ops' Python dispatch; _save and _grads are this family's
+# own (16 inputs: the nine quant arguments stand in the dense contract's weight, which has no gradient).
+QLoRAFunction = autograd_pair("QLoRAFunction", forward_op, backward_op, qlora_forward, qlora_backward, _save, _grads)
 
 
 def qlora_linear_2d(x, q: Quant4bit, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed) -> torch.Tensor:

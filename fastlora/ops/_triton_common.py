@@ -1,0 +1,179 @@
+"""Pieces shared by the Triton op modules (``triton_lora``, ``triton_qlora``).
+
+``_empty``: every buffer their kernels fill is allocated through it, looked up on this module at
+call time (``_triton_common._empty``) so that the tests' NaN poisoning patches one name for both.
+``_dot``: ``tl.dot`` with bf16 operands upcast under ``TRITON_INTERPRET=1``, whose bf16 dot is wrong.
+``_reduce_over_m`` (kernel ``_lora_reduce_kernel``): ``scaling·lhsᵀ·D(rhs)`` over the long M axis,
+the adapter gradients' reduction, optionally with ``Σ_m lhs`` (the bias gradient). M is split across
+programs (about two an SM) writing fp32 partials that ``torch.sum`` adds in a fixed order:
+deterministic, no atomics. Its products run on the tensor cores in the low-rank precision (TF32
+for half inputs, whose 11 significant bits hold them exactly).
+
+Not an op module: it defines no ``launch_for_inspection``; ``fastlora inspect`` sees its kernel
+through the op modules' launches.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._device import device_limits
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the kernels fill comes from here (the tests patch it to poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+def _configs(shapes) -> list[triton.Config]:
+    """Autotuner configs from ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` tuples."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+# The interpreter cannot benchmark, and its cost grows with programs × K steps: one big tile.
+INTERPRETER_CONFIGS = _configs([(64, 64, 64, 4, 1)])
+
+
+def _padded_rank(size: int) -> int:
+    return max(16, triton.next_power_of_2(size))  # tl.dot needs every dimension >= 16
+
+
+def _precisions(dtype: torch.dtype) -> tuple[str, str]:
+    """``tl.dot`` input precision of the main loop and of the fp32 low-rank products."""
+    fp32 = "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
+    return fp32, ("tf32" if dtype in (torch.float16, torch.bfloat16) else fp32)
+
+
+class _Dropout(NamedTuple):
+    """LoRA dropout of one call: probability, seed, and ``1/(1 − p)`` (0 when everything drops)."""
+
+    p: float
+    seed: int
+
+    @property
+    def scale(self) -> float:
+        return 1 / (1 - self.p) if self.p < 1 else 0.0
+
+
+_NO_DROPOUT = _Dropout(0.0, 0)
+
+
+def _dropout(dropout_p: float, seed) -> _Dropout:
+    return _Dropout(dropout_p, int(seed)) if dropout_p else _NO_DROPOUT
+
+
+@triton.jit
+def _lora_reduce_kernel(
+    lhs_ptr, rhs_ptr, ws_ptr, col_sum_ptr,
+    M, P, Q, rows_per_split,
+    stride_lm, stride_lp, stride_rm, stride_rq,
+    stride_ws_split, stride_ws_p, stride_ws_q, stride_cs_split,
+    scaling, dropout_p, seed,
+    COL_SUM: tl.constexpr, RHS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):  # fmt: skip
+    # ws[split] = scaling · lhs[rows, :]ᵀ · D(rhs[rows, :]) over this split's rows, on the tensor cores
+    # (D: the dropout mask, unscaled: its 1/(1 − p) is folded into scaling); col_sum[split] = Σ lhs[rows].
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
+    row_start = split * rows_per_split
+    row_end = min(row_start + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        offs_m = offs_m.to(tl.int64)
+        lhs = tl.load(
+            lhs_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp,
+            mask=mask_m[:, None] & mask_p[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        rhs = tl.load(
+            rhs_ptr + offs_m[:, None] * stride_rm + offs_q[None, :] * stride_rq,
+            mask=mask_m[:, None] & mask_q[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if RHS_DROPOUT:
+            rhs = tl.where(tl.rand(seed, offs_m[:, None] * Q + offs_q[None, :]) >= dropout_p, rhs, 0.0)
+        acc = tl.dot(tl.trans(lhs), rhs, acc, input_precision=PRECISION)
+        if COL_SUM:
+            col_sum += tl.sum(lhs, axis=0)
+
+    ws_ptrs = ws_ptr + split.to(tl.int64) * stride_ws_split + offs_p[:, None] * stride_ws_p + offs_q[None, :] * stride_ws_q
+    tl.store(ws_ptrs, acc * scaling, mask=mask_p[:, None] & mask_q[None, :])
+    if COL_SUM:
+        if pid_q == 0:
+            tl.store(col_sum_ptr + split * stride_cs_split + offs_p, col_sum, mask=mask_p)
+
+
+def _split_count(device: torch.device, tiles: int, row_blocks: int) -> int:
+    """Splits of M that give about two programs per SM."""
+    programs = 2 * device_limits(device).sm_count
+    return max(1, min(row_blocks, programs // tiles))
+
+
+def _reduce_blocks(P: int, Q: int) -> tuple[int, int]:
+    """Output tile of the reduction: each side up to 128, at most 8192 fp32 accumulators a program."""
+    block_p = min(128, _padded_rank(P))
+    block_q = min(128, _padded_rank(Q))
+    while block_p * block_q > 8192:
+        if block_p >= block_q:
+            block_p //= 2
+        else:
+            block_q //= 2
+    return block_p, block_q
+
+
+def _reduce_over_m(
+    lhs, rhs, scaling: float, out_dtype: torch.dtype, rhs_dropout: _Dropout = _NO_DROPOUT, col_sum: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(scaling·lhsᵀ·D(rhs) [P, Q] in out_dtype, Σ_m lhs [P] fp32 if col_sum else None)`` for
+    ``lhs [M, P]``, ``rhs [M, Q]``; ``D`` is LoRA dropout, the identity by default."""
+    M, P = lhs.shape
+    Q = rhs.shape[1]
+    if M == 0:
+        sums = torch.zeros(P, dtype=torch.float32, device=lhs.device) if col_sum else None
+        return torch.zeros((P, Q), dtype=out_dtype, device=lhs.device), sums
+    block_m = 64
+    block_p, block_q = _reduce_blocks(P, Q)
+    tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
+    row_blocks = triton.cdiv(M, block_m)
+    rows_per_split = triton.cdiv(row_blocks, _split_count(lhs.device, tiles, row_blocks)) * block_m
+    splits = triton.cdiv(M, rows_per_split)
+    ws = _empty((splits, P, Q), torch.float32, lhs.device)
+    sums = _empty((splits, P), torch.float32, lhs.device) if col_sum else ws  # ws: a pointer never written
+    _, low_rank_precision = _precisions(rhs.dtype)
+    _lora_reduce_kernel[(triton.cdiv(P, block_p), triton.cdiv(Q, block_q), splits)](
+        lhs, rhs, ws, sums,
+        M, P, Q, rows_per_split,
+        *lhs.stride(), *rhs.stride(), *ws.stride(), sums.stride(0),
+        scaling * rhs_dropout.scale, rhs_dropout.p, rhs_dropout.seed,
+        COL_SUM=col_sum, RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=low_rank_precision,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,
+    )  # fmt: skip
+    return ws.sum(0).to(out_dtype), (sums.sum(0) if col_sum else None)
