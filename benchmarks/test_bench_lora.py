@@ -40,7 +40,7 @@ PARAMS = [
 @functools.lru_cache(maxsize=1)  # the tests of a case are consecutive; keep one case's tensors
 def _case_data(case: Case):
     copies = input_copies(case)
-    return copies, expected_results(case, copies)
+    return copies, expected_results(case, copies, PROVIDERS.values())
 
 
 @pytest.mark.parametrize(("case", "provider_name"), PARAMS)

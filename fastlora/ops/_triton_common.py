@@ -137,11 +137,11 @@ def _split_count(device: torch.device, tiles: int, row_blocks: int) -> int:
     return max(1, min(row_blocks, programs // tiles))
 
 
-def _reduce_blocks(P: int, Q: int) -> tuple[int, int]:
-    """Output tile of the reduction: each side up to 128, at most 8192 fp32 accumulators a program."""
+def _reduce_blocks(P: int, Q: int, max_accumulators: int = 8192) -> tuple[int, int]:
+    """Output tile of the reduction: each side up to 128, at most ``max_accumulators`` fp32 a program."""
     block_p = min(128, _padded_rank(P))
     block_q = min(128, _padded_rank(Q))
-    while block_p * block_q > 8192:
+    while block_p * block_q > max_accumulators:
         if block_p >= block_q:
             block_p //= 2
         else:
@@ -159,21 +159,28 @@ def _reduce_over_m(
     if M == 0:
         sums = torch.zeros(P, dtype=torch.float32, device=lhs.device) if col_sum else None
         return torch.zeros((P, Q), dtype=out_dtype, device=lhs.device), sums
-    block_m = 64
-    block_p, block_q = _reduce_blocks(P, Q)
+    _, precision = _precisions(rhs.dtype)
+    # Compiled for sm_90a and sm_80 (fastlora inspect), 4 warps and 64-row steps spilled in two ways.
+    # fp32 products on the CUDA cores ("ieee", torch's default fp32 matmul precision) keep a row slice
+    # of both operands per thread beside the accumulators: a 128×64 tile spilled 1.7 KiB, 128×16 with
+    # the column sums 448-496 bytes; 32-row steps on tiles of at most 4096 accumulators did not. On
+    # the tensor cores, 64×128 tiles spilled 8-216 bytes with 4 warps and none with 8.
+    fma = precision == "ieee"
+    block_m = 32 if fma else 64
+    block_p, block_q = _reduce_blocks(P, Q, 4096 if fma else 8192)
+    num_warps = 8 if not fma and block_p * block_q > 4096 else 4
     tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
     row_blocks = triton.cdiv(M, block_m)
     rows_per_split = triton.cdiv(row_blocks, _split_count(lhs.device, tiles, row_blocks)) * block_m
     splits = triton.cdiv(M, rows_per_split)
     ws = _empty((splits, P, Q), torch.float32, lhs.device)
     sums = _empty((splits, P), torch.float32, lhs.device) if col_sum else ws  # ws: a pointer never written
-    _, low_rank_precision = _precisions(rhs.dtype)
     _lora_reduce_kernel[(triton.cdiv(P, block_p), triton.cdiv(Q, block_q), splits)](
         lhs, rhs, ws, sums,
         M, P, Q, rows_per_split,
         *lhs.stride(), *rhs.stride(), *ws.stride(), sums.stride(0),
         scaling * rhs_dropout.scale, rhs_dropout.p, rhs_dropout.seed,
-        COL_SUM=col_sum, RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=low_rank_precision,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,
+        COL_SUM=col_sum, RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=num_warps,
     )  # fmt: skip
     return ws.sum(0).to(out_dtype), (sums.sum(0) if col_sum else None)
