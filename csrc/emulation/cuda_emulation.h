@@ -1,5 +1,5 @@
 // A CPU stand-in for the CUDA features lora_kernels.cu uses, so that the kernels and host code of
-// csrc/ can be compiled by a host compiler and checked without a GPU (tests/test_cuda_build.py).
+// csrc/ can be compiled by a host compiler and checked without a GPU (tests/test_cuda_emulation.py).
 //
 // Blocks run one after another, each as blockDim.x std::threads with a std::barrier for
 // __syncthreads, so a missing barrier or a thread-indexing error shows up as a wrong result. WMMA
