@@ -28,6 +28,7 @@ def named_args(x_dtype, adapter_dtype, m_bucket, block_m_fixed=0):
         "out_ptr": torch.empty(1, dtype=x_dtype),
         "M_BUCKET": m_bucket,
         "BLOCK_M_FIXED": block_m_fixed,
+        "PRECISION": "ieee",  # torch's default fp32 matmul precision, as a launch passes it
     }
 
 
@@ -81,7 +82,7 @@ def test_grad_b_partials_fix_the_row_block(capability, m, r, monkeypatch):
     monkeypatch.setattr(triton_lora, "INTERPRET", False)  # the GPU's row block, not the interpreter's
     m_bucket = max(1, 1 << (m - 1).bit_length())
     with target_limits(KNOWN_LIMITS[capability]):
-        block_m = triton_lora._grad_b_block_m(m, r, torch.device("cpu"))
+        block_m = triton_lora._grad_b_block_m(m, r, torch.device("cpu"), torch.bfloat16)
         kept = triton_lora.prune_gemm_configs(
             triton_lora.GRAD_X_CONFIGS, named_args(torch.bfloat16, torch.float32, m_bucket, block_m), R_PAD=r
         )

@@ -163,11 +163,12 @@ def _reduce_over_m(
     # Compiled for sm_90a and sm_80 (fastlora inspect), 4 warps and 64-row steps spilled in two ways.
     # fp32 products on the CUDA cores ("ieee", torch's default fp32 matmul precision) keep a row slice
     # of both operands per thread beside the accumulators: a 128×64 tile spilled 1.7 KiB, 128×16 with
-    # the column sums 448-496 bytes; 32-row steps on tiles of at most 4096 accumulators did not. On
-    # the tensor cores, 64×128 tiles spilled 8-216 bytes with 4 warps and none with 8.
+    # the column sums 448-496 bytes, 64×64 in 32-row steps 72-400; 32-row steps on tiles of at most
+    # 2048 accumulators did not (56-207 registers). On the tensor cores, 64×128 tiles spilled 8-216
+    # bytes with 4 warps and none with 8.
     fma = precision == "ieee"
     block_m = 32 if fma else 64
-    block_p, block_q = _reduce_blocks(P, Q, 4096 if fma else 8192)
+    block_p, block_q = _reduce_blocks(P, Q, 2048 if fma else 8192)
     num_warps = 8 if not fma and block_p * block_q > 4096 else 4
     tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
     row_blocks = triton.cdiv(M, block_m)

@@ -386,6 +386,12 @@ GPU_CONFIGS = _configs(
         (64, 64, 32, 4, 2),
         (32, 64, 32, 4, 2),
         (16, 64, 32, 4, 2),
+        # fp32 inputs at torch's default "highest" precision multiply on the CUDA cores ("ieee"), whose
+        # dots hold whole operand tiles in registers: every tile with K steps of 32 or more spilled
+        # there (sm_90a, 64×64×32/4 warps: 1.1 KiB), K steps of 16 did not.
+        (64, 64, 16, 4, 2),
+        (32, 64, 16, 4, 2),
+        (32, 32, 16, 4, 2),
     ]
 )
 
@@ -404,6 +410,8 @@ GRAD_X_CONFIGS = _configs(
         (64, 64, 32, 4, 2),
         (32, 64, 32, 4, 2),
         (16, 64, 32, 4, 2),
+        (32, 64, 16, 4, 2),  # fp32 inputs ("ieee" dots, see GPU_CONFIGS)
+        (32, 32, 16, 4, 2),
     ]
 )
 
@@ -451,10 +459,10 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     def shared(c):
         return _shared_bytes(c, a.element_size(), la.element_size(), out.element_size(), rank)
 
-    # wgmma needs 64 rows a warp group; mma.sync (before Hopper) takes 32-row tiles, which keep the
-    # busiest loops off the stack there (sm_80, r = 64, fp32 adapters and dropout: every 64-row tile
+    # wgmma needs 64 rows a warp group; mma.sync (before Hopper) and fp32 "ieee" dots (CUDA cores)
+    # take 32-row tiles, which keep the busiest loops off the stack there (sm_80, r = 64, fp32 adapters and dropout: every 64-row tile
     # spilled, 112 bytes or more; 32×64×32 none).
-    min_rows = 64 if limits.capability >= (9, 0) else 32
+    min_rows = 64 if limits.capability >= (9, 0) and not _cuda_core_dots(a.dtype, args["PRECISION"]) else 32
 
     def rows_ok(c):
         # Short row blocks are for decode (M ≤ 64), where wgmma's 64-row minimum cannot be filled anyway.
@@ -543,13 +551,20 @@ def _grid(num_tiles, device: torch.device, flags: bool):
     return grid
 
 
-def _grad_b_block_m(M: int, R: int, device: torch.device) -> int:
+def _cuda_core_dots(dtype: torch.dtype, precision: str) -> bool:
+    """Whether the main loop's dots run on the CUDA cores: fp32 operands at "ieee" precision."""
+    return dtype == torch.float32 and precision == "ieee"
+
+
+def _grad_b_block_m(M: int, R: int, device: torch.device, dtype: torch.dtype) -> int:
     """Row block of the grad_x pass when it writes grad_B partials, fixed before the launch because
     the partials' buffer ``[cdiv(M, BLOCK_M), N, R]`` is allocated by it. 128 rows only on Hopper at
     r ≤ 32: on sm_80 every 128-row grad_x config spilled (112-168 bytes), and on sm_90a at r = 64 (see
     ``GRAD_X_CONFIGS``); 32 rows on sm_80 at r ≥ 64, where 64×64×32 spilled 8-40 bytes."""
     if INTERPRET:
         return INTERPRETER_CONFIGS[0].kwargs["BLOCK_M"]
+    if _cuda_core_dots(dtype, _precisions(dtype)[0]):  # only 32-row tiles kept off the stack there
+        return min(32, max(16, triton.next_power_of_2(M)))
     hopper, r_pad = device_limits(device).capability >= (9, 0), _padded_rank(R)
     most = (128 if r_pad <= 32 else 64) if hopper else (64 if r_pad <= 32 else 32)
     return min(most, max(16, triton.next_power_of_2(M)))
@@ -649,7 +664,7 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
         grad_B = torch.zeros_like(lora_B) if need_B else grad_B
         grad_bias = gy.new_zeros((N,)) if need_bias else grad_bias
         return grad_x, grad_A, grad_B, grad_bias
-    block_m = _grad_b_block_m(M, R, x.device) if need_B or need_bias else 0
+    block_m = _grad_b_block_m(M, R, x.device, x.dtype) if need_B or need_bias else 0
     # The grad_B partials take cdiv(rows, block_m)·N·R fp32: rows go in launches that keep them within
     # _MAX_PARTIAL_BYTES (at r = 64, 64-row blocks, all of M = 8192 at once would take 128 MiB).
     rows = max(_MIN_PARTIAL_BLOCKS, _MAX_PARTIAL_BYTES // (4 * N * R)) * block_m if block_m else M

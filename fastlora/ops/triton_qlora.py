@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..qlora import code_table
+from ..qlora import HALF_DTYPES, code_table
 from . import _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
 from ._contract import autograd_pair, fake_grads
 from ._device import device_limits
@@ -428,7 +428,10 @@ def qlora_linear_2d(x, q: Quant4bit, bias, lora_A, lora_B, scaling: float, dropo
 
 def launch_for_inspection(M, K, N, r, dtype, adapter_dtype, dropout, backward) -> None:
     """Launch the QLoRA kernels on CPU tensors of one problem (NF4, blocksize 64, nested absmax, the
-    common QLoRA recipe) exactly as a real call does; ``fastlora inspect`` intercepts the launches."""
+    common QLoRA recipe) exactly as a real call does; ``fastlora inspect`` intercepts the launches.
+    Other input dtypes never reach these kernels (``qlora.py`` runs them dequantized): nothing to launch."""
+    if dtype not in HALF_DTYPES:
+        return
     blocks = triton.cdiv(N * K, 64)
     q = Quant4bit(
         packed=torch.randint(0, 256, (triton.cdiv(N * K, 2), 1), dtype=torch.uint8),
