@@ -19,6 +19,14 @@ steps=${*:-build tests bench}
   "$python" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
 } | tee "$out/env.txt"
 
+# The GPU machine has no network: wheels it needs (nvidia-cutlass for the build, bitsandbytes for
+# the QLoRA tests and providers) travel in .wheels/ (ignored by git; `pip download --no-deps -d
+# .wheels nvidia-cutlass==4.2.0.0 bitsandbytes==0.50.2` here, then carry it) and install from there.
+if [[ -d .wheels ]]; then
+  "$python" -m pip install --no-index --no-deps --find-links .wheels .wheels/*.whl >"$out/wheels.log" 2>&1 \
+    && echo "wheels: installed from .wheels/" || echo "wheels: FAILED, see wheels.log"
+fi
+
 if [[ " $steps " == *" build "* ]]; then
   # sm_90 gets the arch-specific 90a target (wgmma/TMA-capable); others their own capability.
   capability=$("$python" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
