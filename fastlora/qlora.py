@@ -169,19 +169,18 @@ def _fused_runs(backend: str, x: torch.Tensor, rank: int, accepted: bool) -> boo
     """Whether the fused QLoRA kernels take this call, else the dequantizing torch path: always for
     ``"triton"`` (raising where they cannot run), for ``"auto"`` where they run on an input they
     accept (in the compute dtype, fp16 or bf16, r <= 256)."""
-    from .ops.registry import MAX_FUSED_RANK, available_backends
+    from .ops.registry import MAX_FUSED_RANK, backend_state
 
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"4-bit base weights run on backend 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "torch" or (backend == "auto" and not (accepted and rank <= MAX_FUSED_RANK)):
         return False
-    status = available_backends()["triton"]
-    reason = None if status.available else status.detail
-    if reason is None:
-        from .ops.triton_qlora import INTERPRET
-
-        if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
-            reason = f"the 4-bit kernels run on CUDA tensors, got {x.device}"
+    # The 4-bit kernels run where the dense triton backend runs (CUDA tensors; CPU ones under the
+    # interpreter): its loaded state answers that, a dict look-up a call.
+    state = backend_state("triton")
+    reason = state if isinstance(state, str) else None
+    if reason is None and x.device.type not in state.runs_on:
+        reason = f"the 4-bit kernels run on {'/'.join(state.runs_on)} tensors, got {x.device}"
     if reason is not None and backend == "triton":
         raise ValueError(f"backend='triton' cannot run the 4-bit kernels here: {reason}; use backend='torch' or 'auto'")
     return reason is None
