@@ -102,3 +102,17 @@ def poisoned(monkeypatch):
 
     if _triton_common is not None:  # one allocator serves both Triton op modules (dense and 4-bit)
         monkeypatch.setattr(_triton_common, "_empty", nan_empty)
+
+
+def train_losses(model, batches) -> torch.Tensor:
+    """The loss of each AdamW step (lr 1e-2, the model's trainable parameters) of a causal LM over
+    ``batches`` of token ids, each its own labels."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    curve = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+    return torch.tensor(curve)

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import backends_on, rel_error
+from helpers import backends_on, rel_error, train_losses
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -137,16 +137,7 @@ def test_training_curve_matches():
     losses = []
     for model in (reference, fused):
         torch.manual_seed(3)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        curve = []
-        for step in range(20):
-            ids = input_ids(seed=step)
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            curve.append(loss.item())
-        losses.append(torch.tensor(curve))
+        losses.append(train_losses(model, (input_ids(seed=step) for step in range(20))))
     assert losses[0][-1] < losses[0][0]  # it trained
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
 

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import rel_error, tolerance
+from helpers import rel_error, tolerance, train_losses
 from torch.utils._python_dispatch import TorchDispatchMode
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -466,16 +466,8 @@ def test_peft_4bit_training_and_save_load(tmp_path):
     storage = packed_storage(fused)
     losses = []
     for model in (reference, fused):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        curve = []
         ids = token_ids(seed=5)
-        for _ in range(4):  # one batch: the loss must fall
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            curve.append(loss.item())
-        losses.append(torch.tensor(curve))
+        losses.append(train_losses(model, [ids] * 4))  # one batch: the loss must fall
     assert losses[0][-1] < losses[0][0]  # it trained
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=0)
     assert packed_storage(fused) == storage
