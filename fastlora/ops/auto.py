@@ -290,9 +290,8 @@ def choose(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool)
         return _FIXED_WHEN_DETERMINISTIC
     # Every later call of a problem class ends here, a tuple and a dict look-up: the call's
     # overhead (get_device() is an int, -1 on the CPU; x.device would build an object).
-    m = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
     fast_key = (
-        x.get_device(), x.dtype, lora_A.dtype, m, x.shape[-1], weight.shape[0], lora_A.shape[0], bool(dropout), requires_grad
+        x.get_device(), x.dtype, lora_A.dtype, _rows(x), x.shape[-1], weight.shape[0], lora_A.shape[0], bool(dropout), requires_grad
     )
     choice = _decided.get(fast_key)
     if choice is None:
@@ -307,10 +306,14 @@ _FIXED_WHEN_DETERMINISTIC = _choice("torch", "torch.use_deterministic_algorithms
 _decided: dict[tuple, dict] = {}
 
 
+def _rows(x: torch.Tensor) -> int:
+    """M: the rows of ``x`` flattened to 2-D."""
+    return x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
+
+
 def _bucket(x: torch.Tensor) -> int:
-    """M (the rows of ``x`` flattened to 2-D) rounded up to a power of two; 0 and 1 give 1."""
-    m = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
-    return 1 << max(m - 1, 0).bit_length()
+    """M rounded up to a power of two; 0 and 1 give 1."""
+    return 1 << max(_rows(x) - 1, 0).bit_length()
 
 
 def _decide(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool) -> tuple[dict, bool]:
