@@ -46,6 +46,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         ddp = nn.parallel.DistributedDataParallel(model)  # kept alive: its reducer all-reduces in backward
         F.mse_loss(ddp(x), y).backward()
         torch.save(lora_grads(model), f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other's last collective is in flight
     finally:
         dist.destroy_process_group()
 
@@ -70,6 +71,7 @@ def _fsdp2_worker(rank: int, port: int, out_dir: str) -> None:
         dist.all_reduce(loss.detach(), op=dist.ReduceOp.AVG)
         grads = {name: g.full_tensor() for name, g in lora_grads(model).items()}
         torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other's last collective is in flight
     finally:
         dist.destroy_process_group()
 
