@@ -1,5 +1,7 @@
 """Pieces shared by the Triton op modules (``triton_lora``, ``triton_qlora``).
 
+``on_device``: every launch runs inside it (the device guard and, on the calling thread, Triton's
+scratch allocator; see its docstring for the two hazards it closes).
 ``_empty``: every buffer their kernels fill is allocated through it, looked up on this module at
 call time (``_triton_common._empty``) so that the tests' NaN poisoning patches one name for both.
 ``_dot``: ``tl.dot`` with bf16 operands upcast under ``TRITON_INTERPRET=1``, whose bf16 dot is wrong.
@@ -15,6 +17,7 @@ through the op modules' launches.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -25,6 +28,56 @@ import triton.language as tl
 from ._device import device_limits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tma_allocator(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's scratch allocator (device-side tensor descriptors): caching-allocator memory on the
+    current device, which ``on_device`` has made the launch's, in the current stream's pool."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Make Triton's allocator ours in the calling thread's context, unless one is set there already.
+
+    ``triton.set_allocator`` writes a ``contextvars.ContextVar``: a value set on the main thread is
+    not seen by PyTorch's autograd thread (which runs the backward of CUDA tensors), nor by any
+    other thread, where a TMA launch would raise "no allocator was set". So this runs before every
+    launch, on the launching thread (a ContextVar read, well under a microsecond). An allocator the
+    user (or torch.compile) set in this context is kept: any working allocator serves our kernels.
+    """
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    get = getattr(current, "get", None)
+    if get is None or isinstance(get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_allocator)
+
+
+class _NoGuard:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_GUARD = _NoGuard()
+
+
+def on_device(device: torch.device):
+    """Context for every Triton launch on tensors of ``device``: the CUDA device guard, and the
+    scratch allocator set on this thread.
+
+    Triton launches on the *current* device, not on the tensors' one: with tensors on ``cuda:1`` and
+    current device 0 (``device_map="auto"``, multi-GPU QLoRA) a launch without the guard reads across
+    devices or faults, and the allocator's scratch lands on the wrong GPU. ``torch.cuda.device`` is a
+    no-op exchange when the device is already current. Launches use the current stream (Triton's
+    default), which the guard makes the current stream *of that device*. Nothing to do for CPU
+    tensors (the interpreter)."""
+    if device.type != "cuda":
+        return _NO_GUARD
+    _ensure_allocator()
+    return torch.cuda.device(device)
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -176,12 +229,13 @@ def _reduce_over_m(
     splits = triton.cdiv(M, rows_per_split)
     ws = _empty((splits, P, Q), torch.float32, lhs.device)
     sums = _empty((splits, P), torch.float32, lhs.device) if col_sum else ws  # ws: a pointer never written
-    _lora_reduce_kernel[(triton.cdiv(P, block_p), triton.cdiv(Q, block_q), splits)](
-        lhs, rhs, ws, sums,
-        M, P, Q, rows_per_split,
-        *lhs.stride(), *rhs.stride(), *ws.stride(), sums.stride(0),
-        scaling * rhs_dropout.scale, rhs_dropout.p, rhs_dropout.seed,
-        COL_SUM=col_sum, RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=num_warps,
-    )  # fmt: skip
+    with on_device(lhs.device):
+        _lora_reduce_kernel[(triton.cdiv(P, block_p), triton.cdiv(Q, block_q), splits)](
+            lhs, rhs, ws, sums,
+            M, P, Q, rows_per_split,
+            *lhs.stride(), *rhs.stride(), *ws.stride(), sums.stride(0),
+            scaling * rhs_dropout.scale, rhs_dropout.p, rhs_dropout.seed,
+            COL_SUM=col_sum, RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=num_warps,
+        )  # fmt: skip
     return ws.sum(0).to(out_dtype), (sums.sum(0) if col_sum else None)

@@ -60,7 +60,7 @@ from . import _triton_common  # _triton_common._empty by attribute: the tests pa
 from ._contract import register_backend
 from ._device import device_limits
 from ._triton_common import (
-    INTERPRET, INTERPRETER_CONFIGS, _configs, _dot, _Dropout, _dropout, _padded_rank, _precisions, _reduce_over_m,
+    INTERPRET, INTERPRETER_CONFIGS, _configs, _dot, _Dropout, _dropout, _padded_rank, _precisions, _reduce_over_m, on_device,
 )  # fmt: skip
 from ._triton_compile import drop_spilling
 
@@ -514,23 +514,10 @@ def _tma_ready(t: torch.Tensor | None) -> bool:
     )
 
 
-def _tma_allocator(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-_allocator_set = False
-
-
 def _use_tma(device: torch.device, *operands) -> bool:
     """TMA on Hopper or newer when every descriptor operand allows it; pointer loads otherwise.
-    Sets the scratch allocator that device-side descriptors need, once."""
-    global _allocator_set
-    if device_limits(device).capability < (9, 0) or not all(_tma_ready(t) for t in operands):
-        return False
-    if not _allocator_set:
-        triton.set_allocator(_tma_allocator)
-        _allocator_set = True
-    return True
+    (The scratch allocator that device-side descriptors need is set per launch by ``on_device``.)"""
+    return device_limits(device).capability >= (9, 0) and all(_tma_ready(t) for t in operands)
 
 
 def _decode_splits(device: torch.device, M: int, N: int, K: int) -> int:
@@ -611,32 +598,33 @@ def _launch_gemm(
 
     out_strides, t_strides = strides(out_buf), strides(t_buf)
     launcher = _lora_gemm_grad_x if grad_b_ws is not None else _lora_gemm
-    launcher[grid](
-        a, w, la, lb, bias if bias is not None else dummy, out_buf if write_out else dummy,
-        t_buf if store_t else dummy, flags if flags is not None else dummy, xa if xa is not None else dummy,
-        grad_b_ws if grad_b_ws is not None else dummy, bias_ws if bias_ws is not None else dummy,
-        M, N, K, R, triton.next_power_of_2(M), block_m_fixed, splits, row0,
-        *a.stride(), *w.stride(), *la.stride(), *lb.stride(), *out_strides, *t_strides,
-        *(xa.stride() if xa is not None else (0, 0)),
-        *(grad_b_ws.stride()[:2] if grad_b_ws is not None else (0, 0)),
-        bias_ws.stride(0) if bias_ws is not None else 0,
-        scaling, dropout.p, dropout.scale, dropout.seed,
-        HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=store_t, SPLIT_K=split_k,
-        FUSE_GRAD_B=grad_b_ws is not None, BIAS_GRAD=bias_ws is not None, SPLIT_XA=a.dtype != torch.float32,
-        USE_TMA=use_tma, W_TRANS=w_trans,
-        R_PAD=_padded_rank(R), DROPOUT=dropout_site.value if dropout.p else NO_DROPOUT.value,
-        PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
-        UPCAST=INTERPRET and a.dtype == torch.bfloat16,
-        FP32_ADAPTERS=la.dtype == torch.float32 and a.dtype != torch.float32,
-    )  # fmt: skip
-    if split_k:
-        block_m, block_n = 16, 64
-        _split_k_reduce_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-            partials, t_partials, lb, bias if bias is not None else dummy, out, t,
-            M, N, R, splits, *lb.stride(), *out.stride(), *t.stride(), scaling,
-            HAS_BIAS=bias is not None, R_PAD=_padded_rank(R), LOW_RANK_PRECISION=low_rank_precision,
-            BLOCK_M=block_m, BLOCK_N=block_n,
+    with on_device(device):
+        launcher[grid](
+            a, w, la, lb, bias if bias is not None else dummy, out_buf if write_out else dummy,
+            t_buf if store_t else dummy, flags if flags is not None else dummy, xa if xa is not None else dummy,
+            grad_b_ws if grad_b_ws is not None else dummy, bias_ws if bias_ws is not None else dummy,
+            M, N, K, R, triton.next_power_of_2(M), block_m_fixed, splits, row0,
+            *a.stride(), *w.stride(), *la.stride(), *lb.stride(), *out_strides, *t_strides,
+            *(xa.stride() if xa is not None else (0, 0)),
+            *(grad_b_ws.stride()[:2] if grad_b_ws is not None else (0, 0)),
+            bias_ws.stride(0) if bias_ws is not None else 0,
+            scaling, dropout.p, dropout.scale, dropout.seed,
+            HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=store_t, SPLIT_K=split_k,
+            FUSE_GRAD_B=grad_b_ws is not None, BIAS_GRAD=bias_ws is not None, SPLIT_XA=a.dtype != torch.float32,
+            USE_TMA=use_tma, W_TRANS=w_trans,
+            R_PAD=_padded_rank(R), DROPOUT=dropout_site.value if dropout.p else NO_DROPOUT.value,
+            PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
+            UPCAST=INTERPRET and a.dtype == torch.bfloat16,
+            FP32_ADAPTERS=la.dtype == torch.float32 and a.dtype != torch.float32,
         )  # fmt: skip
+        if split_k:
+            block_m, block_n = 16, 64
+            _split_k_reduce_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+                partials, t_partials, lb, bias if bias is not None else dummy, out, t,
+                M, N, R, splits, *lb.stride(), *out.stride(), *t.stride(), scaling,
+                HAS_BIAS=bias is not None, R_PAD=_padded_rank(R), LOW_RANK_PRECISION=low_rank_precision,
+                BLOCK_M=block_m, BLOCK_N=block_n,
+            )  # fmt: skip
 
 
 def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):

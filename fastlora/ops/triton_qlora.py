@@ -305,20 +305,21 @@ def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb,
         num_n = triton.cdiv(N, meta["BLOCK_N"]) if write_out else 1
         return (triton.cdiv(M, meta["BLOCK_M"]) * num_n,)
 
-    _qlora_matmul[grid](
-        a, q.packed, q.absmax, q.code, q.absmax2 if nested else q.absmax, q.code2 if nested else q.code,
-        q.offset if nested else q.code,
-        la, lb, bias if bias is not None else out_or_t, out_or_t, t if t is not None else out_or_t,
-        M, N, K, R, triton.next_power_of_2(M),
-        *a.stride(), stride_wk, stride_wn, *la.stride(), *lb.stride(), *out_or_t.stride(), *t_strides,
-        scaling, dropout.p, dropout.scale, dropout.seed,
-        QBLOCK=q.blocksize, QBLOCK2=q.blocksize2 if nested else 1, NESTED=nested,
-        ROWS_ALIGNED=in_features % q.blocksize == 0, TRANSPOSED_W=transpose_w,
-        HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=t is not None, R_PAD=_padded_rank(R),
-        DROPOUT=mode if dropout.p else 0, PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
-        UPCAST=INTERPRET and a.dtype == torch.bfloat16,
-        FP32_ADAPTERS=la.dtype == torch.float32 and a.dtype != torch.float32,
-    )  # fmt: skip
+    with _triton_common.on_device(a.device):
+        _qlora_matmul[grid](
+            a, q.packed, q.absmax, q.code, q.absmax2 if nested else q.absmax, q.code2 if nested else q.code,
+            q.offset if nested else q.code,
+            la, lb, bias if bias is not None else out_or_t, out_or_t, t if t is not None else out_or_t,
+            M, N, K, R, triton.next_power_of_2(M),
+            *a.stride(), stride_wk, stride_wn, *la.stride(), *lb.stride(), *out_or_t.stride(), *t_strides,
+            scaling, dropout.p, dropout.scale, dropout.seed,
+            QBLOCK=q.blocksize, QBLOCK2=q.blocksize2 if nested else 1, NESTED=nested,
+            ROWS_ALIGNED=in_features % q.blocksize == 0, TRANSPOSED_W=transpose_w,
+            HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=t is not None, R_PAD=_padded_rank(R),
+            DROPOUT=mode if dropout.p else 0, PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
+            UPCAST=INTERPRET and a.dtype == torch.bfloat16,
+            FP32_ADAPTERS=la.dtype == torch.float32 and a.dtype != torch.float32,
+        )  # fmt: skip
 
 
 def _quant(packed, absmax, code, absmax2, code2, offset, out_features, blocksize, blocksize2) -> Quant4bit:
