@@ -1,6 +1,7 @@
 """Log records of other libraries that fastlora's own commands trigger and that say nothing to a
 fastlora user; ``quiet_foreign_logs()`` drops them (those records only, nothing else of those
-loggers) from the first ``patch_peft`` or ``fastlora bench`` on.
+loggers). ``import fastlora`` drops bitsandbytes' (so a script that imports fastlora before PEFT
+prints nothing of it); ``patch_peft`` and ``fastlora bench`` drop both.
 
 - bitsandbytes, when imported on a CPU with AVX512-BF16 (PEFT imports it when installed), tries to
   fetch an optional CPU kernel from the HuggingFace Hub and logs "Failed to load CPU
@@ -10,8 +11,8 @@ loggers) from the first ``patch_peft`` or ``fastlora bench`` on.
   toolkit is installed but no GPU is visible; ``torch.compile``'s CPU code generation imports it
   (``fastlora bench``'s ``compiled`` row).
 
-A record logged before the filter is in place (e.g. ``import peft`` in your script before any
-fastlora call) still appears: it is not fastlora's to hide. docs/troubleshooting.md lists what remains.
+A record logged before the filter is in place (``import peft`` before ``import fastlora``) still
+appears: it is not fastlora's to hide. docs/troubleshooting.md lists what remains.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ class _DropPrefix(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
-def quiet_foreign_logs() -> None:
-    """Attach the filters (once; ``logging.getLogger`` imports nothing)."""
-    for name, prefix in _DROPPED.items():
+def quiet_foreign_logs(*names: str) -> None:
+    """Attach the filters of the loggers ``names`` (default: all of them), once each;
+    ``logging.getLogger`` imports nothing."""
+    for name in names or _DROPPED:
+        prefix = _DROPPED[name]
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropPrefix) for f in logger.filters):
             logger.addFilter(_DropPrefix(prefix))
