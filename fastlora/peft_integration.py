@@ -28,6 +28,7 @@ import warnings
 import torch
 from torch import nn
 
+from ._checks import check_backend
 from ._quiet import quiet_foreign_logs
 from .qlora import DenseWeight, base_weight, compute_dtype_of, is_4bit, unsupported_reason
 
@@ -173,6 +174,9 @@ def patch_peft(model: nn.Module, *, backend: str = "auto") -> int:
     patching again re-patches (e.g. with another ``backend``) and patches layers that became supported
     after ``set_adapter``. ``unpatch_peft`` undoes it.
     """
+    # The name now (a typo gets "did you mean"); whether the backend runs each layer's tensors is
+    # decided per call, as for lora_linear (a layer it cannot fuse is named in the warning).
+    check_backend(backend)
     lora_layer_cls = _peft_classes()[0]
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, lora_layer_cls)]
     if not layers:

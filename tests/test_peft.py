@@ -1,6 +1,7 @@
 """``patch_peft`` on tiny random Llama and GPT-2 models: same outputs, grads and training as PEFT."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -215,6 +216,13 @@ def test_a_model_without_peft_lora_layers_is_refused():
     for model in (tiny_base("llama"), fastlora.replace_linear_with_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)))):
         with pytest.raises(ValueError, match="patch_peft found no PEFT LoRA layer in (LlamaForCausalLM|Sequential): pass the model that peft.get_peft_model"):
             patch_peft(model)
+
+
+def test_backend_is_checked_when_patching():
+    model = tiny_peft("llama")
+    with pytest.raises(ValueError, match=re.escape("got 'trition' (did you mean 'triton'?)")):
+        patch_peft(model, backend="trition")
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 @pytest.mark.slow  # torch.compile of a Llama: about a minute on a CPU
