@@ -132,3 +132,9 @@ def test_the_foreign_log_records_docs_list_are_dropped_and_nothing_else(caplog):
         bnb.warning("some other bitsandbytes warning")
         cpp.warning("some other extension warning")
     assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning", "some other extension warning"]
+
+
+def test_the_no_run_marker_is_read_from_the_line_before_the_fence(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("text\n\n<!-- no-run: needs a CUDA GPU -->\n```python\nimport torch\n```\n\n```python\nx = 1\n```\n```bash\nls\n```\n")
+    assert blocks(page) == [(4, "python", "import torch\n", "needs a CUDA GPU"), (8, "python", "x = 1\n", None), (11, "bash", "ls\n", None)]
