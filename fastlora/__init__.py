@@ -1,4 +1,8 @@
-"""fastlora: a fused LoRA linear layer for PyTorch, forward and backward in one pass."""
+"""fastlora: a fused LoRA linear layer for PyTorch, forward and backward in one pass.
+
+Distribution name `fastlora-kernels` (PyPI's `fastlora` is another project); installed from the
+source tree until published (README.md, docs/install.md).
+"""
 
 from . import reference
 from ._quiet import quiet_foreign_logs as _quiet_foreign_logs
