@@ -147,10 +147,12 @@ def cuda_extension() -> tuple[list, dict]:
 
 ext_modules, cmdclass = cuda_extension()
 
+# The distribution is "fastlora-kernels": PyPI's "fastlora" is an unrelated project. The import
+# name stays `fastlora`. Until it is published, install from a checkout (README: pip install -e).
 setup(
-    name="fastlora",
+    name="fastlora-kernels",
     version=read_version(),
-    description="A fused LoRA linear layer for PyTorch: forward and backward in one pass",
+    description="A fused LoRA linear layer for PyTorch: forward and backward in one pass (import fastlora)",
     packages=find_packages(exclude=("tests", "tests.*", "benchmarks", "benchmarks.*")),
     python_requires=">=3.10",
     # The layer needs torch alone; the benchmark CLI's progress bar and plots are an extra.

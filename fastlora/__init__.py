@@ -1,6 +1,11 @@
-"""fastlora: a fused LoRA linear layer for PyTorch, forward and backward in one pass."""
+"""fastlora: a fused LoRA linear layer for PyTorch, forward and backward in one pass.
+
+Distribution name `fastlora-kernels` (PyPI's `fastlora` is another project); installed from the
+source tree until published (README.md, docs/install.md).
+"""
 
 from . import reference
+from ._quiet import quiet_foreign_logs as _quiet_foreign_logs
 from .ops.auto import explain_backend, set_default_backend
 from .ops.registry import BackendStatus, BackendUnavailableError, available_backends
 from .adapters import load_adapter, save_adapter
@@ -25,3 +30,6 @@ __all__ = [
     "unpatch_peft",
 ]
 __version__ = "0.1.0"
+
+# bitsandbytes logs a Hub-kernel message at import on some CPUs (PEFT imports it): see fastlora/_quiet.py.
+_quiet_foreign_logs("bitsandbytes.backends.cpu.ops")

@@ -90,7 +90,7 @@ def bench(argv: list[str], args, parser, registry) -> int:
     try:
         from tqdm import tqdm
     except ImportError:
-        parser.error("fastlora bench needs the bench extra: pip install 'fastlora[bench]' (or: pip install tqdm)")
+        parser.error("fastlora bench needs the bench extra: pip install tqdm (or, in the fastlora checkout: pip install -e '.[bench]')")
 
     from .bench.cases import make_cases, parse_shapes
     from .bench.plot import plot_ratios
@@ -98,7 +98,7 @@ def bench(argv: list[str], args, parser, registry) -> int:
     from .bench.runner import run
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
-        parser.error("--plot needs matplotlib: pip install 'fastlora[bench]' (or: pip install matplotlib)")
+        parser.error("--plot needs matplotlib: pip install matplotlib (or, in the fastlora checkout: pip install -e '.[bench]')")
     names = list(dict.fromkeys(("base",) + (args.providers or tuple(registry))))
     unknown = [n for n in names if n not in registry]
     if unknown:

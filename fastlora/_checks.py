@@ -11,12 +11,13 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from .ops.registry import BACKEND_NAMES
+from .ops.registry import BACKEND_NAMES, FUSED_BACKENDS, BackendUnavailableError, backend_state
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -43,13 +44,61 @@ def _require_dim(name: str, t: torch.Tensor, dim: int, layout: str) -> None:
 
 
 def check_scaling(scaling: object, name: str = "scaling") -> float:
-    """``scaling`` (or the ``alpha`` it is made from, named by ``name``) as a finite Python float."""
+    """``scaling`` (or the ``alpha`` it is made from, named by ``name``) as a finite Python float.
+
+    ``lora_linear`` (and so ``patch_peft``) takes any finite scaling, zero and negative included: it
+    computes the formula it is given, and PEFT accepts any float ``lora_alpha``. The layers, which
+    create their adapters, are stricter (``check_alpha``).
+    """
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{name} must be a real number (a Python float), got {type(scaling).__name__}")
     value = float(scaling)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def check_alpha(alpha: object) -> float:
+    """A new layer's ``alpha`` as a float > 0. Zero makes ``scaling`` zero: the adapter adds nothing
+    and gets no gradient, so training silently does nothing. A negative alpha only flips the sign
+    of ``B``, which starts at zero and is learnt, so it buys nothing and is far likelier a slip."""
+    value = check_scaling(alpha, "alpha")
+    if value <= 0:
+        raise ValueError(
+            f"alpha must be > 0 (scaling = alpha / r multiplies the adapter; 0 switches it off and stops its "
+            f"gradients, a negative alpha only flips lora_B's sign), got {value:g}"
+        )
+    return value
+
+
+def check_backend(backend: object) -> str:
+    """``backend`` is one of ``BACKEND_NAMES``; a near miss gets a "did you mean"."""
+    if isinstance(backend, str) and backend in BACKEND_NAMES:
+        return backend
+    close = difflib.get_close_matches(backend.lower(), BACKEND_NAMES, n=1) if isinstance(backend, str) and backend else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}{hint}")
+
+
+def check_backend_can_load(backend: str) -> None:
+    """For a layer built with a named fused backend: raise now what can be known without an input.
+
+    Checked here: the backend is installed and loads (triton importable and recent enough, the
+    extension built), and some device it runs on exists (a CUDA GPU is visible, or the triton
+    interpreter is on for CPU tensors). Not checked: the device, dtype and rank of each call,
+    since a module is moved and cast after it is built; those are checked at each call.
+    ``torch.cuda.is_available()`` counts devices without creating a CUDA context."""
+    if backend not in FUSED_BACKENDS:
+        return
+    state = backend_state(backend)
+    if isinstance(state, str):
+        raise BackendUnavailableError(f"backend={backend!r} is unavailable: {state}; use backend='torch' or 'auto'")
+    runs_on = state.runs_on or ()
+    if runs_on and "cpu" not in runs_on and "cuda" in runs_on and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"backend={backend!r} runs on CUDA tensors and no CUDA device is visible "
+            f"(torch.cuda.is_available() is False); use backend='torch' or 'auto'"
+        )
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -67,14 +116,15 @@ def check_rank(r: object) -> int:
 def check_layer_args(in_features: object, out_features: object, r: object, alpha: object, backend: object) -> tuple[int, float]:
     """Validate ``FusedLoRALinear``'s configuration; returns ``(r, alpha)`` as int and float.
 
-    Whether the backend supports the tensors' device and dtype is settled per call, since a module
-    can be moved and cast after it is built.
+    A named fused backend must be installed and have a device to run on (``check_backend_can_load``);
+    whether it supports the tensors' device, dtype and rank is settled per call, since a module can
+    be moved and cast after it is built.
     """
     _positive_int("in_features", in_features)
     _positive_int("out_features", out_features)
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-    return check_rank(r), check_scaling(alpha, "alpha")
+    r, alpha = check_rank(r), check_alpha(alpha)
+    check_backend_can_load(check_backend(backend))
+    return r, alpha
 
 
 def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling) -> float:
@@ -131,25 +181,72 @@ def check_dropout(p: object) -> float:
 
 
 def _matches(name: str, target: str) -> bool:
-    """PEFT's rule: a module matches a target when its qualified name equals it or ends with '.' + it."""
+    """PEFT's rule for a list: a module matches a target when its qualified name equals it or ends
+    with '.' + it."""
     return name == target or name.endswith("." + target)
 
 
-def check_target_modules(model: nn.Module, target_modules: object) -> list[tuple[str, nn.Linear]]:
-    """The ``(name, nn.Linear)`` submodules of ``model`` that ``target_modules`` selects.
+def _output_layer(model: nn.Module) -> nn.Module | None:
+    """The output layer that PEFT's "all-linear" leaves out: ``get_output_embeddings()`` of a
+    transformers model (e.g. ``lm_head``); None for a model without that method."""
+    get = getattr(model, "get_output_embeddings", None)
+    output = get() if callable(get) else None
+    return output if isinstance(output, nn.Module) else None
 
-    ``target_modules`` is None (every ``nn.Linear``), one name or an iterable of names. Every name
-    must select at least one ``nn.Linear``: a misspelt target would otherwise leave layers without
-    adapters and training would go on, silently weaker. The error names each such target with the
-    modules it does match (e.g. ones already converted) or, failing that, the closest names.
+
+def _regex(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(
+            f"target_modules={pattern!r} is not a valid regular expression ({err}); a string is a regex "
+            f"matched against whole module names, as in PEFT (pass a list to match names by suffix)"
+        ) from None
+
+
+def check_target_modules(model: nn.Module, target_modules: object) -> list[tuple[str, nn.Linear]]:
+    """The ``(name, nn.Linear)`` submodules of ``model`` that ``target_modules`` selects, as PEFT
+    reads ``LoraConfig.target_modules``:
+
+    - None: every ``nn.Linear``;
+    - ``"all-linear"`` (any case): every ``nn.Linear`` except the output layer
+      (``model.get_output_embeddings()``, e.g. a language model's ``lm_head``); a model without that
+      method (an ``nn.Sequential``) has every ``nn.Linear`` selected, as PEFT does;
+    - any other string: a regular expression that must match a whole qualified module name
+      (``re.fullmatch``), e.g. ``".*(q_proj|v_proj)"``;
+    - a list (any iterable) of names: modules whose qualified name equals a name or ends with
+      '.' + name. Every name must select at least one ``nn.Linear``: a misspelt target would
+      otherwise leave layers without adapters and training would go on, silently weaker. The error
+      names each such target with the modules it does match (e.g. ones already converted) or,
+      failing that, the closest names.
     """
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and name]
-    if target_modules is None:
+    if target_modules is None or (isinstance(target_modules, str) and target_modules.lower() == "all-linear"):
         if not linears:
             raise ValueError(f"model ({type(model).__name__}) has no nn.Linear submodule to replace")
-        return linears
-    single = isinstance(target_modules, str) or not isinstance(target_modules, Iterable)
-    targets = [target_modules] if single else list(target_modules)
+        output = _output_layer(model) if target_modules is not None else None
+        return [(name, m) for name, m in linears if m is not output]
+    if isinstance(target_modules, str):
+        regex = _regex(target_modules)
+        chosen = [(name, m) for name, m in linears if regex.fullmatch(name)]
+        if chosen:
+            return chosen
+        others = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if name and regex.fullmatch(name)]
+        if others:
+            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+            problem = f"matches only modules that are not nn.Linear: {', '.join(others[:3])}{more}"
+        elif any(_matches(name, target_modules) for name, _ in linears):
+            problem = f"matches no whole module name (did you mean target_modules=[{target_modules!r}], which matches names ending in it?)"
+        else:
+            close = difflib.get_close_matches(target_modules, sorted({n.rpartition(".")[2] for n, _ in linears}), n=3)
+            problem = "matches no module name" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+        raise ValueError(
+            f"target_modules={target_modules!r} {problem}; a string is a regular expression matched against "
+            f"whole module names (re.fullmatch), as in PEFT"
+        )
+    if not isinstance(target_modules, Iterable):
+        raise TypeError(f"target_modules must be None, a module name or a list of names, got {target_modules!r}")
+    targets = list(target_modules)
     if not all(isinstance(t, str) for t in targets):
         raise TypeError(f"target_modules must be None, a module name or a list of names, got {target_modules!r}")
     if not targets:

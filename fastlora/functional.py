@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_dropout, check_lora_inputs
+from ._checks import check_backend, check_dropout, check_lora_inputs
 from .ops.registry import backend_ops, resolve_backend
 
 # Seeds are drawn below 2³¹ so that every backend's RNG takes them as they are.
@@ -48,7 +48,7 @@ def lora_linear(
             return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout=dropout, backend=backend)
     scaling = check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling)
     dropout = check_dropout(dropout)
-    ops = backend_ops(resolve_backend(backend, x, weight, bias, lora_A, lora_B, dropout))
+    ops = backend_ops(resolve_backend(check_backend(backend), x, weight, bias, lora_A, lora_B, dropout))
     seed = torch.randint(_SEED_BOUND, (), dtype=torch.int64) if dropout else None
     if x.dim() == 2:  # skips two views and their autograd nodes: a few µs of a small layer's call
         return ops(x, weight, bias, lora_A, lora_B, scaling, dropout, seed)

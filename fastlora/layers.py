@@ -17,7 +17,11 @@ class FusedLoRALinear(nn.Module):
 
     ``y = x Wᵀ + b + scaling·(x Aᵀ) Bᵀ`` with ``W = weight [out, in]`` and ``b = bias [out]`` frozen,
     ``A = lora_A [r, in]`` and ``B = lora_B [out, r]`` trainable (PEFT's layout), and
-    ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``, as in rsLoRA). ``lora_A`` is
+    ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``, as in rsLoRA; PEFT's convention:
+    for a layer whose scale is ``alpha`` itself, as in Raschka's ``LinearWithLoRA``, pass
+    ``alpha = scale * r``). ``alpha`` must be > 0 and ``r`` >= 1. A named fused ``backend`` must be
+    installed and have a device here (checked now); device, dtype and rank are checked per call,
+    as the module can be moved and cast after it is built. ``lora_A`` is
     kaiming-uniform (a=√5) and ``lora_B`` zero, as in PEFT and the LoRA paper, so a new layer equals
     its base. ``adapter_dtype`` (default: the weight's) may be float32 with an fp16/bf16 base, which
     is PEFT's default. ``dropout`` is LoRA dropout on the low-rank branch's input in training mode
@@ -172,19 +176,30 @@ class FusedLoRALinear(nn.Module):
 
 def replace_linear_with_lora(
     model: nn.Module,
-    r: int,
-    alpha: float,
+    r: int = 8,
+    alpha: float = 16,
     target_modules=None,
+    *,
+    freeze: bool = True,
     **layer_kwargs,
 ) -> nn.Module:
-    """Replace, recursively and in place, every ``nn.Linear`` of ``model`` (or those whose qualified
-    name equals or ends with one of ``target_modules``, e.g. ``["q_proj", "v_proj"]``) by
-    ``FusedLoRALinear.from_linear(linear, r, alpha, **layer_kwargs)``. Returns ``model``.
+    """Replace, recursively and in place, the ``nn.Linear`` layers of ``model`` that
+    ``target_modules`` selects by ``FusedLoRALinear.from_linear(linear, r, alpha, **layer_kwargs)``.
+    Returns ``model``. ``r`` and ``alpha`` default as ``FusedLoRALinear``'s (8 and 16).
 
-    Only the replaced layers' base weights are frozen; freeze the rest of the model as you wish
-    (``model.requires_grad_(False)`` before the call freezes everything but the new adapters).
-    Raises ValueError, before changing anything, when a target matches no ``nn.Linear``.
+    ``target_modules`` is read as PEFT's ``LoraConfig`` reads it: None selects every ``nn.Linear``;
+    ``"all-linear"`` every one but the output layer (``get_output_embeddings()``); another string
+    is a regex matched against whole module names; a list, e.g. ``["q_proj", "v_proj"]``, selects
+    the modules whose name equals or ends with '.' + an entry (see ``_checks.check_target_modules``).
+
+    ``freeze=True`` (the default) leaves only LoRA adapters trainable, as ``get_peft_model`` does:
+    every other parameter of ``model`` gets ``requires_grad=False``. ``freeze=False`` freezes only
+    the replaced layers' base weights and leaves the rest of the model as it was (e.g. to train a
+    new head beside the adapters). Raises, before changing anything, when a target matches no
+    ``nn.Linear`` or an argument is invalid.
     """
+    if not isinstance(freeze, bool):
+        raise TypeError(f"freeze must be a bool, got {type(freeze).__name__} {freeze!r}")
     targets = check_target_modules(model, target_modules)
     check_dtype("adapter_dtype", layer_kwargs.get("adapter_dtype"))
     for name, linear in targets:
@@ -193,6 +208,12 @@ def replace_linear_with_lora(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, FusedLoRALinear.from_linear(linear, r, alpha, **layer_kwargs))
+    if freeze:
+        model.requires_grad_(False)
+        for layer in model.modules():
+            if isinstance(layer, FusedLoRALinear):
+                layer.lora_A.requires_grad_(True)
+                layer.lora_B.requires_grad_(True)
     return model
 
 

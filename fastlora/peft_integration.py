@@ -28,6 +28,8 @@ import warnings
 import torch
 from torch import nn
 
+from ._checks import check_backend
+from ._quiet import quiet_foreign_logs
 from .qlora import DenseWeight, base_weight, compute_dtype_of, is_4bit, unsupported_reason
 
 
@@ -35,6 +37,7 @@ from .qlora import DenseWeight, base_weight, compute_dtype_of, is_4bit, unsuppor
 def _peft_classes():
     """PEFT's ``LoraLayer`` and ``Linear`` and transformers' ``Conv1D``, imported on first use so that
     fastlora itself does not depend on PEFT."""
+    quiet_foreign_logs()  # bitsandbytes' Hub-kernel message when PEFT imports it on a CPU (fastlora/_quiet.py)
     try:
         from peft.tuners.lora.layer import Linear, LoraLayer
         from transformers.pytorch_utils import Conv1D
@@ -135,6 +138,18 @@ def _fused_forward(layer, backend: str, x: torch.Tensor, *args, **kwargs) -> tor
     )
 
 
+def _grouped(skipped: list[tuple[str, str]], names_shown: int = 3) -> str:
+    """One line per reason, most frequent first: ``<count> × <reason>: <a few names> and <n> more``."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped:
+        by_reason.setdefault(reason, []).append(name)
+    lines = []
+    for reason, names in sorted(by_reason.items(), key=lambda item: -len(item[1])):
+        more = f" and {len(names) - names_shown} more" if len(names) > names_shown else ""
+        lines.append(f"{len(names)} × {reason}: {', '.join(names[:names_shown])}{more}")
+    return "\n  ".join(lines)
+
+
 def _is_patched(module: nn.Module) -> bool:
     forward = module.__dict__.get("forward")
     return isinstance(forward, functools.partial) and forward.func is _fused_forward
@@ -150,26 +165,38 @@ def patch_peft(model: nn.Module, *, backend: str = "auto") -> int:
     ``fastlora.qlora``; an unreadable quant state is named in the warning), with exactly one
     active adapter, no DoRA or other variant, no ``lora_bias``; any rank, ``lora_alpha``, ``use_rslora``,
     fp32 adapters with an fp16/bf16 base. Other LoRA layers are left untouched and listed, with the
-    reason, in one warning. A patched layer still runs PEFT's forward in the states listed in the
+    reason, in one warning (one line per reason, with a count and a few names). A model with no
+    PEFT LoRA layer at all raises ValueError (most often: the base model was passed where the
+    ``get_peft_model`` result was meant, or a ``replace_linear_with_lora`` model, whose layers
+    already are fastlora's). A patched layer still runs PEFT's forward in the states listed in the
     module doc (merged, disabled, ...), so results are PEFT's in every state, up to the
     dropout mask's RNG. The instance-level ``forward`` is a ``functools.partial`` (picklable, deep-copyable);
     patching again re-patches (e.g. with another ``backend``) and patches layers that became supported
     after ``set_adapter``. ``unpatch_peft`` undoes it.
     """
+    # The name now (a typo gets "did you mean"); whether the backend runs each layer's tensors is
+    # decided per call, as for lora_linear (a layer it cannot fuse is named in the warning).
+    check_backend(backend)
     lora_layer_cls = _peft_classes()[0]
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, lora_layer_cls)]
+    if not layers:
+        raise ValueError(
+            f"patch_peft found no PEFT LoRA layer in {type(model).__name__}: pass the model that "
+            "peft.get_peft_model(model, LoraConfig(...)) returned (a replace_linear_with_lora model "
+            "already runs fastlora's layers and needs no patching)"
+        )
     patched, skipped = 0, []
-    for name, module in model.named_modules():
-        if not isinstance(module, lora_layer_cls):
-            continue
+    for name, module in layers:
         reason = _unsupported_reason(module, backend)
         if reason is not None:
-            skipped.append(f"{name}: {reason}")
+            skipped.append((name, reason))
             continue
         module.forward = functools.partial(_fused_forward, module, backend)
         patched += 1
     if skipped:
         warnings.warn(
-            f"fastlora.patch_peft left {len(skipped)} LoRA layer(s) on PEFT's forward:\n  " + "\n  ".join(skipped),
+            f"fastlora.patch_peft left {len(skipped)} of {len(layers)} LoRA layer(s) on PEFT's forward "
+            f"({patched} run fused):\n  {_grouped(skipped)}",
             stacklevel=2,
         )
     return patched

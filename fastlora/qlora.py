@@ -9,7 +9,7 @@ absmax plain or double-quantized, compute dtype fp16 or bf16. ``check_4bit`` rai
 fused path; ``backend="torch"`` (and ``"auto"`` where Triton cannot run) dequantizes it with
 bitsandbytes first, as PEFT does.
 
-bitsandbytes is an optional extra (``pip install "fastlora[qlora]"``): nothing here imports it until
+bitsandbytes is optional (the ``qlora`` extra: ``pip install -e ".[qlora]"`` in a checkout): nothing here imports it until
 a 4-bit weight needs it.
 """
 
@@ -22,7 +22,8 @@ import torch
 
 from .functional import lora_linear
 
-EXTRA_HINT = 'pip install "fastlora[qlora]"'
+# From the source tree: PyPI's "fastlora" is another project (this one is not published yet).
+EXTRA_HINT = "pip install 'bitsandbytes>=0.45' (or, in the fastlora checkout: pip install -e '.[qlora]')"
 QUANT_TYPES = ("nf4", "fp4")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 

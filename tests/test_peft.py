@@ -1,6 +1,7 @@
 """``patch_peft`` on tiny random Llama and GPT-2 models: same outputs, grads and training as PEFT."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -197,9 +198,31 @@ def test_unsupported_layers_warn_once():
         assert patch_peft(model) == 0
     assert len(record) == 1
     message = str(record[0].message)
-    assert "5 LoRA layer(s)" in message and "DoRA" in message and "Embedding" in message
+    assert "5 of 5 LoRA layer(s)" in message and "(0 run fused)" in message
+    # Grouped by reason, most frequent first, with a count and at most three names per reason.
+    header, dora, embedding = message.split("\n  ")
+    assert dora.startswith("4 × adapter 'default' is a ") and "(DoRA or another variant)" in dora
+    assert dora.endswith("model.layers.0.self_attn.q_proj, base_model.model.model.layers.0.self_attn.v_proj, "
+                         "base_model.model.model.layers.1.self_attn.q_proj and 1 more")
+    assert embedding == "1 × Embedding layers have no fused path (only lora.Linear and lora.bnb.Linear4bit): base_model.model.model.embed_tokens"
     assert not any("forward" in m.__dict__ for m in model.modules())
     torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+def test_a_model_without_peft_lora_layers_is_refused():
+    """Not a silent 0: the usual slip is passing the base model, or a fastlora-converted one."""
+    import fastlora
+
+    for model in (tiny_base("llama"), fastlora.replace_linear_with_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)))):
+        with pytest.raises(ValueError, match="patch_peft found no PEFT LoRA layer in (LlamaForCausalLM|Sequential): pass the model that peft.get_peft_model"):
+            patch_peft(model)
+
+
+def test_backend_is_checked_when_patching():
+    model = tiny_peft("llama")
+    with pytest.raises(ValueError, match=re.escape("got 'trition' (did you mean 'triton'?)")):
+        patch_peft(model, backend="trition")
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 @pytest.mark.slow  # torch.compile of a Llama: about a minute on a CPU

@@ -3,6 +3,7 @@ expected and the actual value; nothing reaches a kernel."""
 
 import math
 import re
+import types
 
 import pytest
 import torch
@@ -147,10 +148,65 @@ def test_bad_scaling(scaling, error, message):
         lora_linear(*inputs(), scaling)
 
 
-@pytest.mark.parametrize("backend", ["trition", "Triton", "", None])
-def test_unknown_backend(backend):
-    with pytest.raises(ValueError, match=re.escape(f"backend must be one of ('auto', 'torch', 'triton', 'cuda'), got {backend!r}")):
+@pytest.mark.parametrize(
+    "backend, hint",
+    [("trition", " (did you mean 'triton'?)"), ("Triton", " (did you mean 'triton'?)"), ("tourch", " (did you mean 'torch'?)"),
+     ("cublas", " (did you mean 'cuda'?)"), ("gpu", ""), ("", ""), (None, "")],
+)
+def test_unknown_backend_gets_did_you_mean(backend, hint):
+    message = f"backend must be one of ('auto', 'torch', 'triton', 'cuda'), got {backend!r}{hint}"
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
         lora_linear(*inputs(), 1.0, backend=backend)
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        FusedLoRALinear(8, 6, backend=backend)
+
+
+@pytest.mark.parametrize("alpha", [0, 0.0, -16, -1e-3])
+def test_layers_reject_zero_or_negative_alpha(alpha):
+    """A layer's alpha must be > 0: 0 switches the adapter off (and its gradients), a negative one
+    only flips lora_B's sign. Each constructor says so before building anything."""
+    message = f"alpha must be > 0 (scaling = alpha / r multiplies the adapter; 0 switches it off and stops its gradients, a negative alpha only flips lora_B's sign), got {float(alpha):g}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FusedLoRALinear(8, 6, r=2, alpha=alpha)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FusedLoRALinear.from_linear(nn.Linear(8, 6), r=2, alpha=alpha)
+    model = attention_block()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        replace_linear_with_lora(model, r=2, alpha=alpha)
+    assert type(model["q_proj"]) is nn.Linear and type(model["v_proj"]) is nn.Linear
+
+
+@pytest.mark.parametrize("scaling", [0.0, -0.5])
+def test_lora_linear_takes_any_finite_scaling(scaling):
+    """The functional form computes the formula it is given (PEFT allows any float lora_alpha, and
+    patch_peft passes PEFT's scaling through): zero and negative scalings are computed, not refused."""
+    x, w, b, A, B = inputs(torch.float64)  # lora_B random, not zero: the scaling matters
+    expected = fastlora.reference.lora_linear(x, w, b, A, B, scaling)
+    assert not torch.allclose(expected, fastlora.reference.lora_linear(x, w, b, A, B, 1.0))
+    torch.testing.assert_close(lora_linear(x, w, b, A, B, scaling, backend="torch"), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_named_fused_backend_that_cannot_load_fails_at_construction(monkeypatch):
+    """What can be known without an input is checked when the layer is built: the backend is not
+    installed / did not load, or no device it runs on exists here."""
+    monkeypatch.setitem(registry._loaded, "triton", "the triton package is not installed; install it with `pip install triton`")
+    with pytest.raises(BackendUnavailableError, match=re.escape("backend='triton' is unavailable: the triton package is not installed")):
+        FusedLoRALinear(8, 6, backend="triton")
+    with pytest.raises(BackendUnavailableError, match=re.escape("backend='triton' is unavailable")):
+        FusedLoRALinear.from_linear(nn.Linear(8, 6), backend="triton")
+    FusedLoRALinear(8, 6, backend="auto")  # auto falls back; torch always loads
+
+
+@needs_triton
+def test_named_gpu_backend_without_a_gpu_fails_at_construction(monkeypatch):
+    """A backend that runs on CUDA tensors only, on a machine that has no CUDA device."""
+    backend_ops("triton")  # loaded, then stood in for by one whose ops run on CUDA only (the GPU build's)
+    monkeypatch.setitem(registry._loaded, "triton", types.SimpleNamespace(runs_on=("cuda",)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendUnavailableError, match=re.escape("backend='triton' runs on CUDA tensors and no CUDA device is visible")):
+        FusedLoRALinear(8, 6, backend="triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    FusedLoRALinear(8, 6, backend="triton")  # a GPU exists: the device of each call is checked then
 
 
 @pytest.mark.parametrize(
@@ -165,6 +221,7 @@ def test_unknown_backend(backend):
         ({"alpha": math.nan}, ValueError, "alpha must be finite, got nan"),
         ({"alpha": "16"}, TypeError, "alpha must be a real number (a Python float), got str"),
         ({"backend": "cublas"}, ValueError, "backend must be one of ('auto', 'torch', 'triton', 'cuda'), got 'cublas'"),
+        ({"alpha": 0}, ValueError, "alpha must be > 0"),
         ({"dtype": torch.int32}, TypeError, f"dtype must be a floating-point torch.dtype {FLOATS}, got torch.int32"),
         ({"dtype": "float32"}, TypeError, f"dtype must be a floating-point torch.dtype {FLOATS}, got str 'float32'"),
         ({"adapter_dtype": torch.int8}, TypeError, f"adapter_dtype must be a floating-point torch.dtype {FLOATS}, got torch.int8"),
@@ -251,3 +308,66 @@ def test_non_float_dtypes_are_named_before_anything_is_replaced():
     with pytest.raises(TypeError, match=re.escape(f"v_proj.weight's dtype must be a floating-point torch.dtype {FLOATS}, got torch.int8")):
         replace_linear_with_lora(model, r=2, alpha=4)
     assert type(model["q_proj"]) is nn.Linear and type(model["v_proj"]) is nn.Linear
+
+
+def transformer_like():
+    """Two blocks of q/v projections and an MLP, plus an lm_head that get_output_embeddings names."""
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(
+                nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8), "mlp": nn.Linear(8, 8)}) for _ in range(2)
+            )
+            self.norm = nn.LayerNorm(8)
+            self.lm_head = nn.Linear(8, 5)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    return Tiny()
+
+
+def lora_names(model):
+    return sorted(name for name, m in model.named_modules() if isinstance(m, FusedLoRALinear))
+
+
+def test_all_linear_is_every_linear_but_the_output_layer():
+    model = replace_linear_with_lora(transformer_like(), target_modules="all-linear")
+    assert lora_names(model) == [f"layers.{i}.{n}" for i in range(2) for n in ("mlp", "q_proj", "v_proj")]
+    assert type(model.lm_head) is nn.Linear
+    # Without get_output_embeddings (nn.Sequential) PEFT has no output layer to leave out: all of them.
+    seq = replace_linear_with_lora(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), target_modules="ALL-LINEAR")
+    assert lora_names(seq) == ["0", "2"]
+
+
+def test_string_target_is_a_full_match_regex_as_in_peft():
+    model = replace_linear_with_lora(transformer_like(), target_modules=r"layers\.\d+\.(q_proj|v_proj)")
+    assert lora_names(model) == [f"layers.{i}.{n}" for i in range(2) for n in ("q_proj", "v_proj")]
+    # A list keeps the suffix rule; a bare name as a string must match a whole name, so it is refused with the fix.
+    assert lora_names(replace_linear_with_lora(transformer_like(), target_modules=["mlp"])) == ["layers.0.mlp", "layers.1.mlp"]
+    with pytest.raises(ValueError, match=re.escape("target_modules='mlp' matches no whole module name (did you mean target_modules=['mlp']")):
+        replace_linear_with_lora(transformer_like(), target_modules="mlp")
+    with pytest.raises(ValueError, match=re.escape("target_modules='.*q_prj' matches no module name (did you mean 'q_proj' or 'v_proj'?); a string is a regular expression")):
+        replace_linear_with_lora(transformer_like(), target_modules=".*q_prj")
+    with pytest.raises(ValueError, match=re.escape("target_modules='(q_proj' is not a valid regular expression")):
+        replace_linear_with_lora(transformer_like(), target_modules="(q_proj")
+
+
+def test_replace_freezes_everything_but_the_adapters_by_default():
+    model = replace_linear_with_lora(transformer_like(), target_modules=["q_proj"])
+    trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
+    assert trainable == [f"layers.{i}.q_proj.lora_{ab}" for i in range(2) for ab in "AB"]
+    kept = replace_linear_with_lora(transformer_like(), target_modules=["q_proj"], freeze=False)
+    trainable = {name for name, p in kept.named_parameters() if p.requires_grad}
+    assert "lm_head.weight" in trainable and "norm.weight" in trainable and "layers.0.mlp.weight" in trainable
+    assert "layers.0.q_proj.weight" not in trainable  # a replaced layer's base is frozen either way
+    with pytest.raises(TypeError, match=re.escape("freeze must be a bool, got str 'yes'")):
+        replace_linear_with_lora(transformer_like(), freeze="yes")
+
+
+def test_replace_and_the_layer_share_defaults():
+    """r=8, alpha=16 unless given, in both (they used to differ: replace required alpha)."""
+    model = replace_linear_with_lora(attention_block())
+    default = FusedLoRALinear(8, 8)
+    assert (model["q_proj"].r, model["q_proj"].alpha, model["q_proj"].scaling) == (default.r, default.alpha, default.scaling) == (8, 16.0, 2.0)

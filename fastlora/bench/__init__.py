@@ -9,3 +9,9 @@ Shared by ``fastlora bench`` (``fastlora/__main__.py``) and ``pytest benchmarks/
 ``runner``     check-then-time over cases and providers, ratios to ``base``
 ``report``     markdown, JSON, CSV; ``plot``: the PNG of ratios
 """
+
+from .._quiet import quiet_foreign_logs
+
+# The bench imports PEFT (bitsandbytes with it) and runs torch.compile on the CPU, which log two
+# messages that say nothing about fastlora (listed in fastlora/_quiet.py): drop those two.
+quiet_foreign_logs()

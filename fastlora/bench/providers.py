@@ -246,7 +246,7 @@ def _qlora_unavailable(fused: bool) -> Callable[[Case], str | None]:
             return "QLoRA computes in fp16/bf16"
         for package, extra in (("bitsandbytes", "qlora"), ("peft", "peft")):
             if not importlib.util.find_spec(package):
-                return f"{package} is not installed (pip install 'fastlora[{extra}]')"
+                return f"{package} is not installed (pip install {package}, or in the fastlora checkout: pip install -e '.[{extra}]')"
         return _fused_unavailable("triton")(case) if fused else None
 
     return unavailable
