@@ -134,7 +134,7 @@ def _mismatch(outputs: Outputs, reference: Outputs | None, device: torch.device)
             return f"non-finite result: {name} holds NaN or inf"
     if reference is None:
         return None
-    for name in sorted(set(outputs) | set(reference)):
+    for name in [*reference, *(n for n in outputs if n not in reference)]:  # y first
         out, ref = outputs.get(name), reference.get(name)
         if (out is None) != (ref is None):
             return f"wrong result: {name} is {'missing' if out is None else 'produced'}, unlike the reference's"
