@@ -56,7 +56,7 @@ import torch
 from . import gate
 from .autotune_cache import CACHE_FORMAT, cache_path, environment_key, read_disk, write_disk  # noqa: F401
 from .gate import REPS, WARMUP, Candidate, Failure, Timer, cuda_event_timer  # noqa: F401
-from .registry import FUSED_BACKENDS, backend_ops, cannot_run
+from .registry import BACKEND_NAMES, FUSED_BACKENDS, backend_ops, cannot_run
 
 _PIN_NAMES = ("torch", "triton", "cuda")
 # Devices whose tensors are measured; others run "torch". The CPU tests add "cpu", with fake backends.
@@ -71,16 +71,18 @@ _lock = threading.Lock()  # held while measuring; never re-acquired by its holde
 _owner: int | None = None  # the thread measuring now
 _warmed: set[tuple] = set()  # (env | key, backend, variant) that has run in this process
 _warned: set[tuple] = set()  # (env | key, backend) whose exclusion was warned about
+_unpinned = False  # no pin of either kind (FASTLORA_BACKEND read): the fast path may run
 
 
 def set_default_backend(name: str | None) -> None:
     """Pin what ``backend="auto"`` runs on to ``"torch"``, ``"triton"`` or ``"cuda"``, in this
     process; None unpins (``FASTLORA_BACKEND`` then applies, else measuring). Explicit
     ``backend=`` arguments are not affected."""
-    global _pinned
+    global _pinned, _unpinned
     if name is not None and name not in _PIN_NAMES:
         raise ValueError(f"set_default_backend: name must be one of {_PIN_NAMES} or None, got {name!r}")
     _pinned = name
+    _unpinned = False  # the next call rereads both pins (_pin)
 
 
 def set_timer(timer: Timer | None) -> None:
@@ -90,12 +92,14 @@ def set_timer(timer: Timer | None) -> None:
 
 
 def _pin() -> tuple[str, str] | None:
+    global _unpinned
     if _pinned is not None:
         return _pinned, f"pinned by fastlora.set_default_backend({_pinned!r})"
     if not _env_pin:
         _env_pin.append(os.environ.get("FASTLORA_BACKEND"))
     env = _env_pin[0]
     if not env:
+        _unpinned = True
         return None
     if env not in _PIN_NAMES:
         raise ValueError(f"FASTLORA_BACKEND must be one of {_PIN_NAMES}, got {env!r}")
@@ -282,18 +286,47 @@ def choose(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool,
     fixed = _fixed(x, lora_A)
     if fixed is not None:
         return fixed
-    # Every later call of a problem class ends here, a tuple and a dict look-up: the call's
-    # overhead (get_device() is an int, -1 on the CPU; x.device would build an object).
-    fast_key = (
-        x.get_device(), x.dtype, lora_A.dtype, _rows(x), x.shape[-1], weight.shape[0], lora_A.shape[0], bool(dropout),
-        requires_grad, bias is None,
-    )  # fmt: skip
+    fast_key = (x.shape, lora_B.shape, x.dtype, lora_A.dtype, x.get_device(), dropout, requires_grad, bias is None)
     choice = _decided.get(fast_key)
     if choice is None:
         choice, settled = _decide(x, weight, bias, lora_A, lora_B, dropout, requires_grad, runs)
         if settled and runs:  # only a call that runs its choice: under capture, _decided means "has run"
             _decided[fast_key] = choice
     return choice
+
+
+def resolve_backend(
+    name: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    dropout: float = 0.0,
+) -> str:
+    """The backend that ``lora_linear(x, weight, bias, lora_A, lora_B, ..., dropout=dropout,
+    backend=name)`` runs on, or a clear error for a named backend that cannot run it."""
+    if name == "auto":
+        requires_grad = torch.is_grad_enabled() and (
+            x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad
+            or (bias is not None and bias.requires_grad)
+        )  # fmt: skip
+        if _unpinned and not torch.compiler.is_compiling() and not torch.are_deterministic_algorithms_enabled():
+            # Every later call of a problem class ends here: a tuple and a dict look-up, inline (a
+            # call to choose costs more). Two shapes (hashable) give M, K, N and r, cheaper than
+            # reading them (each .shape costs about 0.2 µs; the inputs were checked to agree);
+            # get_device() is an int, -1 on the CPU (x.device would build an object).
+            choice = _decided.get((x.shape, lora_B.shape, x.dtype, lora_A.dtype, x.get_device(), dropout, requires_grad, bias is None))
+            if choice is not None:
+                return choice["backend"]
+        return choose(x, weight, bias, lora_A, lora_B, dropout, requires_grad)["backend"]
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    problem = cannot_run(name, x, lora_A.shape[0])
+    if problem is not None:
+        error, message = problem
+        raise error(message)
+    return name
 
 
 def _fixed(x, lora_A) -> dict | None:
@@ -377,8 +410,9 @@ def auto_summary(device: torch.device) -> str:
 def clear_memory() -> None:
     """Forget the choices held in memory (the disk file stays), what has run and been warned about,
     and the ``FASTLORA_BACKEND`` read; the next choice rereads them."""
-    global _disk_read
+    global _disk_read, _unpinned
     with _lock:
+        _unpinned = False
         _memory.clear()
         _decided.clear()
         _warmed.clear()
