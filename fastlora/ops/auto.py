@@ -71,6 +71,7 @@ _lock = threading.Lock()  # held while measuring; never re-acquired by its holde
 _owner: int | None = None  # the thread measuring now
 _warmed: set[tuple] = set()  # (env | key, backend, variant) that has run in this process
 _warned: set[tuple] = set()  # (env | key, backend) whose exclusion was warned about
+on_clear: list[Callable[[], None]] = []  # what modules above this one hold and clear_memory clears
 _unpinned = False  # no pin of either kind (FASTLORA_BACKEND read): the fast path may run
 
 
@@ -419,3 +420,5 @@ def clear_memory() -> None:
         _warned.clear()
         _env_pin.clear()
         _disk_read = False
+    for clear in on_clear:
+        clear()
