@@ -55,8 +55,9 @@ import torch
 
 from . import gate
 from .autotune_cache import CACHE_FORMAT, cache_path, environment_key, read_disk, write_disk  # noqa: F401
+from .candidates import dense_candidates
 from .gate import REPS, WARMUP, Candidate, Failure, Timer, cuda_event_timer  # noqa: F401
-from .registry import BACKEND_NAMES, FUSED_BACKENDS, backend_ops, cannot_run
+from .registry import BACKEND_NAMES, FUSED_BACKENDS, cannot_run
 
 _PIN_NAMES = ("torch", "triton", "cuda")
 # Devices whose tensors are measured; others run "torch". The CPU tests add "cpu", with fake backends.
@@ -230,55 +231,6 @@ def settle(
     return _choice(entry["backend"], reason, entry["times_ms"]), True
 
 
-def _scratch_like(t: torch.Tensor | None, generator: torch.Generator, requires_grad: bool) -> torch.Tensor | None:
-    """A tensor of ``t``'s shape, dtype, device and strides, random, not ``t``; a leaf that requires
-    grad if asked."""
-    if t is None:
-        return None
-    values = torch.randn(t.shape, generator=generator, device=t.device, dtype=torch.float32)
-    scratch = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(values)
-    return scratch.requires_grad_(requires_grad)
-
-
-_GRAD_NAMES = ("grad_x", "grad_weight", "grad_bias", "grad_A", "grad_B")
-
-
-def _dense_candidates(names, x, weight, bias, lora_A, lora_B, dropout, requires_grad) -> dict[str, Candidate]:
-    """Each backend's step on scratch copies of the call: ``check`` without dropout (each backend
-    draws its own mask), ``run`` with the call's dropout when it has one."""
-    generator = torch.Generator(device=x.device).manual_seed(0)
-    inputs = (x, weight, bias, lora_A, lora_B)
-    # What needs a gradient is the call's, or for explain_backend's bare question the adapters'.
-    needs = [t is not None and t.requires_grad for t in inputs]
-    if requires_grad and not any(needs):
-        needs[3] = needs[4] = True
-    args = [_scratch_like(t, generator, requires_grad and need) for t, need in zip(inputs, needs)]
-    if not needs[1]:
-        # A frozen weight (LoRA's case) is only read by every backend: time on it in place
-        # rather than holding a second copy of the largest tensor on a possibly full GPU.
-        args[1] = weight.detach()
-    gy = torch.randn((*x.shape[:-1], weight.shape[0]), generator=generator, device=x.device).to(x.dtype)
-    gy2d = gy.reshape(-1, weight.shape[0])
-
-    def step(ops, p: float) -> Callable[[], dict]:
-        seed = torch.tensor(0, dtype=torch.int64) if p else None
-
-        def run() -> dict:
-            for leaf in args:  # as zero_grad(set_to_none=True): no accumulation kernels timed
-                if leaf is not None:
-                    leaf.grad = None
-            with torch.set_grad_enabled(requires_grad):
-                y = ops.function.apply(args[0].reshape(-1, x.shape[-1]), *args[1:], 0.5, p, seed)
-                if requires_grad:
-                    torch.autograd.backward(y, gy2d)
-            grads = {n: (t.grad if t is not None else None) for n, t in zip(_GRAD_NAMES, args)} if requires_grad else {}
-            return {"y": y, **grads}
-
-        return run
-
-    return {name: Candidate(step(backend_ops(name), 0.0), step(backend_ops(name), dropout) if dropout else None) for name in names}
-
-
 def choose(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool, runs: bool = True) -> dict:
     """``{"backend", "reason", "times_ms"}`` for this call under ``backend="auto"`` (see the module
     doc); measures a new problem class. ``times_ms`` maps each measured backend to its median ms,
@@ -374,7 +326,7 @@ def _decide(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool
         why = "; ".join(message for _, message in refusals.values())
         return _choice("torch", f"no fused backend can run this call ({why})"), True
     key = problem_key(x, weight, lora_A, dropout, requires_grad)
-    build = lambda: _dense_candidates(names, x, weight, bias, lora_A, lora_B, dropout, requires_grad)  # noqa: E731
+    build = lambda: dense_candidates(names, x, weight, bias, lora_A, lora_B, dropout, requires_grad)  # noqa: E731
     return settle(x.device, key, names, build, variant=bias is None, runs=runs)
 
 

@@ -18,11 +18,9 @@ from __future__ import annotations
 import torch
 
 from . import auto
-from .gate import Candidate
-from .registry import backend_ops
+from .candidates import qlora_candidates
 
 _decided: dict[tuple, bool] = {}
-_GRAD_NAMES = ("grad_x", "grad_bias", "grad_A", "grad_B")
 
 
 def fused_4bit_passes(x: torch.Tensor, base, bias, lora_A, lora_B, dropout: float) -> bool:
@@ -44,45 +42,12 @@ def fused_4bit_passes(x: torch.Tensor, base, bias, lora_A, lora_B, dropout: floa
     nested = "/nested" if state.nested else ""
     key = f"4bit={state.quant_type}/{state.blocksize}{nested} " + auto.problem_key(x, lora_B, lora_A, dropout, requires_grad)
     names = ["torch", "triton"]
-    build = lambda: _candidates(x, base, bias, lora_A, lora_B, requires_grad)  # noqa: E731
+    build = lambda: qlora_candidates(x, base, bias, lora_A, lora_B, requires_grad)  # noqa: E731
     choice, settled = auto.settle(x.device, key, names, build, timed=False, prefer="triton", variant=bias is None)
     verdict = choice["backend"] == "triton"
     if settled:
         _decided[fast_key] = verdict
     return verdict
-
-
-def _candidates(x, base, bias, lora_A, lora_B, requires_grad) -> dict[str, Candidate]:
-    """Both paths' steps on scratch inputs over ``base``'s weight: the fused kernels, and the torch
-    backend on W dequantized once (as the unfused path dequantizes it)."""
-    from .triton_qlora import qlora_linear_2d
-
-    generator = torch.Generator(device=x.device).manual_seed(0)
-    K, N = x.shape[-1], lora_B.shape[0]
-    args = [auto._scratch_like(t, generator, requires_grad) for t in (x, bias, lora_A, lora_B)]
-    gy = torch.randn((*x.shape[:-1], N), generator=generator, device=x.device).to(x.dtype)
-    gy2d = gy.reshape(-1, N)
-    quant, W = base.quant(), base.dequantized(x.dtype)
-    torch_ops = backend_ops("torch")
-
-    def step(forward):
-        def run() -> dict:
-            for leaf in args:
-                if leaf is not None:
-                    leaf.grad = None
-            with torch.set_grad_enabled(requires_grad):
-                y = forward(args[0].reshape(-1, K), *args[1:])
-                if requires_grad:
-                    torch.autograd.backward(y, gy2d)
-            grads = {n: (t.grad if t is not None else None) for n, t in zip(_GRAD_NAMES, args)} if requires_grad else {}
-            return {"y": y, **grads}
-
-        return run
-
-    return {
-        "torch": Candidate(step(lambda x2d, b, A, B: torch_ops.function.apply(x2d, W, b, A, B, 0.5, 0.0, None))),
-        "triton": Candidate(step(lambda x2d, b, A, B: qlora_linear_2d(x2d, quant, b, A, B, 0.5, 0.0, None))),
-    }
 
 
 auto.on_clear.append(_decided.clear)  # auto.clear_memory forgets the verdicts with the entries
