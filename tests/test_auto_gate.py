@@ -5,6 +5,7 @@ torch backend's ops, or corrupted ones), a fake timer that runs the step. Each t
 on a regression (a deadlock) runs in a thread with a join timeout, so it fails instead.
 """
 
+import functools
 import threading
 import time
 import types
@@ -84,8 +85,17 @@ def problem(m=6, k=16, n=12, r=4, dtype=torch.float32, bias=True):
 # --- re-entrance ------------------------------------------------------------------------------------
 
 
+def save_matmuls(ctx, op, *args, **kwargs):
+    """A selective-checkpoint policy that keeps the outputs of plain matmuls."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    matmuls = (torch.ops.aten.mm.default,)  # not addmm: the torch backend adds into its output in place
+    return CheckpointPolicy.MUST_SAVE if op in matmuls else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_auto_inside_a_non_reentrant_checkpoint_finishes_with_the_torch_gradients(timed_cpu, dropout):
+@pytest.mark.parametrize("selective", [False, True], ids=["full", "selective"])
+def test_auto_inside_a_non_reentrant_checkpoint_finishes_with_the_torch_gradients(timed_cpu, dropout, selective):
     timer = StepTimer({"torch": 2.0, "triton": 1.0, "cuda": 3.0})
     auto.set_timer(timer)
     x, w, b, A, B = problem()
@@ -96,7 +106,10 @@ def test_auto_inside_a_non_reentrant_checkpoint_finishes_with_the_torch_gradient
     def step(backend):
         torch.manual_seed(0)
         inputs = [t.detach().clone().requires_grad_() for t in (x, A, B)]
-        y = torch.utils.checkpoint.checkpoint(layer, *inputs, backend, use_reentrant=False)
+        extra = {}
+        if selective:  # its dispatch mode would also cache the measurement's scratch ops as the caller's
+            extra["context_fn"] = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, save_matmuls)
+        y = torch.utils.checkpoint.checkpoint(layer, *inputs, backend, use_reentrant=False, **extra)
         y.square().sum().backward()
         return [y.detach()] + [t.grad for t in inputs]
 
@@ -299,3 +312,29 @@ def test_dropout_under_capture_is_refused_with_the_workaround(capturing):
         fastlora.lora_linear(x, w, b, A, B, 0.5, backend="torch")  # no dropout: fine
     capturing["on"] = False
     fastlora.lora_linear(x, w, b, A, B, 0.5, dropout=0.1, backend="torch")
+
+
+def test_a_backward_pass_does_not_wait_on_another_threads_measurement(timed_cpu, monkeypatch):
+    # Waiting there could hold the autograd device thread that the other measurement's backward needs.
+    monkeypatch.setattr(auto, "_in_backward", lambda: True)
+    auto.set_timer(StepTimer({"torch": 2.0, "triton": 1.0, "cuda": 3.0}))
+    x, w, b, A, B = problem()
+    with auto._lock:  # as another thread holds it while it measures
+        choice = finish_within(lambda: auto.choose(x, w, b, A, B, 0.0, True))
+    assert choice["backend"] == "torch" and "unsettled" in choice["reason"]
+    assert finish_within(lambda: auto.choose(x, w, b, A, B, 0.0, True))["backend"] == "triton"
+
+
+def test_a_cache_from_before_the_gate_is_remeasured_silently(timed_cpu):
+    import json
+
+    x, w, b, A, B = problem()
+    env, key = auto.environment_key(torch.device("cpu")), auto.problem_key(x, w, A, 0.0, True)
+    unchecked = {"backend": "triton", "times_ms": {"torch": 2.0, "triton": 1.0, "cuda": 3.0}}
+    timed_cpu.write_text(json.dumps({"format": "fastlora-autotune/1", "environments": {env: {key: unchecked}}}))
+    auto.set_timer(StepTimer({"torch": 2.0, "triton": 5.0, "cuda": 1.0}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        choice = fastlora.explain_backend(x, w, A, B)
+    assert choice["backend"] == "cuda" and "cached" not in choice["reason"]
+    assert json.loads(timed_cpu.read_text())["format"] == auto.CACHE_FORMAT
