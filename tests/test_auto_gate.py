@@ -338,3 +338,19 @@ def test_a_cache_from_before_the_gate_is_remeasured_silently(timed_cpu):
         choice = fastlora.explain_backend(x, w, A, B)
     assert choice["backend"] == "cuda" and "cached" not in choice["reason"]
     assert json.loads(timed_cpu.read_text())["format"] == auto.CACHE_FORMAT
+
+
+def test_no_memory_for_the_scratch_inputs_fails_no_call(timed_cpu, monkeypatch):
+    from fastlora.ops import candidates
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")
+
+    monkeypatch.setattr(candidates, "scratch_like", no_memory)
+    auto.set_timer(StepTimer({"torch": 2.0, "triton": 1.0, "cuda": 3.0}))
+    x, w, b, A, B = problem()
+    with pytest.warns(RuntimeWarning, match="no scratch inputs"):
+        y = fastlora.lora_linear(x, w, b, A, B, 0.5)
+    assert dispatch.resolve_backend("auto", x, w, b, A, B) == "torch" and not timed_cpu.exists()
+    expected = fastlora.reference.lora_linear(*(t.double() for t in (x, w, b, A, B)), 0.5)
+    assert rel_error(y, expected) <= tolerance(torch.float32, "cpu")

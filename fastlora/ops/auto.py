@@ -159,7 +159,7 @@ def _entry(results: dict, reference: str, prefer: str | None) -> tuple[dict, boo
 
 def _warn_exclusions(full: str, key: str, entry: dict) -> None:
     for name, why in entry["times_ms"].items():
-        if isinstance(why, str) and (full, name) not in _warned:
+        if isinstance(why, str) and name != entry["backend"] and (full, name) not in _warned:  # not the stopgap
             _warned.add((full, name))
             message = (
                 f"fastlora: backend={name!r} is excluded from backend='auto' for {key}: {why}; "
@@ -208,7 +208,13 @@ def settle(
             _owner = me
             try:
                 with gate.isolated(device):
-                    results = gate.evaluate(build(), reference, device, _timer if timed else None)
+                    try:
+                        candidates = build()
+                    except Exception as err:  # e.g. no memory for the scratch inputs: the call goes on
+                        why = gate.failure_of(err)
+                        results = {name: Failure(f"no scratch inputs ({why.reason})", why.transient) for name in names}
+                    else:
+                        results = gate.evaluate(candidates, reference, device, _timer if timed else None)
             finally:
                 _owner = None
             entry, durable = _entry(results, reference, prefer)

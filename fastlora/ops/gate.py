@@ -153,7 +153,8 @@ def _mismatch(outputs: Outputs, reference: Outputs | None, device: torch.device)
     return None
 
 
-def _failure(err: BaseException) -> Failure:
+def failure_of(err: BaseException) -> Failure:
+    """The ``Failure`` an exception amounts to (transient: out of memory, a timeout)."""
     if isinstance(err, GateTimeout):
         return Failure(f"timed out: {err}", True)
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -200,7 +201,7 @@ def evaluate(
         ms, failure, ref = _checked(reference, candidates[reference], None, device, timer)
         ref = {k: (v.detach().clone() if v is not None else None) for k, v in ref.items()}
     except Exception as err:  # a failing candidate must not fail the user's call
-        ms, failure = None, _failure(err)
+        ms, failure = None, failure_of(err)
     results[reference] = failure or ms
     for name, candidate in candidates.items():
         if name == reference:
@@ -212,5 +213,5 @@ def evaluate(
             ms_c, failure_c, _ = _checked(name, candidate, ref, device, timer)
             results[name] = failure_c or ms_c
         except Exception as err:
-            results[name] = _failure(err)
+            results[name] = failure_of(err)
     return results
