@@ -21,7 +21,7 @@ from ._tolerance import rel_error, tolerance
 from .bench.cases import LoRAInputs
 from .bench.timing import Timed, Timing, time_steps
 from .bench.workload import reference_results
-from .ops.registry import resolve_backend
+from .ops.dispatch import resolve_backend
 from .layers import FusedLoRALinear
 
 SIZES = {"cuda": (2048, 4096, 4096, 16, "bf16", torch.bfloat16), "cpu": (512, 1024, 1024, 16, "fp32", torch.float32)}

@@ -5,10 +5,26 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_backend, check_dropout, check_lora_inputs
-from .ops.registry import backend_ops, resolve_backend
+from .ops.dispatch import backend_ops, resolve_backend
 
 # Seeds are drawn below 2³¹ so that every backend's RNG takes them as they are.
 _SEED_BOUND = 2**31 - 1
+
+
+def draw_seed(dropout: float) -> torch.Tensor | None:
+    """The dropout seed of one call (a 0-d int64 CPU tensor from torch's default generator), None
+    without dropout. Refused under CUDA-graph capture: the seed is drawn on the host, so the
+    captured graph would hold one seed and every replay would apply the same mask."""
+    if not dropout:
+        return None
+    if not torch.compiler.is_compiling() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"LoRA dropout (p={dropout:g}) under CUDA-graph capture: fastlora draws the dropout seed on the host "
+            "per call, so every replay of the captured graph would apply the same dropout mask. Capture with "
+            "dropout off (lora_dropout=0, or the model in eval mode), or run the training step eagerly "
+            "(e.g. torch.compile without mode='reduce-overhead')"
+        )
+    return torch.randint(_SEED_BOUND, (), dtype=torch.int64)
 
 
 def lora_linear(
@@ -49,7 +65,7 @@ def lora_linear(
     scaling = check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling)
     dropout = check_dropout(dropout)
     ops = backend_ops(resolve_backend(check_backend(backend), x, weight, bias, lora_A, lora_B, dropout))
-    seed = torch.randint(_SEED_BOUND, (), dtype=torch.int64) if dropout else None
+    seed = draw_seed(dropout)
     if x.dim() == 2:  # skips two views and their autograd nodes: a few µs of a small layer's call
         return ops(x, weight, bias, lora_A, lora_B, scaling, dropout, seed)
     y = ops(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout, seed)

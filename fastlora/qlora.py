@@ -126,7 +126,7 @@ class Weight4bit(NamedTuple):
     def lora_linear(self, x, bias, lora_A, lora_B, scaling, dropout: float, backend: str) -> torch.Tensor:
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)  # bitsandbytes casts a float32 bias the same way
-        if not _fused_runs(backend, x, lora_A.shape[0], self.accepts(x)):
+        if not _fused_runs(backend, x, lora_A.shape[0], self.accepts(x), (self, bias, lora_A, lora_B, dropout)):
             W = self.dequantized(x.dtype)
             return lora_linear(x, W, bias, lora_A, lora_B, scaling, dropout=dropout, backend="torch")
         from ._checks import check_dropout
@@ -166,10 +166,12 @@ def _table(quant_type: str, device: torch.device) -> torch.Tensor:
     return _TABLES[key]
 
 
-def _fused_runs(backend: str, x: torch.Tensor, rank: int, accepted: bool) -> bool:
+def _fused_runs(backend: str, x: torch.Tensor, rank: int, accepted: bool, call: tuple | None = None) -> bool:
     """Whether the fused QLoRA kernels take this call, else the dequantizing torch path: always for
     ``"triton"`` (raising where they cannot run), for ``"auto"`` where they run on an input they
-    accept (in the compute dtype, fp16 or bf16, r <= 256)."""
+    accept (in the compute dtype, fp16 or bf16, r <= 256) and, on CUDA, have passed ``auto``'s
+    correctness gate for the problem class (``call``: ``(weight4bit, bias, lora_A, lora_B, dropout)``;
+    see ``fastlora.ops.auto_4bit``)."""
     from .ops.registry import MAX_FUSED_RANK, backend_state
 
     if backend not in ("auto", "triton", "torch"):
@@ -184,6 +186,10 @@ def _fused_runs(backend: str, x: torch.Tensor, rank: int, accepted: bool) -> boo
         reason = f"the 4-bit kernels run on {'/'.join(state.runs_on)} tensors, got {x.device}"
     if reason is not None and backend == "triton":
         raise ValueError(f"backend='triton' cannot run the 4-bit kernels here: {reason}; use backend='torch' or 'auto'")
+    if reason is None and backend == "auto" and call is not None:
+        from .ops.auto_4bit import fused_4bit_passes
+
+        return fused_4bit_passes(x, *call)
     return reason is None
 
 

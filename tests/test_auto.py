@@ -16,7 +16,7 @@ import torch
 from helpers import make_inputs
 
 import fastlora
-from fastlora.ops import auto, registry
+from fastlora.ops import auto, dispatch, registry
 
 
 class FakeTimer:
@@ -65,7 +65,7 @@ def problem(m=6, k=16, n=12, r=4, dtype=torch.float32):
 def test_the_fastest_backend_is_picked(timed_cpu):
     timer = use_timer({"torch": 3.0, "triton": 1.0, "cuda": 2.0})
     x, w, b, A, B = problem()
-    assert registry.resolve_backend("auto", x, w, b, A, B) == "triton"
+    assert dispatch.resolve_backend("auto", x, w, b, A, B) == "triton"
     assert sorted(timer.calls) == ["cuda", "torch", "triton"]
     choice = fastlora.explain_backend(x, w, A, B)  # same problem class: remembered, not timed again
     assert choice["backend"] == "triton" and choice["times_ms"] == {"torch": 3.0, "triton": 1.0, "cuda": 2.0}
@@ -109,7 +109,7 @@ def test_a_pin_beats_the_cache(timed_cpu, monkeypatch):
     auto.clear_memory()  # the variable is read once a process
     assert fastlora.explain_backend(x, w, A, B) == {"backend": "cuda", "reason": "pinned by FASTLORA_BACKEND=cuda", "times_ms": None}
     fastlora.set_default_backend("torch")  # beats the environment variable too
-    assert registry.resolve_backend("auto", x, w, b, A, B) == "torch"
+    assert dispatch.resolve_backend("auto", x, w, b, A, B) == "torch"
     fastlora.set_default_backend(None)
     monkeypatch.delenv("FASTLORA_BACKEND")
     auto.clear_memory()
@@ -132,7 +132,7 @@ def test_racing_first_calls_time_once_and_agree(timed_cpu):
 
     def first_call():
         start.wait()
-        answers.append(registry.resolve_backend("auto", x, w, b, A, B))
+        answers.append(dispatch.resolve_backend("auto", x, w, b, A, B))
 
     threads = [threading.Thread(target=first_call) for _ in range(4)]
     for t in threads:
@@ -145,7 +145,8 @@ def test_racing_first_calls_time_once_and_agree(timed_cpu):
 def test_a_backend_raising_while_timed_is_skipped_with_its_reason(timed_cpu):
     use_timer({"torch": 2.0, "triton": RuntimeError("out of shared memory"), "cuda": 3.0})
     x, w, b, A, B = problem()
-    choice = fastlora.explain_backend(x, w, A, B)
+    with pytest.warns(RuntimeWarning, match="backend='triton' is excluded"):
+        choice = fastlora.explain_backend(x, w, A, B)
     assert choice["backend"] == "torch"
     assert choice["times_ms"]["triton"] == "raised RuntimeError: out of shared memory"
 
@@ -214,5 +215,5 @@ def test_on_a_gpu_the_measured_fastest_is_run(monkeypatch, tmp_path):
     choice = fastlora.explain_backend(x, w, A, B)
     timed = {name: ms for name, ms in choice["times_ms"].items() if isinstance(ms, float)}
     assert "torch" in timed and choice["backend"] == min(timed, key=timed.get)
-    assert registry.resolve_backend("auto", x, w, b, A, B) == choice["backend"]
+    assert dispatch.resolve_backend("auto", x, w, b, A, B) == choice["backend"]
     auto.clear_memory()

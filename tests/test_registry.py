@@ -104,3 +104,53 @@ def test_a_backend_first_needed_while_compiling_loads_outside_the_trace():
     run = subprocess.run([sys.executable, "-c", COMPILE_FIRST], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().endswith("ok")
+
+
+LAYERING = """
+import importlib.util, sys, types
+from pathlib import Path
+root = Path(sys.argv[1]) / "fastlora"
+# The package's __init__ imports everything (fastlora.explain_backend lives in ops.auto): stand-in
+# packages let the registry module be imported on its own, with only what it imports itself.
+for name, path in (("fastlora", root), ("fastlora.ops", root / "ops")):
+    package = types.ModuleType(name)
+    package.__path__ = [str(path)]
+    sys.modules[name] = package
+import fastlora.ops.registry as registry
+assert registry.available_backends()["torch"].available
+above = sorted(m for m in sys.modules if m.startswith("fastlora.") and m.split(".")[-1] in ("auto", "dispatch", "gate", "functional", "layers"))
+assert not above, f"the registry imported {above}"
+print("ok")
+"""
+
+
+def test_the_registry_imports_nothing_above_it():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", LAYERING, str(REPO)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("ok")
+
+
+def test_no_module_level_import_circle_through_the_backend_resolution():
+    """registry → auto → dispatch, one direction: no module-level import of fastlora/ops closes a
+    circle through them (found from the source, so a lazy import inside a function is allowed)."""
+    import ast
+
+    ops = REPO / "fastlora" / "ops"
+    graph = {}
+    for path in ops.glob("*.py"):
+        imports = set()
+        for node in ast.parse(path.read_text()).body:  # top-level statements only
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    imports.add(node.module.split(".")[0])
+                else:
+                    imports.update(alias.name for alias in node.names)
+        graph[path.stem] = imports
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
+
+    for name in ("registry", "auto", "dispatch", "gate", "autotune_cache", "candidates", "auto_4bit"):
+        assert not reaches(name, name), f"fastlora/ops/{name}.py imports itself back through {graph[name]}"
+    assert not reaches("registry", "auto") and not reaches("registry", "dispatch")

@@ -3,7 +3,9 @@
 ``"torch"`` always exists. ``"triton"`` needs the triton package; ``"cuda"`` the compiled extension
 ``fastlora._C`` and an Ampere-or-newer GPU. Both fused backends run on CUDA tensors (``"triton"``
 also on CPU tensors under ``TRITON_INTERPRET=1``, which the CPU test suite uses), in fp16, bf16 and
-fp32, for r ≤ 256. ``"auto"`` picks among the backends that can run a call (``fastlora.ops.auto``).
+fp32, for r ≤ 256. This module is the table of backends and imports nothing of fastlora above it:
+``"auto"`` picks among them (``fastlora.ops.auto``), ``fastlora.ops.dispatch`` resolves a call's
+``backend=`` argument.
 
 Loading is lazy: ``import fastlora`` loads only ``"torch"`` (a few pure-PyTorch op registrations, so
 that ``"auto"`` always has a loaded backend, inside ``torch.compile`` too). ``"triton"`` (the triton
@@ -156,37 +158,9 @@ def cannot_run(name: str, x: torch.Tensor, rank: int) -> tuple[type[Exception], 
     return None
 
 
-def resolve_backend(
-    name: str,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    dropout: float = 0.0,
-) -> str:
-    """The backend that ``lora_linear(x, weight, bias, lora_A, lora_B, ..., dropout=dropout,
-    backend=name)`` runs on, or a clear error for a named backend that cannot run it."""
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
-    if name == "auto":
-        requires_grad = torch.is_grad_enabled() and (
-            x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad
-            or (bias is not None and bias.requires_grad)
-        )
-        return auto.choose(x, weight, bias, lora_A, lora_B, dropout, requires_grad)["backend"]
-    problem = cannot_run(name, x, lora_A.shape[0])
-    if problem is not None:
-        error, message = problem
-        raise error(message)
-    return name
-
-
 def backend_ops(name: str) -> LoRAOps:
-    """The ops of a backend that ``resolve_backend`` returned."""
+    """The ops of a loaded backend (one that ``fastlora.ops.dispatch.resolve_backend`` returned)."""
     return _loaded[name]
 
 
 _load("torch")
-
-from . import auto  # noqa: E402  (auto resolves through the names above)
