@@ -2,6 +2,7 @@
 followed by the float64 reference (``fastlora.reference``)."""
 
 import copy
+import math
 import subprocess
 import sys
 import warnings
@@ -188,6 +189,32 @@ def test_dropout_matches_the_formula_with_the_same_mask():
         assert rel_error(g, g64) <= 1e-2
 
 
+def test_dropout_draws_each_mask_once(monkeypatch):
+    """The forward draws one random number an element of x (padded to the interpreter's 64×64
+    tiles), however many column tiles N spans; the backward one an element of grad_x and one an
+    element of x in grad_A's reduction. Drawn in the GEMM's K loop, the forward drew N/64 times as
+    many (here 5×)."""
+    import triton.language as tl
+
+    M, K, N = 40, 100, 300  # N: five 64-wide column tiles
+    draws, rand = [], tl.rand
+
+    def counted(seed, offset, *args, **kwargs):
+        draws.append(math.prod(int(d) for d in offset.shape))
+        return rand(seed, offset, *args, **kwargs)
+
+    layer, _ = quantized(K, N, torch.float16)
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    A, B = adapters(K, N, 4, torch.float32)
+    monkeypatch.setattr(tl, "rand", counted)
+    out = fused(layer, x, None, A, B, 2.0, dropout=0.2)
+    assert sum(draws) == 64 * 128  # x's 40×100 elements in 64×64 tiles: one draw each
+    draws.clear()
+    out.backward(torch.randn_like(out))
+    grad_A_tile = 128  # _reduce_over_m's tile of K at r = 4, 64-row steps: 40×100 in 64×128
+    assert sum(draws) == 64 * 128 + 64 * grad_A_tile
+
+
 class FloatCopies(TorchDispatchMode):
     """Records the shape of every floating-point tensor an op creates with at least ``numel`` elements."""
 
@@ -326,10 +353,11 @@ def test_compiled_4bit_module_has_no_graph_breaks():
 
 def test_launch_for_inspection_runs_the_launchers(monkeypatch):
     launches = []
-    original = triton_qlora._launch_matmul
-    monkeypatch.setattr(triton_qlora, "_launch_matmul", lambda *a: launches.append(a[3]) or original(*a))
+    matmul, low_rank = triton_qlora._launch_matmul, triton_qlora._launch_low_rank
+    monkeypatch.setattr(triton_qlora, "_launch_matmul", lambda *a, **k: launches.append(a[3]) or matmul(*a, **k))
+    monkeypatch.setattr(triton_qlora, "_launch_low_rank", lambda *a: launches.append("xa") or low_rank(*a))
     triton_qlora.launch_for_inspection(8, 64, 40, 4, torch.bfloat16, torch.float32, 0.1, backward=True)
-    assert launches == [True, False]  # the forward (Wᵀ) and grad_x (W)
+    assert launches == ["xa", True, False]  # D(x)Aᵀ, the forward (Wᵀ) and grad_x (W)
 
 
 @pytest.mark.parametrize("limits", [(9, 0), (8, 0)])

@@ -34,7 +34,14 @@ integer/fp32 instructions on the CUDA cores, against BLOCK_M multiply-adds on th
 cores, ≈60 T instructions/s on CUDA cores) those take about the same time, so the dequant, not the
 rank-r recompute, is what a 4-bit GEMM pays over a dense one (an estimate; not yet timed on a GPU).
 The dropout mask is the counter-based ``tl.rand(seed, m·K + k) ≥ p`` of the dense Triton backend,
-regenerated in the backward.
+regenerated in the backward. Each element's mask is drawn once a pass: with dropout the forward's
+``xa = D(x)Aᵀ`` comes from its own small kernel (``_qlora_low_rank_kernel``, one program a row block
+looping over K: M·K draws, x read once more, M·K·2 bytes beside the GEMM's dequantization), which
+the GEMM's epilogue then reads (``T_GIVEN``). Drawn inside the GEMM's K loop instead, every column
+of output tiles redrew it: M·K·⌈N/BLOCK_N⌉ Philox draws, ~18 ms by instruction count against a
+1.3 ms GEMM at M = 8192, K = 4096, N = 14336. The backward draws M·K in grad_x's epilogue (one per
+output element) and M·K·⌈R/BLOCK_P⌉ in grad_A's reduction (``_reduce_over_m``, one tile of R for
+R ≤ 64).
 
 The two adapter gradients (``s·lhsᵀ·rhs`` over the long M axis) and the bias gradient come from
 ``_triton_common._reduce_over_m``, the dense backend's deterministic split-M reduction (with its
@@ -58,7 +65,8 @@ from . import _triton_common  # _triton_common._empty by attribute: the tests pa
 from ._contract import autograd_pair, fake_grads
 from ._device import device_limits
 from ._triton_common import (
-    INTERPRET, INTERPRETER_CONFIGS, _configs, _dot, _dropout, _padded_rank, _precisions, _reduce_over_m,
+    _NO_DROPOUT, INTERPRET, INTERPRETER_CONFIGS, _configs, _dot, _Dropout, _dropout, _padded_rank, _precisions,
+    _reduce_over_m,
 )  # fmt: skip
 
 
@@ -117,7 +125,8 @@ def _qlora_matmul_kernel(
     stride_om, stride_on, stride_tm, stride_tr,
     scaling, dropout_p, dropout_scale, seed,
     QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr, ROWS_ALIGNED: tl.constexpr,
-    TRANSPOSED_W: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr, STORE_T: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    TRANSPOSED_W: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr, STORE_T: tl.constexpr, T_GIVEN: tl.constexpr,
+    R_PAD: tl.constexpr, DROPOUT_OUT: tl.constexpr,
     PRECISION: tl.constexpr, LOW_RANK_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP32_ADAPTERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -166,19 +175,18 @@ def _qlora_matmul_kernel(
                 QBLOCK, QBLOCK2, NESTED,
             )  # fmt: skip
             acc = _dot(a, w.to(a_ptr.dtype.element_ty), acc, PRECISION, UPCAST)
-        la = tl.load(la_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        if DROPOUT == 1:
-            keep = tl.rand(seed, offs_m[:, None] * K + (k0 + offs_k.to(tl.int64))[None, :]) >= dropout_p
-            a = tl.where(keep, a, 0.0)
-        if FP32_ADAPTERS:
-            acc_t = tl.dot(a.to(tl.float32), la, acc_t, input_precision=LOW_RANK_PRECISION)
-        else:
-            acc_t = _dot(a, la.to(a.dtype), acc_t, PRECISION, UPCAST)
+        if not T_GIVEN:  # t = a·la rides on the a tiles (recomputed by each column of output tiles)
+            la = tl.load(la_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            if FP32_ADAPTERS:
+                acc_t = tl.dot(a.to(tl.float32), la, acc_t, input_precision=LOW_RANK_PRECISION)
+            else:
+                acc_t = _dot(a, la.to(a.dtype), acc_t, PRECISION, UPCAST)
         a_ptrs += BLOCK_K * stride_ak
         w_origin += BLOCK_K * stride_wk
         la_ptrs += BLOCK_K * stride_lak
-    if DROPOUT == 1:
-        acc_t *= dropout_scale
+    if T_GIVEN:  # t = D(a)·la from _qlora_low_rank_kernel (the forward with dropout)
+        t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+        acc_t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
 
     if STORE_T:
         if pid_n == 0:
@@ -190,7 +198,7 @@ def _qlora_matmul_kernel(
         lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
         lb = tl.load(lb_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         low_rank = tl.dot(acc_t, lb, input_precision=LOW_RANK_PRECISION)
-        if DROPOUT == 2:
+        if DROPOUT_OUT:  # grad_x's D(·): element (m, k) of grad_x has the forward's counter m·K + k
             keep = tl.rand(seed, offs_m[:, None] * N + offs_n[None, :]) >= dropout_p
             low_rank = tl.where(keep, low_rank * dropout_scale, 0.0)
         acc += scaling * low_rank
@@ -198,6 +206,43 @@ def _qlora_matmul_kernel(
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _qlora_low_rank_kernel(
+    x_ptr, la_ptr, t_ptr,
+    M, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_lak, stride_lar, stride_tm, stride_tr,
+    dropout_p, dropout_scale, seed,
+    R_PAD: tl.constexpr, PRECISION: tl.constexpr, LOW_RANK_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FP32_ADAPTERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # t [M, R] (fp32) = D(x) · la for one row block: each element of x is read, and its mask drawn
+    # (counter m·K + k, as the backward redraws it), once. The products are the GEMM's own (same
+    # operand dtypes and precisions), so t is what its K loop would have accumulated.
+    pid_m = tl.program_id(0)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    la_ptrs = la_ptr + offs_k[:, None] * stride_lak + offs_r[None, :] * stride_lar
+    acc_t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        keep = tl.rand(seed, offs_m[:, None] * K + (k0 + offs_k.to(tl.int64))[None, :]) >= dropout_p
+        a = tl.where(keep, a, 0.0)
+        la = tl.load(la_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if FP32_ADAPTERS:
+            acc_t = tl.dot(a.to(tl.float32), la, acc_t, input_precision=LOW_RANK_PRECISION)
+        else:
+            acc_t = _dot(a, la.to(a.dtype), acc_t, PRECISION, UPCAST)
+        x_ptrs += BLOCK_K * stride_xk
+        la_ptrs += BLOCK_K * stride_lak
+    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    tl.store(t_ptrs, acc_t * dropout_scale, mask=mask_m[:, None] & mask_r[None, :])
 
 
 # Compiled for sm_90a and sm_80 (bf16 x, nested NF4, fp32 or bf16 adapters, r = 16…256, forward and
@@ -264,9 +309,65 @@ def prune_configs(configs, named_args, **kwargs):
 # Keyed on M's power-of-two bucket so that varying sequence lengths do not re-tune at every batch.
 _qlora_matmul = triton.autotune(
     configs=INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "WRITE_OUT", "STORE_T", "DROPOUT", "QBLOCK", "NESTED", "ROWS_ALIGNED"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "WRITE_OUT", "STORE_T", "T_GIVEN", "DROPOUT_OUT", "QBLOCK", "NESTED", "ROWS_ALIGNED"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_qlora_matmul_kernel)
+
+
+# The low-rank pass streams x once (memory-bound, plus a Philox draw an element): configs differ in
+# rows a program (more programs for bandwidth, fewer re-reads of Aᵀ from L2) and in K step; the
+# budgets are those of the GEMM's Aᵀ tile and accumulators.
+LOW_RANK_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bk, w, s in (
+        (64, 64, 4, 3),
+        (32, 64, 4, 3),
+        (64, 32, 8, 3),
+        (32, 32, 8, 2),  # r = 256 (fp32 Aᵀ tile: 32 KiB a stage)
+        (16, 64, 4, 3),  # decode
+    )
+]
+LOW_RANK_INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
+_MAX_DRAWS_PER_THREAD = 32  # random numbers a K step (the GEMM's 128×64 tile with 8 warps drew 32)
+
+
+def _low_rank_shared_bytes(config, a_size: int, la_size: int, rank: int) -> int:
+    bm, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    return config.num_stages * bk * (bm * a_size + rank * la_size)
+
+
+def prune_low_rank_configs(configs, named_args, **kwargs):
+    """As ``prune_configs``, for ``_qlora_low_rank_kernel``: drop configs over the register or
+    shared-memory budgets, then those whose row block dwarfs M; keep the leanest that fits."""
+    args = {**named_args, **kwargs}
+    rank, m_bucket = args["R_PAD"], args["M_BUCKET"]
+    a_size, la_size = args["x_ptr"].element_size(), args["la_ptr"].element_size()
+    limits = device_limits(args["x_ptr"].device)
+
+    def per_thread(c):
+        bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
+        return (bm * rank + bk * rank) / (32 * c.num_warps), bm * bk / (32 * c.num_warps)
+
+    def fits(c):
+        accumulators, draws = per_thread(c)
+        return (
+            accumulators <= _MAX_ACC_PER_THREAD
+            and draws <= _MAX_DRAWS_PER_THREAD
+            and _low_rank_shared_bytes(c, a_size, la_size, rank) <= limits.max_shared_bytes
+        )
+
+    fitting = [c for c in configs if fits(c)]
+    if not fitting:
+        return [min(configs, key=lambda c: (per_thread(c), _low_rank_shared_bytes(c, a_size, la_size, rank)))]
+    kept = [c for c in fitting if c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
+    return kept or [min(fitting, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+_qlora_low_rank = triton.autotune(
+    configs=LOW_RANK_INTERPRETER_CONFIGS if INTERPRET else LOW_RANK_GPU_CONFIGS,
+    key=["M_BUCKET", "K", "R_PAD"],
+    prune_configs_by={"early_config_prune": prune_low_rank_configs},
+)(_qlora_low_rank_kernel)
 
 
 class Quant4bit(NamedTuple):
@@ -284,10 +385,12 @@ class Quant4bit(NamedTuple):
     blocksize2: int
 
 
-def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb, bias, out, t, scaling, dropout, mode):
-    """``out = a·w + scaling·(a·la)·lb + bias`` and ``t = a·la`` (fp32) with ``w = Wᵀ [K, N]``
-    (``transpose_w``, the forward) or ``w = W`` (``grad_x``), dequantized in-tile. ``out`` or ``t``
-    may be None (not written). ``mode`` 1 drops elements of ``a`` in ``a·la``, 2 of ``(a·la)·lb``."""
+def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb, bias, out, t, scaling,
+                   t_given: bool = False, out_dropout: _Dropout = _NO_DROPOUT):  # fmt: skip
+    """``out = a·w + scaling·t·lb + bias`` with ``w = Wᵀ [K, N]`` (``transpose_w``, the forward) or
+    ``w = W`` (``grad_x``), dequantized in-tile. ``t [M, R]`` (fp32) is read where ``t_given``, else
+    computed as ``a·la`` in the K loop and stored where not None. ``out`` may be None (only ``t``
+    written). ``out_dropout`` drops elements of ``t·lb`` (grad_x's ``D``)."""
     M, K = a.shape
     N = q.out_features if transpose_w else in_features
     stride_wk, stride_wn = (1, in_features) if transpose_w else (in_features, 1)
@@ -312,13 +415,34 @@ def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb,
             la, lb, bias if bias is not None else out_or_t, out_or_t, t if t is not None else out_or_t,
             M, N, K, R, triton.next_power_of_2(M),
             *a.stride(), stride_wk, stride_wn, *la.stride(), *lb.stride(), *out_or_t.stride(), *t_strides,
-            scaling, dropout.p, dropout.scale, dropout.seed,
+            scaling, out_dropout.p, out_dropout.scale, out_dropout.seed,
             QBLOCK=q.blocksize, QBLOCK2=q.blocksize2 if nested else 1, NESTED=nested,
             ROWS_ALIGNED=in_features % q.blocksize == 0, TRANSPOSED_W=transpose_w,
-            HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=t is not None, R_PAD=_padded_rank(R),
-            DROPOUT=mode if dropout.p else 0, PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
-            UPCAST=INTERPRET and a.dtype == torch.bfloat16,
+            HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=t is not None and not t_given, T_GIVEN=t_given,
+            R_PAD=_padded_rank(R), DROPOUT_OUT=bool(out_dropout.p), PRECISION=precision,
+            LOW_RANK_PRECISION=low_rank_precision, UPCAST=INTERPRET and a.dtype == torch.bfloat16,
             FP32_ADAPTERS=la.dtype == torch.float32 and a.dtype != torch.float32,
+        )  # fmt: skip
+
+
+def _launch_low_rank(x, la, t, dropout: _Dropout) -> None:
+    """``t [M, R] = D(x)·la`` in fp32 for ``x [M, K]``, ``la = Aᵀ [K, R]``: each element's mask drawn
+    once (``_qlora_low_rank_kernel``), before the GEMM reads ``t``."""
+    M, K = x.shape
+    R = la.shape[1]
+    precision, low_rank_precision = _precisions(x.dtype)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]),)
+
+    with _triton_common.on_device(x.device):
+        _qlora_low_rank[grid](
+            x, la, t, M, K, R, triton.next_power_of_2(M),
+            *x.stride(), *la.stride(), *t.stride(),
+            dropout.p, dropout.scale, dropout.seed,
+            R_PAD=_padded_rank(R), PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
+            UPCAST=INTERPRET and x.dtype == torch.bfloat16,
+            FP32_ADAPTERS=la.dtype == torch.float32 and x.dtype != torch.float32,
         )  # fmt: skip
 
 
@@ -334,7 +458,10 @@ def qlora_forward(x, packed, absmax, code, absmax2, code2, offset, out_features:
     y = _triton_common._empty((M, out_features), x.dtype, x.device)
     xa = _triton_common._empty((M, lora_A.shape[0]), torch.float32, x.device)
     if M:
-        _launch_matmul(x, q, K, True, lora_A.t(), lora_B.t(), bias, y, xa, scaling, _dropout(dropout_p, seed), 1)
+        dropout = _dropout(dropout_p, seed)
+        if dropout.p:  # xa = D(x)Aᵀ first, each mask drawn once; the GEMM's epilogue reads it
+            _launch_low_rank(x, lora_A.t(), xa, dropout)
+        _launch_matmul(x, q, K, True, lora_A.t(), lora_B.t(), bias, y, xa, scaling, t_given=bool(dropout.p))
     return y, xa
 
 
@@ -348,7 +475,8 @@ def qlora_backward(gy, x, xa, packed, absmax, code, absmax2, code2, offset, out_
     grad_x = _triton_common._empty(x.shape, x.dtype, x.device) if need_x else x.new_empty((0,))
     g_xa = _triton_common._empty((M, lora_A.shape[0]), torch.float32, x.device) if need_A else None
     if M and (need_x or need_A):
-        _launch_matmul(gy, q, K, False, lora_B, lora_A, None, grad_x if need_x else None, g_xa, scaling, dropout, 2)
+        _launch_matmul(gy, q, K, False, lora_B, lora_A, None, grad_x if need_x else None, g_xa, scaling,
+                       out_dropout=dropout)  # fmt: skip
     grad_A = _reduce_over_m(g_xa, x, scaling, lora_A.dtype, rhs_dropout=dropout)[0] if need_A else lora_A.new_empty((0,))
     grad_B, grad_bias = lora_B.new_empty((0,)), gy.new_empty((0,))
     if need_B or need_bias:
