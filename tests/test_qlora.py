@@ -303,6 +303,18 @@ def test_import_fastlora_does_not_import_bitsandbytes():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_4bit_format_and_kernels_import_in_one_direction():
+    """fastlora.qlora → ops._quant4bit ← ops.triton_qlora: the kernels read the format, never the
+    layers' module (blocked here: any import of it raises); the format imports no kernels."""
+    kernels = "import sys, fastlora; sys.modules['fastlora.qlora'] = None; import fastlora.ops.triton_qlora"
+    fmt = (
+        "import sys, fastlora.ops._quant4bit; "
+        "assert not {'triton', 'fastlora.ops.triton_qlora'} & set(sys.modules), 'the format imported kernels'"
+    )
+    for code in (kernels, fmt):
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def op_args(M=5, K=64, N=48, r=4, dtype=torch.float16, requires_grad=True):
     layer, _ = quantized(K, N, dtype)
     quant = qlora.base_weight(layer.weight, dtype).quant()

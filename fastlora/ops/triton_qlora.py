@@ -4,19 +4,11 @@
     backward: grad_x = gy W + s·D((gy B) A),  grad_A = s·(gy B)ᵀ D(x),  grad_B = s·gyᵀ xa,  grad_b = Σ_m gy
 
 ``W [N, K]`` is never materialised in a float dtype: ``_qlora_matmul_kernel`` reads its packed codes
-inside the GEMM's K loop and dequantizes each tile in registers. The bitsandbytes layout it reads
-(``quantize_4bit`` of a row-major ``W``, flat element index ``i = n·K + k``):
-
-    packed[i // 2]      uint8, two 4-bit codes a byte, element ``2j`` in the high nibble
-    code[16]            fp32 value of each code (NF4 or FP4, ``fastlora.qlora.code_table``)
-    absmax[i // QBLOCK] fp32 scale of each run of QBLOCK consecutive elements (runs may cross rows),
-                        or, double-quantized (nested): uint8 codes into ``code2[256]``,
-                        ``absmax = code2[q]·absmax2[b // QBLOCK2] + offset``
-    W[n, k] = (code[packed nibble]·absmax) rounded once to the compute dtype (x's dtype),
-
-exactly as ``bitsandbytes.functional.dequantize_4bit`` computes it, so the tile fed to ``tl.dot`` is
-the weight bitsandbytes' own matmul uses. Because the kernel indexes elements by their flat index,
-any K and N work, including K not a multiple of QBLOCK and odd ``N·K``.
+inside the GEMM's K loop and dequantizes each tile in registers, from the bitsandbytes layout that
+``_quant4bit`` describes (flat element index ``i = n·K + k``; ``Quant4bit`` holds the tensors), to
+the value ``bitsandbytes.functional.dequantize_4bit`` gives, so the tile fed to ``tl.dot`` is the
+weight bitsandbytes' own matmul uses. Because the kernel indexes elements by their flat index, any K
+and N work, including K not a multiple of QBLOCK and odd ``N·K``.
 
 One kernel serves the forward and ``grad_x``; only the logical orientation of W changes (the flat
 index of tile element ``(k, n)`` is ``k·stride_wk + n·stride_wn``):
@@ -54,16 +46,14 @@ upcast before ``tl.dot``, whose bf16 form the interpreter gets wrong.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from ..qlora import HALF_DTYPES, code_table
 from . import _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
 from ._contract import autograd_pair, fake_grads
 from ._device import device_limits
+from ._quant4bit import HALF_DTYPES, Quant4bit, code_table
 from ._triton_common import (
     _NO_DROPOUT, INTERPRET, INTERPRETER_CONFIGS, _configs, _dot, _Dropout, _dropout, _padded_rank, _precisions,
     _reduce_over_m,
@@ -368,21 +358,6 @@ _qlora_low_rank = triton.autotune(
     key=["M_BUCKET", "K", "R_PAD"],
     prune_configs_by={"early_config_prune": prune_low_rank_configs},
 )(_qlora_low_rank_kernel)
-
-
-class Quant4bit(NamedTuple):
-    """The tensors and sizes of a bitsandbytes 4-bit weight ``W [out_features, in_features]`` (see
-    the module doc); ``absmax2``, ``code2``, ``offset`` are None unless nested (blocksize2 then > 0)."""
-
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    code: torch.Tensor
-    absmax2: torch.Tensor | None
-    code2: torch.Tensor | None
-    offset: torch.Tensor | None
-    out_features: int
-    blocksize: int
-    blocksize2: int
 
 
 def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb, bias, out, t, scaling,
