@@ -17,7 +17,6 @@ triton_qlora = pytest.importorskip("fastlora.ops.triton_qlora")
 from fastlora.ops import _qlora_configs  # noqa: E402
 from qlora_helpers import DEVICE, adapters, check, fused, quantized  # noqa: E402
 
-import fastlora  # noqa: E402
 from fastlora import FusedLoRALinear, qlora  # noqa: E402
 
 pytestmark = [
