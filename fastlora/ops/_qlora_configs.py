@@ -11,6 +11,7 @@ import triton
 from ._device import device_limits
 from ._qlora_kernels import _qlora_low_rank_kernel, _qlora_matmul_kernel
 from ._triton_common import INTERPRET, INTERPRETER_CONFIGS, _configs
+from ._triton_compile import drop_spilling
 
 
 # Compiled for sm_90a and sm_80 (bf16 x, nested NF4, fp32 or bf16 adapters, r = 16…256, forward and
@@ -51,7 +52,8 @@ def _shape(c) -> tuple[int, int, int, int]:
 
 def prune_configs(configs, named_args, **kwargs):
     """Drop configs that would spill at this rank or overflow the device's shared memory, or whose
-    row block dwarfs M; keep the leanest one if none is left."""
+    row block dwarfs M (keep the leanest one if none is left), then those whose compiled kernel
+    spills (``drop_spilling``)."""
     args = {**named_args, **kwargs}
     rank, m_bucket = args["R_PAD"], args["M_BUCKET"]
     a_size, la_size = args["a_ptr"].element_size(), args["la_ptr"].element_size()
@@ -71,7 +73,12 @@ def prune_configs(configs, named_args, **kwargs):
         )
 
     kept = [c for c in candidates if fits(c) and c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
-    return kept or [min(candidates, key=lambda c: (accumulators(c), _shared_bytes(c, a_size, la_size, rank)))]
+    if not kept:
+        return [min(candidates, key=lambda c: (accumulators(c), _shared_bytes(c, a_size, la_size, rank)))]
+    # Then what the compiler says (a no-op under the interpreter): configs whose kernel spills go.
+    # The budgets leave exceptions: 32×64×32 with 8 warps reading t (T_GIVEN, r = 64, fp32
+    # adapters) spilled 8 bytes for sm_90a at 80 registers.
+    return drop_spilling(_qlora_matmul_kernel, kept, named_args, **kwargs)
 
 
 # Keyed on M's power-of-two bucket so that varying sequence lengths do not re-tune at every batch.
@@ -106,7 +113,8 @@ def _low_rank_shared_bytes(config, a_size: int, la_size: int, rank: int) -> int:
 
 def prune_low_rank_configs(configs, named_args, **kwargs):
     """As ``prune_configs``, for ``_qlora_low_rank_kernel``: drop configs over the register or
-    shared-memory budgets, then those whose row block dwarfs M; keep the leanest that fits."""
+    shared-memory budgets, then those whose row block dwarfs M (keep the one with the shortest row
+    block if none is left), then those whose compiled kernel spills (``drop_spilling``)."""
     args = {**named_args, **kwargs}
     rank, m_bucket = args["R_PAD"], args["M_BUCKET"]
     a_size, la_size = args["x_ptr"].element_size(), args["la_ptr"].element_size()
@@ -128,7 +136,9 @@ def prune_low_rank_configs(configs, named_args, **kwargs):
     if not fitting:
         return [min(configs, key=lambda c: (per_thread(c), _low_rank_shared_bytes(c, a_size, la_size, rank)))]
     kept = [c for c in fitting if c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
-    return kept or [min(fitting, key=lambda c: c.kwargs["BLOCK_M"])]
+    if not kept:
+        return [min(fitting, key=lambda c: c.kwargs["BLOCK_M"])]
+    return drop_spilling(_qlora_low_rank_kernel, kept, named_args, **kwargs)
 
 
 _qlora_low_rank = triton.autotune(

@@ -156,9 +156,9 @@ def _qlora_matmul_kernel(
                 acc_t = tl.dot(a.to(tl.float32), la, acc_t, input_precision=LOW_RANK_PRECISION)
             else:
                 acc_t = _dot(a, la.to(a.dtype), acc_t, PRECISION, UPCAST)
+            la_ptrs += BLOCK_K * stride_lak
         a_ptrs += BLOCK_K * stride_ak
         w_origin += BLOCK_K * stride_wk
-        la_ptrs += BLOCK_K * stride_lak
     if T_GIVEN:  # t = D(a)·la from _qlora_low_rank_kernel (the forward with dropout)
         t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
         acc_t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
@@ -168,8 +168,8 @@ def _qlora_matmul_kernel(
             t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
             tl.store(t_ptrs, acc_t, mask=mask_m[:, None] & mask_r[None, :])
     if WRITE_OUT:
-        # Padding columns of t are a·0, NaN where a holds an inf: zero them explicitly.
-        acc_t = tl.where(mask_r[None, :], acc_t, 0.0)
+        if not T_GIVEN:  # padding columns of t are a·0, NaN where a holds an inf: zero them (loaded t: 0)
+            acc_t = tl.where(mask_r[None, :], acc_t, 0.0)
         lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
         lb = tl.load(lb_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         low_rank = tl.dot(acc_t, lb, input_precision=LOW_RANK_PRECISION)
