@@ -110,6 +110,7 @@ def test_dropout_matches_the_formula_with_the_same_mask():
         assert rel_error(g, g64) <= 1e-2
 
 
+@pytest.mark.skipif(not triton_qlora.INTERPRET, reason="counts the interpreter's tl.rand calls (compiled kernels cannot be spied on)")
 def test_dropout_draws_each_mask_once(monkeypatch):
     """The forward draws one random number an element of x (padded to the interpreter's 64×64
     tiles), however many column tiles N spans; the backward one an element of grad_x and one an
