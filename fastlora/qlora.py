@@ -15,36 +15,20 @@ a 4-bit weight needs it.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from .functional import lora_linear
 
+# The format (code tables, quant-state checks, the kernels' Quant4bit view) lives below the kernels,
+# which import it too; re-exported here, where the layers and the PEFT integration look.
+from .ops._quant4bit import (  # noqa: F401
+    CODE_TABLES, HALF_DTYPES, QUANT_TYPES, Quant4bit, code_table, quant_of, unsupported_reason,
+)  # fmt: skip
+
 # From the source tree: PyPI's "fastlora" is another project (this one is not published yet).
 EXTRA_HINT = "pip install 'bitsandbytes>=0.45' (or, in the fastlora checkout: pip install -e '.[qlora]')"
-QUANT_TYPES = ("nf4", "fp4")
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-# bitsandbytes' NF4 levels (normal-distribution quantiles, QLoRA paper, appendix E), sorted.
-_NF4 = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)  # fmt: skip
-# bitsandbytes' FP4: code bit 3 is the sign; codes 0-7 are the magnitudes of an e2m1 format in
-# bitsandbytes' own code order (bit 0 the mantissa), divided by the largest, 12.
-_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
-_FP4 = tuple(v / 12 for v in _FP4_MAGNITUDES) + tuple(-v / 12 for v in _FP4_MAGNITUDES)
-CODE_TABLES = {"nf4": _NF4, "fp4": _FP4}
-
-
-def code_table(quant_type: str, device) -> torch.Tensor:
-    """The 16 fp32 values of ``quant_type``'s 4-bit codes, indexed by code."""
-    return torch.tensor(CODE_TABLES[quant_type], dtype=torch.float32, device=device)
 
 
 class Unsupported4bitState(ValueError):
@@ -63,35 +47,6 @@ def bitsandbytes():
 def is_4bit(weight) -> bool:
     """Whether ``weight`` is a bitsandbytes 4-bit parameter (checked without importing bitsandbytes)."""
     return type(weight).__name__ == "Params4bit" and type(weight).__module__.startswith("bitsandbytes")
-
-
-def unsupported_reason(weight) -> str | None:
-    """Why the fused kernels cannot read the 4-bit ``weight``'s quant state, or None."""
-    state = getattr(weight, "quant_state", None)
-    if state is None:
-        return "the 4-bit weight is not quantized yet (no quant_state; move the layer to its device first)"
-    try:
-        quant_type, blocksize, shape, absmax = state.quant_type, state.blocksize, state.shape, state.absmax
-        nested, code = state.nested, state.code
-    except AttributeError as err:
-        return f"this bitsandbytes version's QuantState has no {err.name!r}: its layout is unknown to fastlora"
-    if getattr(state, "packing_format_for_cpu", False):
-        return "the weight is repacked for bitsandbytes' CPU kernel (packing_format_for_cpu)"
-    if quant_type not in QUANT_TYPES:
-        return f"quant_type {quant_type!r} (fastlora reads {', '.join(QUANT_TYPES)})"
-    if not (isinstance(blocksize, int) and 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
-        return f"blocksize {blocksize!r} (fastlora reads powers of two from 32 to 4096)"
-    if len(shape) != 2 or not weight.is_contiguous() or weight.numel() * weight.element_size() * 2 < math.prod(shape):
-        return f"packed storage {weight.dtype} {tuple(weight.shape)} does not hold a {tuple(shape)} 4-bit weight"
-    if code is None or code.numel() != 16 or code.detach().cpu().float().tolist() != code_table(quant_type, "cpu").tolist():
-        return f"its {quant_type} code table differs from the one fastlora decodes"
-    if nested:
-        state2 = state.state2
-        if absmax.dtype != torch.uint8 or state2.code.numel() != 256 or state2.blocksize & (state2.blocksize - 1):
-            return "its nested absmax is not 8-bit blockwise with a power-of-two block (unknown layout)"
-    elif absmax.dtype != torch.float32:
-        return f"absmax in {absmax.dtype} (fastlora reads float32)"
-    return None
 
 
 class DenseWeight(NamedTuple):
@@ -130,40 +85,19 @@ class Weight4bit(NamedTuple):
             W = self.dequantized(x.dtype)
             return lora_linear(x, W, bias, lora_A, lora_B, scaling, dropout=dropout, backend="torch")
         from ._checks import check_dropout
-        from .functional import _SEED_BOUND
+        from .functional import draw_seed
         from .ops.triton_qlora import qlora_linear_2d
 
         out_features, in_features = self.shape
         _check_inputs(x, self.compute_dtype, in_features, out_features, bias, lora_A, lora_B)
         dropout = check_dropout(dropout)
-        seed = torch.randint(_SEED_BOUND, (), dtype=torch.int64) if dropout else None
+        seed = draw_seed(dropout)  # refused under CUDA-graph capture, as on the dense path
         y = qlora_linear_2d(x.reshape(-1, in_features), self.quant(), bias, lora_A, lora_B, float(scaling), dropout, seed)
         return y.reshape(*x.shape[:-1], out_features)
 
-    def quant(self):
-        """The kernel's view of the quant state (``triton_qlora.Quant4bit``), no copies of W."""
-        from .ops.triton_qlora import Quant4bit
-
-        state = self.weight.quant_state
-        device = self.weight.device
-        code = _table(state.quant_type, device)
-        packed = self.weight.data.view(torch.uint8)  # quant_storage may be another dtype (FSDP): same bytes
-        if state.nested:
-            s2 = state.state2
-            return Quant4bit(packed, state.absmax, code, s2.absmax, s2.code, state.offset,
-                             state.shape[0], state.blocksize, s2.blocksize)  # fmt: skip
-        return Quant4bit(packed, state.absmax, code, None, None, None, state.shape[0], state.blocksize, 0)
-
-
-_TABLES: dict = {}
-
-
-def _table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """The 16-entry code table on ``device``, made once (not a host-to-device copy a call)."""
-    key = (quant_type, device)
-    if key not in _TABLES:
-        _TABLES[key] = code_table(quant_type, device)
-    return _TABLES[key]
+    def quant(self) -> Quant4bit:
+        """The kernel's view of the quant state (``Quant4bit``), no copies of W."""
+        return quant_of(self.weight)
 
 
 def _fused_runs(backend: str, x: torch.Tensor, rank: int, accepted: bool, call: tuple | None = None) -> bool:
