@@ -83,7 +83,7 @@ def test_unsupported_states_are_named():
 
 def test_missing_bitsandbytes_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(ImportError, match=r"fastlora\[qlora\]"):
+    with pytest.raises(ImportError, match=r"need bitsandbytes.*pip install -e '\.\[qlora\]'"):
         qlora.quantize_linear(torch.nn.Linear(8, 8))
 
 
