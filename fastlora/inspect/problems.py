@@ -9,9 +9,12 @@ from typing import NamedTuple
 
 import torch
 
-# Arch names accepted by --arch → compute capability (90a: Triton compiles capability 9.0 for sm_90a).
-ARCHS = {"90a": (9, 0), "80": (8, 0)}
-_ARCH_ALIASES = {"90": "90a", "sm_90a": "90a", "sm_90": "90a", "sm90a": "90a", "sm_80": "80", "sm80": "80"}
+# Arch names accepted by --arch → compute capability. Triton compiles capability 9.0 as sm_90a, 10.0 as
+# sm_100a and 12.0 as sm_120a (``sm_arch_from_capability``: the "a" suffix from 9.0 on).
+ARCHS = {"90a": (9, 0), "80": (8, 0), "100a": (10, 0), "120": (12, 0)}
+_ARCH_ALIASES = {"90": "90a", "sm_90a": "90a", "sm_90": "90a", "sm90a": "90a", "sm_80": "80", "sm80": "80",
+                 "100": "100a", "sm_100a": "100a", "sm_100": "100a", "sm100a": "100a",
+                 "120a": "120", "sm_120": "120", "sm_120a": "120", "sm120": "120", "sm120a": "120"}  # fmt: skip
 DTYPES = {  # name → (dtype of x and W, dtype of the adapters)
     "bf16": (torch.bfloat16, torch.bfloat16),
     "bf16+fp32": (torch.bfloat16, torch.float32),  # PEFT's default: fp32 adapters on a bf16 base
