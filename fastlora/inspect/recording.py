@@ -83,3 +83,27 @@ def op_modules() -> tuple[list, list[str]]:
         if hasattr(module, "launch_for_inspection"):
             found.append((name, module))
     return found, errors
+
+
+@contextlib.contextmanager
+def stubbed_launches(launches: list):
+    """Within the block, each Triton launch appends its kernel's name to ``launches`` and runs
+    nothing (``fastlora census``). Unlike ``intercepted_launches`` an autotuned launch is one launch,
+    as after its first call, whose configs are not expanded; Triton's own launch path (the
+    autotuner's key and cache, the binder, the driver) is not run, so it is not in what is counted."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    def record(self, *args, **kwargs):
+        fn = self
+        while hasattr(fn, "fn"):  # Autotuner → JITFunction → the Python function
+            fn = fn.fn
+        launches.append(getattr(fn, "__name__", type(self).__name__))
+
+    saved = JITFunction.run, Autotuner.run, InterpretedFunction.run
+    JITFunction.run = Autotuner.run = InterpretedFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run, Autotuner.run, InterpretedFunction.run = saved
