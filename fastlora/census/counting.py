@@ -58,6 +58,13 @@ def op_kind(func) -> str:
     return "compute"
 
 
+def _scalar_only(args, kwargs) -> bool:
+    """Whether an op reads no tensor but 0-d ones: in fastlora's calls that is the dropout seed,
+    ``torch.randint(..., ())`` on the CPU, which stays on the host on a GPU run too."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    return all(t.dim() == 0 for t in tensors) and not any(isinstance(a, (list, tuple)) and len(a) for a in args)
+
+
 def _to_meta(value):
     return value.to("meta") if isinstance(value, torch.Tensor) and value.device.type != "meta" else value
 
@@ -92,6 +99,8 @@ class StubCompute(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kind = op_kind(func)
+        if kind == "compute" and _scalar_only(args, kwargs):
+            kind = "scalar"
         self.ops[str(func)] += 1
         self.kinds[kind] += 1
         if not self.stub or kind in ("view", "alloc"):
@@ -167,7 +176,7 @@ def stubbed_triton(launches: list):
 
 
 def count_call(call, *, stub: bool = True) -> dict:
-    """Run ``call()`` once under every counter: ``{"launches", "memsets", "allocs", "compute",
+    """Run ``call()`` once under every counter: ``{"launches", "memsets", "allocs", "compute", "scalar",
     "views", "python_calls", "aten": {op: n}, "kernels": [name, ...]}``."""
     launches: list = []
     with stubbed_triton(launches):
@@ -182,6 +191,7 @@ def count_call(call, *, stub: bool = True) -> dict:
         "memsets": kinds["memset"],
         "allocs": kinds["alloc"],
         "compute": kinds["compute"],
+        "scalar": kinds["scalar"],
         "views": kinds["view"],
         "python_calls": python.calls,
         "aten": dict(sorted(mode.ops.items())),

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..functional import lora_linear
 from .counting import stubbed_triton
 from .subjects import Problem, auto_decided, fused_on_cpu, peft_layer
 
@@ -61,8 +62,6 @@ class _Functional(nn.Module):
         self.lora_B = nn.Parameter(torch.randn(problem.N, problem.r))
 
     def forward(self, x):
-        from ..functional import lora_linear
-
         if self.backend is None:
             return F.linear(x, self.weight, self.bias)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, 2.0, backend=self.backend)

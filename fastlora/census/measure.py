@@ -15,7 +15,7 @@ import torch
 from .counting import StubCompute, count_call, stubbed_triton
 from .subjects import SUBJECTS, Problem, make_subject, not_measurable, ops_of, subject_context
 
-COUNTS = ("launches", "memsets", "allocs", "compute", "views", "python_calls")
+COUNTS = ("launches", "memsets", "allocs", "compute", "scalar", "views", "python_calls")
 
 
 def _quietly(call):

@@ -99,14 +99,15 @@ def failure_message(problems: list[str], path) -> str:
 
 
 def _counts_table(rows: list[dict]) -> list[str]:
-    header = ["subject", "op", "problem", "launches", "memsets", "allocs", "other ATen", "views", "Python calls",
-              "Triton kernels / note"]  # fmt: skip
+    header = ["subject", "op", "problem", "GPU kernels", "launches", "memsets", "allocs", "other ATen", "0-d ops", "views",
+              "Python calls", "Triton kernels / note"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if "note" in r:
-            cells = [r["subject"], r["op"], r["problem"], *["–"] * 6, r["note"]]
+            cells = [r["subject"], r["op"], r["problem"], *["–"] * 8, r["note"]]
         else:
-            cells = [r["subject"], r["op"], r["problem"], *(str(r[k]) for k in COUNTS), ", ".join(r["kernels"])]
+            cells = [r["subject"], r["op"], r["problem"], str(gpu_kernels(r)), *(str(r[k]) for k in COUNTS),
+                     ", ".join(r["kernels"])]  # fmt: skip
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return lines
 
@@ -126,6 +127,40 @@ def _host_table(host: dict) -> list[str]:
     return lines
 
 
+def gpu_kernels(row: dict) -> int:
+    """What a call would put on a GPU's stream: Triton launches, memsets and other (non-view) ATen ops."""
+    return row["launches"] + row["memsets"] + row["compute"]
+
+
+def _targets(data: dict) -> list[str]:
+    """Issue 20's targets, each with what this census measured (the triton rows)."""
+    triton = [r for r in data["rows"] if r["subject"] == "triton" and "note" not in r]
+
+    def worst(op, count, dense=None):
+        rows = [r for r in triton if r["op"] == op and (dense is None or (int(r["problem"].split()[0][1:]) > 64) == dense)]
+        return max((gpu_kernels(r) if count == "kernels" else r[count] for r in rows), default=None)
+
+    checks = [
+        ("dense forward (M > 64): 1 GPU kernel", worst("forward", "kernels", True), 1),
+        ("dense forward (M > 64): no memset", worst("forward", "memsets", True), 0),
+        ("backward: at most 3 GPU kernels", worst("backward", "kernels"), 3),
+        ("decode: at most 2 GPU kernels", worst("decode", "kernels"), 2),
+    ]
+    lines = ["| target (triton rows, worst problem) | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {got} | {'yes' if got is not None and got <= most else 'no'} |" for name, got, most in checks]
+    host = (data.get("host") or {}).get("rows", {})
+    timed = [("patched PEFT forward <= PEFT's forward", "peft+patch(auto)", "forward", "peft", 0.0),
+             ("auto after its decision <= named backend + 2 us (forward)", "lora_linear(auto->triton)", "forward",
+              "lora_linear(triton)", 2.0),
+             ("fused training step <= nn.Linear's + 40 us (triton)", "lora_linear(triton)", "step", "nn.Linear", 40.0),
+             ("fused training step <= nn.Linear's + 40 us (torch)", "FusedLoRALinear(torch)", "step", "nn.Linear", 40.0)]  # fmt: skip
+    for name, subject, op, reference, slack in timed:
+        if op in host.get(subject, {}) and op in host.get(reference, {}):
+            over = host[subject][op] - host[reference][op]
+            lines.append(f"| {name} | {over:+.1f} us | {'yes' if over <= slack else 'no'} (host table, noisy) |")
+    return lines
+
+
 def render_markdown(data: dict) -> str:
     info, v = data["info"], data["info"]["versions"]
     out = [
@@ -133,7 +168,8 @@ def render_markdown(data: dict) -> str:
         "",
         f"`{info['command']}` on {info['host']} ({info['cpu']}, {info['cores']} cores, affinity "
         f"{info['affinity']}), {info['date']}, commit {info['commit']}; python {v['python']}, torch {v['torch']}, "
-        f"triton {v['triton']}, peft {v['peft']}. Load: `{info['uptime']}`.",
+        f"triton {v['triton']}, peft {v['peft']}. Load before: `{info['uptime']}`; after: "
+        f"`{info.get('uptime_after', '?')}`.",
         "",
         "## Launch census (counts per call, CPU, launches stubbed)",
         "",
@@ -142,11 +178,15 @@ def render_markdown(data: dict) -> str:
         "uninitialised tensors of the right shapes). launches: Triton kernel launches (an autotuned launch "
         "is one, its config cached; Triton's own launcher is not run). memsets: zeros/fill_/zero_-style ATen "
         "ops; allocs: empty*; other ATen: every other op that is a kernel on a GPU (copies, casts, GEMMs, "
-        "sums); views: metadata only. Python calls: Python function calls of the call (one is the census's "
+        "sums); 0-d ops: ATen ops on 0-d tensors only (the dropout seed, drawn on the CPU on a GPU run too); "
+        "GPU kernels: launches + memsets + other ATen, what the call puts on a GPU's stream "
+        "(allocations from the caching allocator launch nothing); views: metadata only. Python calls: Python function calls of the call (one is the census's "
         "own closure), the counters' frames left out. backward: autograd.grad of the forward's output for "
         "x, lora_A, lora_B. decode: no grad, eval mode. auto on CPU tensors decides torch (the same cached "
         "look-up as after a GPU decision); auto->triton is auto after it decided triton. cuda: its host code "
         "is C++ in fastlora._C, which needs a GPU here, so it is not measurable on this machine.",
+        "",
+        *_targets(data),
         "",
         *_counts_table(data["rows"]),
     ]
@@ -196,7 +236,7 @@ def run(args, argv: list[str]) -> int:
     import torch
 
     started = time.perf_counter()
-    info = {**machine(), "versions": versions(), "command": shlex.join(["python -m fastlora census", *argv])}
+    info = {**machine(), "versions": versions(), "command": "python -m fastlora census " + shlex.join(argv)}
     rows = run_census(default_problems(), archs=archs)
     data = {"info": info, "archs": archs, "rows": rows, "host": None}
     if not (args.no_timing or args.write_baseline or args.check):  # the gate and its baseline are counts only
@@ -208,6 +248,8 @@ def run(args, argv: list[str]) -> int:
             data["host"] = {**host_table(reps=args.reps), "threads": args.threads}
         finally:
             torch.set_num_threads(threads)
+    with _suppress():
+        info["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
     report = render_markdown(data)
     print(report, end="")
     if args.markdown:
