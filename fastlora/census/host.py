@@ -140,4 +140,30 @@ def host_table(problem: Problem | None = None, subjects=HOST_SUBJECTS, reps: int
             rows[name] = time_subject(name, problem, reps, rounds)
         except Exception as err:  # a subject that cannot run here is named, the others are still timed
             rows[name] = {"error": f"{type(err).__name__}: {err}"}
-    return {"problem": problem.label, "reps": reps, "rounds": rounds, "rows": rows}
+    return {"problem": problem.label, "reps": reps, "rounds": rounds, "rows": rows, "triton_binder": triton_binder_us()}
+
+
+def triton_binder_us(reps: int = 2000) -> dict | None:
+    """µs of Triton's binder (``JITFunction.run``'s specialisation of every argument, which no stubbed
+    row includes) for the dense forward's ``_lora_gemm_kernel`` launch (M 8192, K = N = 4096, r 16,
+    bf16, sm_90a): a floor under each launch that only Triton can lower. The autotuner's key and
+    cache look-up and the driver's launch come on top of it. None where triton cannot be loaded."""
+    try:
+        from triton import knobs
+
+        from ..inspect.recording import intercepted_launches
+        from ..ops import triton_lora
+        from ..ops._device import KNOWN_LIMITS, target_limits
+        from ..ops._triton_compile import _binder, target_of
+    except Exception:
+        return None
+    launches: list = []
+    with target_limits(KNOWN_LIMITS[(9, 0)]), intercepted_launches(launches):
+        x, W = torch.empty(8192, 4096, dtype=torch.bfloat16), torch.empty(4096, 4096, dtype=torch.bfloat16)
+        A, B = torch.empty(16, 4096, dtype=torch.bfloat16), torch.empty(4096, 16, dtype=torch.bfloat16)
+        triton_lora.triton_forward(x, W, torch.empty(4096, dtype=torch.bfloat16), A, B, 1.0, 0.0, None)
+    launch = next(l for l in launches if l.pickable)
+    _, binder = _binder(launch.kernel, target_of((9, 0)))
+    kwargs = {**launch.kwargs, "debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}
+    us = _min_us(lambda: binder(*launch.args, **kwargs), reps, 1)
+    return {"kernel": "_lora_gemm_kernel", "arguments": len(launch.args) + len(launch.kwargs), "us": us}

@@ -203,6 +203,12 @@ def render_markdown(data: dict) -> str:
             "",
             *_host_table(host),
         ]
+        binder = host.get("triton_binder")
+        if binder:
+            out += ["", f"Triton's own floor, not in the triton rows above: its binder (JITFunction.run's specialisation of "
+                    f"the {binder['arguments']} arguments of one {binder['kernel']} launch, timed on the CPU for sm_90a) takes "
+                    f"{binder['us']:.1f} µs a launch; the autotuner's key and cache look-up and the driver's launch come on "
+                    "top. A pre-bound launcher would skip it."]  # fmt: skip
     return "\n".join(out) + "\n"
 
 
