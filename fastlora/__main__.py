@@ -1,6 +1,7 @@
 """``python -m fastlora`` / ``fastlora``: ``demo`` (check and time the fused layer), ``bench``
-(every provider, every case, checked then timed) and ``inspect`` (the compiled GPU code of every
-kernel, no GPU needed). ``fastlora bench --help`` lists the options."""
+(every provider, every case, checked then timed), ``inspect`` (the compiled GPU code of every
+kernel, no GPU needed) and ``census`` (launches, memsets, ATen ops and Python calls per call, and host
+µs, on the CPU). ``fastlora bench --help`` lists the options."""
 
 from __future__ import annotations
 
@@ -60,12 +61,24 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser(
         "inspect",
-        help="compile every kernel for sm_90a and sm_80 and report registers, spills, shared memory and key SASS",
+        help="compile every kernel for sm_90a and sm_80 (or --arch 100a,120) and report registers, spills, shared memory and key SASS",
         description="Compile every Triton kernel (each config its autotuner can pick on the given problems) for "
         "the target GPUs, and read every kernel of the built fastlora._C; no GPU needed. Exit status 1 if a "
         "kernel fails to compile or a pickable config spills, 2 on bad input. TRITON_INTERPRET must not be set.",
     )
     add_arguments(inspect)
+
+    from .census import add_arguments as add_census_arguments
+
+    census = commands.add_parser(
+        "census",
+        help="count launches, memsets, allocations, ATen ops and Python calls per call on the CPU, and time the host path",
+        description="For every backend, PEFT before and after patch_peft, forward/backward/decode and a few "
+        "problems: Triton launches (stubbed), memsets, allocations, other ATen ops and Python calls per call, "
+        "counted on CPU tensors with nothing computed; then host µs per call on tiny tensors. --check exits 1 "
+        "if a count rose above the committed baseline; --write-baseline regenerates it. TRITON_INTERPRET must not be set.",
+    )
+    add_census_arguments(census)
     return parser
 
 
@@ -140,6 +153,10 @@ def main(argv: list[str] | None = None, *, providers: dict | None = None) -> int
         from .inspect import run
 
         return run(args, argv[1:])
+    if args.command == "census":
+        from .census import run as run_census
+
+        return run_census(args, argv[1:])
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
     if args.command == "demo":

@@ -173,7 +173,7 @@ Resource usage:
 
 def test_bad_input_is_named_and_the_rest_still_prints(capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(fl_inspect, "extension_library", lambda: None)
+    monkeypatch.setattr(fl_inspect.compiling, "extension_library", lambda: None)
     code = main(["inspect", "--arch", "90a,75", "--shapes", "4096by4096"])
     out = capsys.readouterr().out
     assert code == 2

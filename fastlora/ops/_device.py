@@ -28,6 +28,8 @@ class DeviceLimits(NamedTuple):
 KNOWN_LIMITS = {
     (9, 0): DeviceLimits(sm_count=132, max_shared_bytes=227 * 1024, capability=(9, 0)),  # H100 SXM
     (8, 0): DeviceLimits(sm_count=108, max_shared_bytes=163 * 1024, capability=(8, 0)),  # A100
+    (10, 0): DeviceLimits(sm_count=148, max_shared_bytes=227 * 1024, capability=(10, 0)),  # B200
+    (12, 0): DeviceLimits(sm_count=170, max_shared_bytes=99 * 1024, capability=(12, 0)),  # RTX 5090
 }
 # CPU tensors (the Triton interpreter): a few programs, so that the tests exercise splitting and
 # persistent tile loops, with Hopper's shared memory so that every config is considered.
