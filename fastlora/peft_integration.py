@@ -50,11 +50,31 @@ def _active_adapter(layer) -> tuple[str | None, str | None]:
     if len(active) != 1:
         return None, f"{len(active)} active adapters on this layer, fastlora fuses exactly one"
     (adapter,) = active
-    if adapter in layer.lora_variant:
+    if adapter in layer.lora_variant and not _is_dora(layer, adapter):
         return None, f"adapter {adapter!r} is a {type(layer.lora_variant[adapter]).__name__} (DoRA or another variant)"
     if layer.lora_B[adapter].bias is not None:
         return None, f"adapter {adapter!r} has lora_bias=True"
     return adapter, None
+
+
+def _is_dora(layer, adapter: str) -> bool:
+    """Whether ``adapter`` is PEFT's DoRA on a ``lora.Linear`` (fused by ``fastlora.dora``)."""
+    variant = type(layer.lora_variant.get(adapter))
+    return (
+        variant.__name__ == "DoraLinearVariant" and variant.__module__ == "peft.tuners.lora.variants"
+        and type(layer) is _peft_classes()[1] and adapter in layer.lora_magnitude_vector
+    )  # fmt: skip
+
+
+def _dora_forward(layer, adapter: str, base, x: torch.Tensor, dropout: float, backend: str) -> torch.Tensor:
+    """PEFT's DoRA forward on ``fastlora.dora.dora_linear``, with a ``‖W‖²`` cache kept on the layer."""
+    from .dora import WeightNormCache, dora_linear
+
+    cache = layer.__dict__.setdefault("_fastlora_dora_norm", WeightNormCache())
+    return dora_linear(
+        x, base.weight, layer.base_layer.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+        layer.lora_magnitude_vector[adapter].weight, layer.scaling[adapter], dropout=dropout, backend=backend, cache=cache,
+    )  # fmt: skip
 
 
 def _is_peft_4bit(layer) -> bool:
@@ -72,6 +92,8 @@ def _unsupported_reason(layer, backend: str) -> str | None:
         if not is_4bit(weight):
             return f"4-bit layer whose weight is a {type(weight).__name__}, not a bitsandbytes Params4bit"
         reason = unsupported_reason(weight)
+        if any(name in layer.lora_variant for name in layer.active_adapters):
+            return "DoRA or another variant on a 4-bit base (QDoRA): not fused by fastlora"
         return f"4-bit weight not read by fastlora: {reason}" if reason else _active_adapter(layer)[1]
     if type(layer) is not linear_cls:
         return f"{type(layer).__name__} layers have no fused path (only lora.Linear and lora.bnb.Linear4bit)"
@@ -112,6 +134,8 @@ def _fusable_adapter(layer, base, x: torch.Tensor, args: tuple, kwargs: dict) ->
         return None
     if any(_has_hooks(m) for m in (layer.base_layer, lora_A, lora_B, dropout)):
         return None
+    if adapter in layer.lora_variant and _has_hooks(layer.lora_magnitude_vector[adapter]):
+        return None
     if not base.accepts(x) or lora_A.weight.dtype not in (x.dtype, torch.float32):
         return None
     return adapter
@@ -124,6 +148,9 @@ def _fused_forward(layer, backend: str, x: torch.Tensor, *args, **kwargs) -> tor
     if adapter is None:
         return type(layer).forward(layer, x, *args, **kwargs)
     dropout = layer.lora_dropout[adapter]
+    if adapter in layer.lora_variant:  # DoRA (the only variant _active_adapter lets through)
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training and layer.training else 0.0
+        return _dora_forward(layer, adapter, base, x, p, backend)
     return base.lora_linear(
         x,
         layer.base_layer.bias,
