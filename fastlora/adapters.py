@@ -132,10 +132,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"{path} holds a {config.get('peft_type')!r} adapter, not a LoRA one")
     tensors = load_file(os.path.join(path, WEIGHTS_NAME))
     expected = {key for name in layers for key in _keys(name)}
-    if bool(config.get("use_dora")) != _use_dora(layers):
-        raise ValueError(
-            f"{path} has use_dora={bool(config.get('use_dora'))}, the model's layers have use_dora={_use_dora(layers)}"
-        )
     expected |= {_magnitude_key(name) for name, layer in layers.items() if layer.use_dora}
     if expected - tensors.keys():
         raise ValueError(f"keys missing from {path}: {_listing(expected - tensors.keys())}")
@@ -143,6 +139,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(
             f"unexpected keys in {path} (lora_bias and modules_to_save are not supported, DoRA needs use_dora=True layers, and every "
             f"adapted layer must be a FusedLoRALinear): {_listing(tensors.keys() - expected)}"
+        )
+    if bool(config.get("use_dora")) != _use_dora(layers):
+        raise ValueError(
+            f"{path} has use_dora={bool(config.get('use_dora'))}, the model's layers have use_dora={_use_dora(layers)}"
         )
     copies = []
     for name, layer in layers.items():

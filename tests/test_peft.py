@@ -194,12 +194,12 @@ def test_unsupported_layers_warn_once():
     ids = input_ids()
     expected = model(input_ids=ids).logits
     with pytest.warns(UserWarning) as record:
-        assert patch_peft(model) == 0
+        assert patch_peft(model) == 4  # DoRA on lora.Linear is fused (issue 19); a DoRA Embedding is not
     assert len(record) == 1
     message = str(record[0].message)
-    assert "5 LoRA layer(s)" in message and "DoRA" in message and "Embedding" in message
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    torch.testing.assert_close(model(input_ids=ids).logits, expected)
+    assert "1 LoRA layer(s)" in message and "Embedding" in message
+    assert sum("forward" in m.__dict__ for m in model.modules()) == 4
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow  # torch.compile of a Llama: about a minute on a CPU
