@@ -156,7 +156,8 @@ class _DoRAFunction(torch.autograd.Function):
         with torch.autocast(gy.device.type, enabled=False):
             grad_x = grad_A = grad_B = grad_bias = grad_m = None
             if need_x or need_A or need_B:
-                gy_s = (gy * scale).to(gy.dtype)
+                # one pass, in gy's dtype (the product is formed in float32 and rounded once)
+                gy_s = torch.mul(gy, scale, out=torch.empty_like(gy, memory_format=torch.contiguous_format))
                 grad_x, grad_A, grad_B, _ = ctx.ops.backward(
                     gy_s, x, xa, weight, lora_A, lora_B, ctx.scaling, 0.0, None, need_x, need_A, need_B, False
                 )
@@ -175,11 +176,13 @@ def _grad_magnitude(ctx, gy, x, xa, weight, bias, lora_B, magnitude, norm, saved
     wide = norm.dtype
     if ctx.saved_pre:
         return (saved.to(wide, copy=True).mul_(gy).sum(0) / norm).to(magnitude.dtype)
-    t = saved.to(wide, copy=True)  # never in place on the saved output (a retained graph reuses it)
+    # pre/n = (y − b)/m, so Σ_i gy·pre/n = (Σ_i gy·y − b·Σ_i gy)/m: one product in y's dtype and
+    # float32 sums (two passes over M×N, three with a bias), never in place on the saved y.
+    dot = torch.mul(gy, saved).sum(0, dtype=wide)
     if bias is not None:
-        t.sub_(bias)
+        dot = dot - bias.to(wide) * gy.sum(0, dtype=wide)
     m = magnitude.detach().to(wide)
-    grad = t.mul_(gy).sum(0) / torch.where(m == 0, 1, m)  # pre/n = (y − b)/m
+    grad = dot / torch.where(m == 0, 1, m)
     flag, event = ctx.flag
     if event is not None:
         event.synchronize()  # recorded in the forward: long done by now

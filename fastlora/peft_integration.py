@@ -13,11 +13,15 @@ each 4-bit ``lora.bnb.Linear4bit``, QLoRA) by one that calls the fused layer on 
 No Parameter is copied or replaced, so the optimizer, ``save_pretrained``, ``merge_and_unload``,
 ``set_adapter`` and ``disable_adapter`` keep working. Every call re-checks the layer's state and runs
 PEFT's own forward whenever the fused one would not compute exactly what PEFT computes: adapters
-disabled or merged, several (or no) active adapters, a DoRA or other variant adapter, a ``lora_B``
+disabled or merged, several (or no) active adapters, a variant adapter other than DoRA, a ``lora_B``
 bias, extra forward arguments (``adapter_names`` mixed batches), hooks on the sub-modules
 (accelerate's offloading), dtypes ``lora_linear`` does not take, and an input not in a 4-bit
 layer's compute dtype. LoRA dropout is fused too: its mask has PEFT's distribution
 but comes from fastlora's RNG, so a training run with ``lora_dropout`` > 0 is not bitwise PEFT's.
+
+A DoRA adapter (``use_dora=True``) on a ``lora.Linear`` runs on ``fastlora.dora.dora_linear`` with
+PEFT's ``lora_magnitude_vector[adapter].weight`` as its magnitude; DoRA on a 4-bit base (QDoRA) is
+left on PEFT's forward and named in the warning.
 """
 
 from __future__ import annotations
@@ -175,7 +179,7 @@ def patch_peft(model: nn.Module, *, backend: str = "auto") -> int:
     Supported: ``lora.Linear`` over an unquantized ``nn.Linear`` or GPT-2 ``Conv1D``, and
     ``lora.bnb.Linear4bit`` over a bitsandbytes NF4/FP4 weight the QLoRA kernels read (see
     ``fastlora.qlora``; an unreadable quant state is named in the warning), with exactly one
-    active adapter, no DoRA or other variant, no ``lora_bias``; any rank, ``lora_alpha``, ``use_rslora``,
+    active adapter, no variant but DoRA (not on a 4-bit base), no ``lora_bias``; any rank, ``lora_alpha``, ``use_rslora``,
     fp32 adapters with an fp16/bf16 base. Other LoRA layers are left untouched and listed, with the
     reason, in one warning. A patched layer still runs PEFT's forward in the states listed in the
     module doc (merged, disabled, ...), so results are PEFT's in every state, up to the
