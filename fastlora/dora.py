@@ -133,7 +133,7 @@ class _DoRAFunction(torch.autograd.Function):
     """``y = (m/n) ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b`` for 2-D x on one backend's ops, W frozen."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, ops):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, ops, backend):
         scale = magnitude.detach().to(norm.dtype) / norm
         need_m = ctx.needs_input_grad[5]
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -146,6 +146,8 @@ class _DoRAFunction(torch.autograd.Function):
         ctx.flag = _zero_flag(magnitude) if need_m and pre is None else None
         ctx.save_for_backward(x, xa, weight, bias, lora_A, lora_B, magnitude, norm, scale, y if pre is None else pre)
         ctx.scaling, ctx.ops, ctx.saved_pre = scaling, ops, pre is not None
+        # triton: gy·g and Σ gy·y in one pass over gy and y (fastlora.ops.dora_triton)
+        ctx.prologue_kernel = backend == "triton" and pre is None
         return y
 
     @staticmethod
@@ -154,33 +156,39 @@ class _DoRAFunction(torch.autograd.Function):
         need_x, _, need_bias, need_A, need_B, need_m = ctx.needs_input_grad[:6]
         wide = norm.dtype
         with torch.autocast(gy.device.type, enabled=False):
-            grad_x = grad_A = grad_B = grad_bias = grad_m = None
-            if need_x or need_A or need_B:
+            grad_x = grad_A = grad_B = grad_bias = grad_m = dot = gy_sum = None
+            if ctx.prologue_kernel:
+                from .ops.dora_triton import dora_grad_prologue
+
+                gy_s, dot, gy_sum = dora_grad_prologue(gy, y, scale, bias is not None and (need_m or need_bias))
+            elif need_x or need_A or need_B:
                 # one pass, in gy's dtype (the product is formed in float32 and rounded once)
                 gy_s = torch.mul(gy, scale, out=torch.empty_like(gy, memory_format=torch.contiguous_format))
+            if need_x or need_A or need_B:
                 grad_x, grad_A, grad_B, _ = ctx.ops.backward(
                     gy_s, x, xa, weight, lora_A, lora_B, ctx.scaling, 0.0, None, need_x, need_A, need_B, False
                 )
             if need_bias:
-                grad_bias = gy.to(wide).sum(0).to(bias.dtype)
+                grad_bias = (gy_sum if gy_sum is not None else gy.sum(0, dtype=wide)).to(bias.dtype)
             if need_m:
-                grad_m = _grad_magnitude(ctx, gy, x, xa, weight, bias, lora_B, magnitude, norm, y)
+                grad_m = _grad_magnitude(ctx, gy, x, xa, weight, bias, lora_B, magnitude, norm, y, dot, gy_sum)
         return (
             grad_x if need_x else None, None, grad_bias,
-            grad_A if need_A else None, grad_B if need_B else None, grad_m, None, None, None,
+            grad_A if need_A else None, grad_B if need_B else None, grad_m, None, None, None, None,
         )  # fmt: skip
 
 
-def _grad_magnitude(ctx, gy, x, xa, weight, bias, lora_B, magnitude, norm, saved):
+def _grad_magnitude(ctx, gy, x, xa, weight, bias, lora_B, magnitude, norm, saved, dot=None, gy_sum=None):
     """``grad_m_j = Σ_i gy_ij pre_ij / n_j``, from the saved ``pre`` or from the output ``y``."""
     wide = norm.dtype
     if ctx.saved_pre:
         return (saved.to(wide, copy=True).mul_(gy).sum(0) / norm).to(magnitude.dtype)
     # pre/n = (y − b)/m, so Σ_i gy·pre/n = (Σ_i gy·y − b·Σ_i gy)/m: one product in y's dtype and
     # float32 sums (two passes over M×N, three with a bias), never in place on the saved y.
-    dot = torch.mul(gy, saved).sum(0, dtype=wide)
+    if dot is None:  # else the prologue kernel's (fp32 products)
+        dot = torch.mul(gy, saved).sum(0, dtype=wide)
     if bias is not None:
-        dot = dot - bias.to(wide) * gy.sum(0, dtype=wide)
+        dot = dot - bias.to(wide) * (gy_sum if gy_sum is not None else gy.sum(0, dtype=wide))
     m = magnitude.detach().to(wide)
     grad = dot / torch.where(m == 0, 1, m)
     flag, event = ctx.flag
@@ -250,8 +258,8 @@ def dora_linear(
     if dropout or autocast or weight.requires_grad:
         y = _composed(x2, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout, backend)
     else:
-        ops = backend_ops(resolve_backend(backend, x2, weight, None, lora_A, lora_B, 0.0))
-        y = _DoRAFunction.apply(x2, weight, bias, lora_A, lora_B, magnitude, norm, scaling, ops)
+        name = resolve_backend(backend, x2, weight, None, lora_A, lora_B, 0.0)
+        y = _DoRAFunction.apply(x2, weight, bias, lora_A, lora_B, magnitude, norm, scaling, backend_ops(name), name)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 

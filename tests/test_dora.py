@@ -340,3 +340,20 @@ def test_save_adapter_roundtrips_with_peft(tmp_path):
     loaded.save_pretrained(tmp_path / "peft")
     load_adapter(model, tmp_path / "peft")
     torch.testing.assert_close(model(input_ids=tokens).logits, loaded(input_ids=tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("M, N, dtype", [(1, 29, torch.float32), (70, 130, torch.bfloat16), (33, 64, torch.float16)])
+def test_triton_backward_prologue_kernel(monkeypatch, M, N, dtype):
+    """gy·g, Σ gy·y and Σ gy in one pass, against float64; buffers start as NaN; gy may be a
+    stride-0 expansion (the backward of a sum)."""
+    from fastlora.ops import _triton_common, dora_triton
+
+    monkeypatch.setattr(_triton_common, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    y, scale = torch.randn(M, N).to(dtype), torch.rand(N) + 0.5
+    for gy in (torch.randn(M, N).to(dtype), torch.randn(1, N).to(dtype).expand(M, N)):
+        gy_s, dot, total = dora_triton.dora_grad_prologue(gy, y, scale, True)
+        tol = tolerance(dtype, "cpu")
+        assert gy_s.dtype == dtype and rel_error(gy_s, gy.double() * scale.double()) <= tol
+        assert rel_error(dot, (gy.double() * y.double()).sum(0)) <= 1e-5
+        assert rel_error(total, gy.double().sum(0)) <= 1e-5
