@@ -96,12 +96,14 @@ def _unsupported_reason(layer, backend: str) -> str | None:
         if not is_4bit(weight):
             return f"4-bit layer whose weight is a {type(weight).__name__}, not a bitsandbytes Params4bit"
         reason = unsupported_reason(weight)
-        if any(name in layer.lora_variant for name in layer.active_adapters):
+        if any(a in layer.lora_variant for a in layer.active_adapters):
             return "DoRA or another variant on a 4-bit base (QDoRA): not fused by fastlora"
         return f"4-bit weight not read by fastlora: {reason}" if reason else _active_adapter(layer)[1]
     if type(layer) is not linear_cls:
         return f"{type(layer).__name__} layers have no fused path (only lora.Linear and lora.bnb.Linear4bit)"
     if type(layer.base_layer) not in (nn.Linear, conv1d_cls):
+        if is_4bit(getattr(layer.base_layer, "weight", None)) and any(a in layer.lora_variant for a in layer.active_adapters):
+            return "DoRA or another variant on a 4-bit base (QDoRA): not fused by fastlora"
         return f"base layer is a {type(layer.base_layer).__name__}, not an unquantized nn.Linear or Conv1D"
     return _active_adapter(layer)[1]
 

@@ -357,3 +357,27 @@ def test_triton_backward_prologue_kernel(monkeypatch, M, N, dtype):
         assert gy_s.dtype == dtype and rel_error(gy_s, gy.double() * scale.double()) <= tol
         assert rel_error(dot, (gy.double() * y.double()).sum(0)) <= 1e-5
         assert rel_error(total, gy.double().sum(0)) <= 1e-5
+
+
+def test_qdora_is_named_as_unsupported():
+    """DoRA on a bitsandbytes 4-bit base: from_linear raises, patch_peft leaves it on PEFT and says why."""
+    bnb = pytest.importorskip("bitsandbytes")
+    linear = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+    linear.load_state_dict(nn.Linear(64, 32).state_dict())
+    linear = linear.to("cpu")  # quantizes
+    with pytest.raises(NotImplementedError, match="QDoRA"):
+        FusedLoRALinear.from_linear(linear, use_dora=True)
+    model = peft.get_peft_model(nn.Sequential(linear), peft.LoraConfig(r=4, target_modules=["0"], use_dora=True))
+    with pytest.warns(UserWarning, match="QDoRA"):
+        assert patch_peft(model) == 0
+
+
+def test_autocast_matches_float64():
+    """Under torch.autocast (bf16) the DoRA layer computes what PEFT's layer computes, within bf16's bound."""
+    layer = peft_dora(32, 24, 4, torch.float32, torch.float32, seed=12)
+    fused, truth = patched(layer, "torch"), copy.deepcopy(layer).double()
+    x = torch.randn(5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused(x)
+    assert CALLS and y.dtype == torch.bfloat16
+    assert rel_error(y, truth(x.to(torch.bfloat16).double())) <= tolerance(torch.bfloat16, "cpu")

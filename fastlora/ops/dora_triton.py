@@ -84,3 +84,12 @@ def dora_grad_prologue(gy: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, w
             HAS_SUM=with_sum, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
     return gys, dots.sum(0), (sums.sum(0) if with_sum else None)
+
+
+def launch_for_inspection(
+    M: int, K: int, N: int, r: int, dtype: torch.dtype, adapter_dtype: torch.dtype, dropout: bool, backward: bool
+) -> None:
+    """Run the launcher on CPU tensors of one problem as DoRA's backward launches it (with a bias,
+    so with the column sums), for ``fastlora inspect`` to intercept; nothing without ``backward``."""
+    if backward:
+        dora_grad_prologue(torch.randn(M, N, dtype=dtype), torch.randn(M, N, dtype=dtype), torch.rand(N), True)
