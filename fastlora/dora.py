@@ -123,10 +123,16 @@ def _zero_flag(magnitude: torch.Tensor):
     if not magnitude.is_cuda:
         return flag, None
     host = torch.empty((), dtype=torch.bool, pin_memory=True)
-    host.copy_(flag, non_blocking=True)
+    host.copy_(flag, non_blocking=True)  # on the current stream of m's device
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(magnitude.device))  # that stream, not the current device's
     return host, event
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` (not of the current device) is capturing a CUDA graph."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 class _DoRAFunction(torch.autograd.Function):
@@ -136,7 +142,7 @@ class _DoRAFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, ops, backend):
         scale = magnitude.detach().to(norm.dtype) / norm
         need_m = ctx.needs_input_grad[5]
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        capturing = x.is_cuda and _capturing(x.device)
         pre = None
         if need_m and capturing:  # the host cannot read a flag during capture: keep pre instead
             y, xa = ops.forward(x, weight, None, lora_A, lora_B, scaling, 0.0, None)
