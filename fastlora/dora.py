@@ -47,6 +47,13 @@ _SEED_BOUND = 2**31 - 1
 _CHUNK_ELEMENTS = 1 << 20
 
 
+def _row_chunk(weight: torch.Tensor) -> int:
+    """Rows of W upcast at a time: at most ``_CHUNK_ELEMENTS`` elements and half of W, so that no
+    upcast copy of the whole of W is made."""
+    N, K = weight.shape
+    return max(1, min((N + 1) // 2, _CHUNK_ELEMENTS // max(K, 1)))
+
+
 def _exact(device: torch.device) -> torch.dtype:
     """The dtype the N- and r-sized norm terms are combined in: float64 (MPS has none)."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -66,8 +73,12 @@ class WeightNormCache:
         key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), weight.dtype, weight.device)
         if key != self._key:
             with torch.no_grad():
-                # One reduction per weight (not per step), accumulated in float64.
-                self._value = torch.linalg.vector_norm(weight.detach(), dim=1, dtype=_exact(weight.device)).square_()
+                # Once per weight (not per step), in float64, a row chunk at a time (no N×K upcast copy).
+                w, exact, rows = weight.detach(), _exact(weight.device), _row_chunk(weight)
+                value = torch.empty(w.shape[0], dtype=exact, device=w.device)
+                for i in range(0, w.shape[0], rows):
+                    torch.sum(w[i : i + rows].to(exact).square(), dim=1, out=value[i : i + rows])  # never in place on W
+                self._value = value
             self._key = key
         return self._value
 
@@ -84,8 +95,7 @@ def _w_at(weight: torch.Tensor, lora_A: torch.Tensor, wide: torch.dtype) -> torc
         both = torch.mm(weight, torch.cat([hi, (A32 - hi).to(weight.dtype)]).t(), out_dtype=torch.float32)
         r = A.shape[0]
         return (both[:, :r] + both[:, r:]).to(wide)
-    N, K = weight.shape
-    rows = max(1, min((N + 1) // 2, _CHUNK_ELEMENTS // max(K, 1)))
+    N, rows = weight.shape[0], _row_chunk(weight)
     out = torch.empty(N, A.shape[0], device=weight.device, dtype=wide)
     A_wide = A.to(wide).t()
     for i in range(0, N, rows):
@@ -288,7 +298,7 @@ def merge_weight(weight, lora_A, lora_B, magnitude, scaling: float) -> torch.Ten
 def unmerge_weight(weight, lora_A, lora_B, scale: torch.Tensor, scaling: float) -> None:
     """Undo ``merge_weight``: ``W ← W / scale − s·B A`` in float32 (float64 for float64)."""
     wide = torch.promote_types(weight.dtype, torch.float32)
-    unscaled = weight.to(wide).div_(scale.to(wide)[:, None])
+    unscaled = weight.to(wide, copy=True).div_(scale.to(wide)[:, None])
     weight.copy_(unscaled.addmm_(lora_B.to(wide), lora_A.to(wide), alpha=-scaling))
 
 
