@@ -381,3 +381,32 @@ def test_autocast_matches_float64():
         y = fused(x)
     assert CALLS and y.dtype == torch.bfloat16
     assert rel_error(y, truth(x.to(torch.bfloat16).double())) <= tolerance(torch.bfloat16, "cpu")
+
+
+def test_patched_dora_layer_states_run_peft():
+    """Merged and disabled DoRA layers run PEFT's own forward; unmerged, fastlora's again."""
+    layer = peft_dora(32, 24, 4, torch.float32, torch.float32, seed=13)
+    fused, truth = patched(layer, "torch"), copy.deepcopy(layer).double().eval()
+    x = torch.randn(5, 32)
+    fused.eval()
+    expected = truth(x.double())
+    fused.merge()
+    assert rel_error(fused(x), expected) <= 1e-5 and not CALLS
+    fused.unmerge()
+    assert rel_error(fused(x), expected) <= 1e-5 and len(CALLS) == 1
+    with _disabled(fused):
+        assert rel_error(fused(x), torch.nn.functional.linear(x.double(), truth.base_layer.weight, truth.base_layer.bias)) <= 1e-5
+    assert len(CALLS) == 1
+
+
+class _disabled:
+    """PEFT's adapters switched off on one layer (``enable_adapters(False)``), then back on."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __enter__(self):
+        self.layer.enable_adapters(False)
+
+    def __exit__(self, *exc):
+        self.layer.enable_adapters(True)
