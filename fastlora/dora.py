@@ -34,6 +34,8 @@ error of about ``eps·‖W_j‖² / n_j²``: the terms are formed in float32 and
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -137,6 +139,30 @@ def _zero_flag(magnitude: torch.Tensor):
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(magnitude.device))  # that stream, not the current device's
     return host, event
+
+
+class _Impls(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+def _impls(name: str) -> _Impls:
+    """Backend ``name``'s forward/backward as ``LoRAOps`` defines them (module doc of ``ops._contract``).
+    Eagerly the Python implementations themselves: calling the ``torch.library`` op from Python
+    costs about 40 µs and imports torch._dynamo (and with it triton) on first use; under
+    ``torch.compile`` the ops, which the compiler traces."""
+    ops = backend_ops(name)
+    if torch.compiler.is_compiling():
+        return _Impls(ops.forward, ops.backward)
+    if name == "torch":
+        from .ops.torch_lora import torch_backward, torch_forward
+
+        return _Impls(torch_forward, torch_backward)
+    if name == "triton":
+        from .ops.triton_lora import triton_backward, triton_forward
+
+        return _Impls(triton_forward, triton_backward)
+    return _Impls(ops.forward, ops.backward)  # cuda: C++ ops, dispatched without Python
 
 
 def _capturing(device: torch.device) -> bool:
@@ -275,7 +301,7 @@ def dora_linear(
         y = _composed(x2, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout, backend)
     else:
         name = resolve_backend(backend, x2, weight, None, lora_A, lora_B, 0.0)
-        y = _DoRAFunction.apply(x2, weight, bias, lora_A, lora_B, magnitude, norm, scaling, backend_ops(name), name)
+        y = _DoRAFunction.apply(x2, weight, bias, lora_A, lora_B, magnitude, norm, scaling, _impls(name), name)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
