@@ -14,8 +14,11 @@ the columns by ``g`` and adds ``b`` in place on the output (``_scaled_forward``:
 kernel's epilogue replaces that one function). The backward feeds ``gy ⊙ g`` to the backend's LoRA
 backward (grad_x, grad_A, grad_B) and takes ``grad_m_j = Σ_i gy_ij pre_ij / n_j`` from the saved
 output: ``pre_ij / n_j = (y_ij − b_j) / m_j``, so neither a copy of ``pre`` nor a second base GEMM
-is needed. A column with ``m_j = 0`` has lost ``pre`` (``y_j = b_j``): its ``grad_m_j`` is
-recomputed from ``x W_jᵀ + s·xa B_jᵀ`` (a GEMM over those rows only). Whether there is such a
+is needed: ``Σ_i gy·(y − b) / m`` costs two passes over M×N (three with a bias), and on the
+triton backend one kernel pass (``fastlora.ops.dora_triton``) that also writes ``gy ⊙ g``. The
+price of recovering ``pre`` from y: where ``|b_j| ≫ |y_j − b_j|`` the rounding of y (in its dtype)
+is amplified by ``|b_j| / |y_j − b_j|``, as in PEFT's own ``result − bias``. A column with
+``m_j = 0`` has lost ``pre`` (``y_j = b_j``): its ``grad_m_j`` is recomputed from ``x W_jᵀ + s·xa B_jᵀ`` (a GEMM over those rows only). Whether there is such a
 column is read without a host sync: the forward copies ``any(m == 0)`` to pinned host memory
 asynchronously and the backward reads it. Under CUDA-graph capture the forward saves ``pre``.
 
