@@ -416,3 +416,31 @@ class _disabled:
 
     def __exit__(self, *exc):
         self.layer.enable_adapters(True)
+
+
+CUDA_BACKENDS = backends_on("cuda") if torch.cuda.is_available() else []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS or ["torch"])
+def test_cuda_paths(backend):
+    """The CUDA-only code: W Aᵀ through the hi/lo bf16 GEMM with fp32 output, the zero-m flag's
+    async copy to pinned memory, on a patched PEFT layer (bf16 base, fp32 adapters) against float64."""
+    layer = peft_dora(256, 192, 16, torch.bfloat16, torch.float32, seed=14)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight[7] = 0
+    truth = copy.deepcopy(layer).double()
+    fused = patched(layer, backend).cuda()
+    x, gy = torch.randn(64, 256).to(torch.bfloat16), torch.randn(64, 192).to(torch.bfloat16)
+    calls = len(CALLS)
+    y, grads = run(fused, x.cuda(), gy.cuda(), True)
+    assert len(CALLS) == calls + 1
+    y_ref, grads_ref = run(truth, x.double(), gy.double(), True)
+    assert rel_error(y.cpu(), y_ref) <= 1e-2
+    for name in grads_ref:
+        assert rel_error(grads[name].cpu(), grads_ref[name]) <= 1e-2, name
+    W = fused.base_layer.weight
+    A, B = fused.lora_A["default"].weight, fused.lora_B["default"].weight
+    exact = (W.double() + 2.0 * B.double() @ A.double()).norm(dim=1)
+    assert rel_error(dora.weight_norm(W, A, B, 2.0), exact) <= 1e-5
