@@ -5,10 +5,11 @@ with, for the ``FusedLoRALinear`` at module path ``<name>``::
 
     base_model.model.<name>.lora_A.weight   [r, in]
     base_model.model.<name>.lora_B.weight   [out, r]
+    base_model.model.<name>.lora_magnitude_vector   [out]   (DoRA layers, ``use_dora=True``)
 
 so ``PeftModel.from_pretrained(model_before_conversion, path)`` loads what ``save_adapter`` writes,
-and ``load_adapter`` loads what PEFT's ``save_pretrained`` writes for a plain LoRA adapter (no DoRA,
-no ``lora_bias``, no ``modules_to_save``) on ``nn.Linear`` layers.
+and ``load_adapter`` loads what PEFT's ``save_pretrained`` writes for a LoRA or DoRA adapter (no
+``lora_bias``, no ``modules_to_save``) on ``nn.Linear`` layers.
 """
 
 from __future__ import annotations
@@ -39,6 +40,19 @@ def _lora_layers(model: nn.Module) -> dict[str, FusedLoRALinear]:
 
 def _keys(name: str) -> tuple[str, str]:
     return f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
+
+
+def _magnitude_key(name: str) -> str:
+    """PEFT's key of a DoRA layer's magnitude (the adapter name and ``.weight`` are dropped)."""
+    return f"{KEY_PREFIX}{name}.lora_magnitude_vector"
+
+
+def _use_dora(layers: dict) -> bool:
+    """The layers' one ``use_dora`` value (PEFT's config holds one flag)."""
+    flags = {layer.use_dora for layer in layers.values()}
+    if len(flags) > 1:
+        raise ValueError("save_adapter/load_adapter need one use_dora value for all layers (PEFT's config has one flag)")
+    return flags.pop()
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -77,7 +91,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "fan_in_fan_out": False,
         "bias": "none",
         "lora_bias": False,
-        "use_dora": False,
+        "use_dora": _use_dora(layers),
         "init_lora_weights": True,
         "modules_to_save": None,
     }
@@ -86,6 +100,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         key_A, key_B = _keys(name)
         tensors[key_A] = layer.lora_A.detach().cpu().contiguous()
         tensors[key_B] = layer.lora_B.detach().cpu().contiguous()
+        if layer.use_dora:
+            tensors[_magnitude_key(name)] = layer.magnitude.detach().cpu().contiguous()
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
@@ -116,12 +132,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"{path} holds a {config.get('peft_type')!r} adapter, not a LoRA one")
     tensors = load_file(os.path.join(path, WEIGHTS_NAME))
     expected = {key for name in layers for key in _keys(name)}
+    expected |= {_magnitude_key(name) for name, layer in layers.items() if layer.use_dora}
     if expected - tensors.keys():
         raise ValueError(f"keys missing from {path}: {_listing(expected - tensors.keys())}")
     if tensors.keys() - expected:
         raise ValueError(
-            f"unexpected keys in {path} (DoRA, lora_bias and modules_to_save are not supported, and every "
+            f"unexpected keys in {path} (lora_bias and modules_to_save are not supported, DoRA needs use_dora=True layers, and every "
             f"adapted layer must be a FusedLoRALinear): {_listing(tensors.keys() - expected)}"
+        )
+    if bool(config.get("use_dora")) != _use_dora(layers):
+        raise ValueError(
+            f"{path} has use_dora={bool(config.get('use_dora'))}, the model's layers have use_dora={_use_dora(layers)}"
         )
     copies = []
     for name, layer in layers.items():
@@ -145,6 +166,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
                 f"use_rslora={bool(config.get('use_rslora'))} give {scaling:g}, the layer's is {layer.scaling:g}"
             )
         copies += [(layer.lora_A, A), (layer.lora_B, B)]
+        if layer.use_dora:
+            magnitude = tensors[_magnitude_key(name)]
+            if magnitude.shape != layer.magnitude.shape:
+                raise ValueError(
+                    f"shape mismatch at {name}: the file has lora_magnitude_vector {tuple(magnitude.shape)}, "
+                    f"the layer has {tuple(layer.magnitude.shape)}"
+                )
+            copies.append((layer.magnitude, magnitude))
     with torch.no_grad():
         for param, value in copies:
             param.copy_(value)

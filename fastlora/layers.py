@@ -33,6 +33,11 @@ class FusedLoRALinear(nn.Module):
     ``from_linear`` of a bitsandbytes ``Linear4bit`` keeps its 4-bit ``Params4bit`` as ``weight``
     (QLoRA; see ``fastlora.qlora``): the forward then computes in the layer's ``compute_dtype`` and
     dequantizes W inside the fused kernels; merging is not offered (it would requantize W).
+
+    ``use_dora=True`` makes it a DoRA layer (PEFT's ``use_dora``, ``fastlora.dora``):
+    ``y = (m/n) ⊙ (x Wᵀ + scaling·(x Aᵀ) Bᵀ) + b`` with the trainable ``magnitude = m [out]``
+    (initialised to ``‖W_j‖``, in ``adapter_dtype``) and ``n_j = ‖W_j + scaling·B_j A‖`` detached.
+    A 4-bit weight with DoRA (QDoRA) is not supported.
     """
 
     compute_dtype: torch.dtype | None = None  # set for a 4-bit weight only
@@ -51,8 +56,10 @@ class FusedLoRALinear(nn.Module):
         device=None,
         dtype=None,
         adapter_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ):
         super().__init__()
+        self.use_dora = bool(use_dora)
         self.r, self.alpha = check_layer_args(in_features, out_features, r, alpha, backend)
         check_dtype("dtype", dtype)
         check_dtype("adapter_dtype", adapter_dtype)
@@ -71,6 +78,17 @@ class FusedLoRALinear(nn.Module):
         self.merged = False
         self.reset_lora_parameters()
 
+    def _init_dora(self) -> None:
+        """(Re)create ``magnitude`` as PEFT does: ``‖W_j + scaling·B_j A‖`` (``‖W_j‖`` while B is zero)."""
+        from .dora import WeightNormCache, initial_magnitude
+
+        self._dora_cache = WeightNormCache()
+        if self.weight.device.type == "meta":
+            value = torch.empty(self.out_features, device="meta", dtype=self.lora_A.dtype)
+        else:
+            value = initial_magnitude(self.weight, self.lora_A, self.lora_B, self.scaling, self.lora_A.dtype)
+        self.magnitude = nn.Parameter(value)
+
     @classmethod
     def from_linear(
         cls,
@@ -82,6 +100,7 @@ class FusedLoRALinear(nn.Module):
         dropout: float = 0.0,
         backend: str = "auto",
         adapter_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> "FusedLoRALinear":
         """Wrap an existing ``nn.Linear`` or bitsandbytes ``Linear4bit``: its ``weight`` and ``bias``
         Parameters are shared (not copied) and frozen; new adapters are created on its device, in
@@ -92,6 +111,8 @@ class FusedLoRALinear(nn.Module):
         weight = linear.weight
         compute_dtype = None
         if is_4bit(weight):
+            if use_dora:
+                raise NotImplementedError("DoRA on a 4-bit base (QDoRA) is not supported by fastlora; use a float base weight")
             check_4bit(weight)
             compute_dtype = compute_dtype_of(linear)
         else:
@@ -108,6 +129,7 @@ class FusedLoRALinear(nn.Module):
             device="meta",
             dtype=compute_dtype or weight.dtype,
             adapter_dtype=adapter_dtype,
+            use_dora=use_dora,
         )
         layer.compute_dtype = compute_dtype
         layer.weight = weight.requires_grad_(False)
@@ -120,6 +142,8 @@ class FusedLoRALinear(nn.Module):
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if getattr(self, "use_dora", False):
+            self._init_dora()
 
     @torch.no_grad()
     def _add_delta(self, sign: float) -> None:
@@ -142,7 +166,12 @@ class FusedLoRALinear(nn.Module):
         """
         self._check_mergeable()
         if not self.merged:
-            self._add_delta(1.0)
+            if self.use_dora:  # PEFT's DoRA merge: W ← (m/n)·(W + s·B A); m/n is kept for unmerge
+                from .dora import merge_weight
+
+                self._dora_merge_scale = merge_weight(self.weight, self.lora_A, self.lora_B, self.magnitude, self.scaling)
+            else:
+                self._add_delta(1.0)
             self.merged = True
 
     def unmerge(self) -> None:
@@ -150,7 +179,12 @@ class FusedLoRALinear(nn.Module):
         rounding step of its dtype."""
         self._check_mergeable()
         if self.merged:
-            self._add_delta(-1.0)
+            if self.use_dora:
+                from .dora import unmerge_weight
+
+                unmerge_weight(self.weight, self.lora_A, self.lora_B, self._dora_merge_scale, self.scaling)
+            else:
+                self._add_delta(-1.0)
             self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,6 +196,13 @@ class FusedLoRALinear(nn.Module):
                     "call unmerge() to train, or eval() for inference"
                 )
             return F.linear(x, self.weight, self.bias)
+        if self.use_dora:
+            from .dora import dora_linear
+
+            return dora_linear(
+                x, self.weight, self.bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
+                dropout=dropout, backend=self.backend, cache=self._dora_cache,
+            )  # fmt: skip
         base = base_weight(self.weight, self.compute_dtype)
         return base.lora_linear(x, self.bias, self.lora_A, self.lora_B, self.scaling, dropout, self.backend)
 
@@ -170,6 +211,7 @@ class FusedLoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.lora_dropout:g}, "
             f"backend={self.backend!r}, merged={self.merged}"
+            + (", use_dora=True" if self.use_dora else "")
             + (f", 4-bit {self.weight.quant_state.quant_type}, compute_dtype={self.compute_dtype}" if self.compute_dtype else "")
         )
 

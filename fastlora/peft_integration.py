@@ -13,11 +13,15 @@ each 4-bit ``lora.bnb.Linear4bit``, QLoRA) by one that calls the fused layer on 
 No Parameter is copied or replaced, so the optimizer, ``save_pretrained``, ``merge_and_unload``,
 ``set_adapter`` and ``disable_adapter`` keep working. Every call re-checks the layer's state and runs
 PEFT's own forward whenever the fused one would not compute exactly what PEFT computes: adapters
-disabled or merged, several (or no) active adapters, a DoRA or other variant adapter, a ``lora_B``
+disabled or merged, several (or no) active adapters, a variant adapter other than DoRA, a ``lora_B``
 bias, extra forward arguments (``adapter_names`` mixed batches), hooks on the sub-modules
 (accelerate's offloading), dtypes ``lora_linear`` does not take, and an input not in a 4-bit
 layer's compute dtype. LoRA dropout is fused too: its mask has PEFT's distribution
 but comes from fastlora's RNG, so a training run with ``lora_dropout`` > 0 is not bitwise PEFT's.
+
+A DoRA adapter (``use_dora=True``) on a ``lora.Linear`` runs on ``fastlora.dora.dora_linear`` with
+PEFT's ``lora_magnitude_vector[adapter].weight`` as its magnitude; DoRA on a 4-bit base (QDoRA) is
+left on PEFT's forward and named in the warning.
 """
 
 from __future__ import annotations
@@ -54,11 +58,31 @@ def _active_adapter(layer) -> tuple[str | None, str | None]:
     if len(active) != 1:
         return None, f"{len(active)} active adapters on this layer, fastlora fuses exactly one"
     (adapter,) = active
-    if adapter in layer.lora_variant:
+    if adapter in layer.lora_variant and not _is_dora(layer, adapter):
         return None, f"adapter {adapter!r} is a {type(layer.lora_variant[adapter]).__name__} (DoRA or another variant)"
     if layer.lora_B[adapter].bias is not None:
         return None, f"adapter {adapter!r} has lora_bias=True"
     return adapter, None
+
+
+def _is_dora(layer, adapter: str) -> bool:
+    """Whether ``adapter`` is PEFT's DoRA on a ``lora.Linear`` (fused by ``fastlora.dora``)."""
+    variant = type(layer.lora_variant.get(adapter))
+    return (
+        variant.__name__ == "DoraLinearVariant" and variant.__module__ == "peft.tuners.lora.variants"
+        and type(layer) is _peft_classes()[1] and adapter in layer.lora_magnitude_vector
+    )  # fmt: skip
+
+
+def _dora_forward(layer, adapter: str, base, x: torch.Tensor, dropout: float, backend: str) -> torch.Tensor:
+    """PEFT's DoRA forward on ``fastlora.dora.dora_linear``, with a ``‖W‖²`` cache kept on the layer."""
+    from .dora import WeightNormCache, dora_linear
+
+    cache = layer.__dict__.setdefault("_fastlora_dora_norm", WeightNormCache())
+    return dora_linear(
+        x, base.weight, layer.base_layer.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+        layer.lora_magnitude_vector[adapter].weight, layer.scaling[adapter], dropout=dropout, backend=backend, cache=cache,
+    )  # fmt: skip
 
 
 def _is_peft_4bit(layer) -> bool:
@@ -76,10 +100,14 @@ def _unsupported_reason(layer, backend: str) -> str | None:
         if not is_4bit(weight):
             return f"4-bit layer whose weight is a {type(weight).__name__}, not a bitsandbytes Params4bit"
         reason = unsupported_reason(weight)
+        if any(a in layer.lora_variant for a in layer.active_adapters):
+            return "DoRA or another variant on a 4-bit base (QDoRA): not fused by fastlora"
         return f"4-bit weight not read by fastlora: {reason}" if reason else _active_adapter(layer)[1]
     if type(layer) is not linear_cls:
         return f"{type(layer).__name__} layers have no fused path (only lora.Linear and lora.bnb.Linear4bit)"
     if type(layer.base_layer) not in (nn.Linear, conv1d_cls):
+        if is_4bit(getattr(layer.base_layer, "weight", None)) and any(a in layer.lora_variant for a in layer.active_adapters):
+            return "DoRA or another variant on a 4-bit base (QDoRA): not fused by fastlora"
         return f"base layer is a {type(layer.base_layer).__name__}, not an unquantized nn.Linear or Conv1D"
     return _active_adapter(layer)[1]
 
@@ -115,6 +143,8 @@ def _fusable_adapter(layer, base, x: torch.Tensor, args: tuple, kwargs: dict) ->
     if type(dropout) not in (nn.Identity, nn.Dropout):
         return None
     if any(_has_hooks(m) for m in (layer.base_layer, lora_A, lora_B, dropout)):
+        return None
+    if adapter in layer.lora_variant and _has_hooks(layer.lora_magnitude_vector[adapter]):
         return None
     if not base.accepts(x) or lora_A.weight.dtype not in (x.dtype, torch.float32):
         return None
@@ -166,6 +196,9 @@ def _fused_forward(layer, backend: str, x: torch.Tensor, *args, **kwargs) -> tor
     if adapter is None:
         return type(layer).forward(layer, x, *args, **kwargs)
     dropout = layer.lora_dropout[adapter]
+    if adapter in layer.lora_variant:  # DoRA (the only variant _active_adapter lets through)
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training and layer.training else 0.0
+        return _dora_forward(layer, adapter, base, x, p, backend)
     return base.lora_linear(
         x,
         layer.base_layer.bias,
@@ -202,7 +235,7 @@ def patch_peft(model: nn.Module, *, backend: str = "auto") -> int:
     Supported: ``lora.Linear`` over an unquantized ``nn.Linear`` or GPT-2 ``Conv1D``, and
     ``lora.bnb.Linear4bit`` over a bitsandbytes NF4/FP4 weight the QLoRA kernels read (see
     ``fastlora.qlora``; an unreadable quant state is named in the warning), with exactly one
-    active adapter, no DoRA or other variant, no ``lora_bias``; any rank, ``lora_alpha``, ``use_rslora``,
+    active adapter, no variant but DoRA (not on a 4-bit base), no ``lora_bias``; any rank, ``lora_alpha``, ``use_rslora``,
     fp32 adapters with an fp16/bf16 base. Other LoRA layers are left untouched and listed, with the
     reason, in one warning (one line per reason, with a count and a few names). A model with no
     PEFT LoRA layer at all raises ValueError (most often: the base model was passed where the

@@ -195,18 +195,14 @@ def test_unsupported_layers_warn_once():
     ids = input_ids()
     expected = model(input_ids=ids).logits
     with pytest.warns(UserWarning) as record:
-        assert patch_peft(model) == 0
+        assert patch_peft(model) == 4  # DoRA on lora.Linear is fused (issue 19); a DoRA Embedding is not
     assert len(record) == 1
     message = str(record[0].message)
-    assert "5 of 5 LoRA layer(s)" in message and "(0 run fused)" in message
-    # Grouped by reason, most frequent first, with a count and at most three names per reason.
-    header, dora, embedding = message.split("\n  ")
-    assert dora.startswith("4 × adapter 'default' is a ") and "(DoRA or another variant)" in dora
-    assert dora.endswith("model.layers.0.self_attn.q_proj, base_model.model.model.layers.0.self_attn.v_proj, "
-                         "base_model.model.model.layers.1.self_attn.q_proj and 1 more")
-    assert embedding == "1 × Embedding layers have no fused path (only lora.Linear and lora.bnb.Linear4bit): base_model.model.model.embed_tokens"
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    torch.testing.assert_close(model(input_ids=ids).logits, expected)
+    assert "1 of 5 LoRA layer(s)" in message and "(4 run fused)" in message, message
+    # Grouped by reason, with a count and at most three names per reason.
+    assert "1 × Embedding layers have no fused path" in message and "embed_tokens" in message, message
+    assert sum("forward" in m.__dict__ for m in model.modules()) == 4
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_without_peft_lora_layers_is_refused():

@@ -18,6 +18,12 @@ adapters, as PEFT does by default.
                      double-quantized absmax: the QLoRA recipe), float32 adapters, as users run it.
 ``fastlora-qlora``   the same 4-bit layer patched by ``fastlora.patch_peft`` (W dequantized in-tile).
                      Both 4-bit providers are checked against the reference on W's dequantization.
+``peft-dora``        PEFT's ``lora.Linear`` with ``use_dora=True`` (DoRA), adapters in the activation dtype.
+``fastlora-dora``    ``fastlora.dora.dora_linear`` (backend "auto") on the same tensors: what ``patch_peft``
+                     runs for a DoRA layer. Both DoRA providers start from PEFT's initialisation
+                     ``m = ‖W + s·B A‖`` (m/n = 1), where DoRA's output and x/A/B gradients equal LoRA's,
+                     so the LoRA reference checks them; the magnitude's gradient (not checked here) is
+                     checked against PEFT in tests/test_dora.py. Every DoRA op runs whatever m/n is.
 """
 
 from __future__ import annotations
@@ -54,10 +60,12 @@ class Layer:
     lora_A: torch.Tensor | None = None
     lora_B: torch.Tensor | None = None
     describe: Callable[[], str] | None = None  # a note for the report, asked after the layer ran
+    magnitude: torch.Tensor | None = None  # DoRA's m: its .grad is cleared with the adapters'
 
     @property
     def adapters(self) -> dict[str, torch.Tensor]:
-        return {name: t for name, t in (("lora_A", self.lora_A), ("lora_B", self.lora_B)) if t is not None}
+        pairs = (("lora_A", self.lora_A), ("lora_B", self.lora_B), ("magnitude", self.magnitude))
+        return {name: t for name, t in pairs if t is not None}
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,45 @@ def _peft_fp32_unavailable(case: Case) -> str | None:
     if case.dtype == "fp32":
         return "same as peft when the activations are float32"
     return _peft_missing(case)
+
+
+def _initial_magnitude(inp: LoRAInputs, dtype: torch.dtype) -> torch.Tensor:
+    """PEFT's DoRA initialisation on these adapters: ``m = ‖W + s·B A‖`` (so m/n = 1), a leaf."""
+    wide = torch.promote_types(inp.weight.dtype, torch.float32)
+    delta = inp.lora_B.detach().to(wide) @ inp.lora_A.detach().to(wide)
+    norm = torch.linalg.vector_norm(inp.weight.to(wide) + inp.scaling * delta, dim=1)
+    return nn.Parameter(norm.to(dtype))
+
+
+def _peft_dora(inp: LoRAInputs) -> Layer:
+    """PEFT's DoRA ``lora.Linear`` sharing ``W``, adapters (and m) in the activation dtype."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLoRALinear
+
+    N, K = inp.weight.shape
+    r = inp.lora_A.shape[0]
+    base = nn.Linear(K, N, bias=inp.bias is not None, device="meta")
+    base.weight = nn.Parameter(inp.weight, requires_grad=False)
+    if inp.bias is not None:
+        base.bias = nn.Parameter(inp.bias, requires_grad=False)
+    config = LoraConfig(r=r, lora_alpha=inp.scaling * r, use_dora=True)
+    layer = PeftLoRALinear(base, "default", config=config, r=r, lora_alpha=inp.scaling * r)
+    dtype = inp.x.dtype
+    lora_A = layer.lora_A["default"].weight = nn.Parameter(inp.lora_A.detach().to(dtype, copy=True))
+    lora_B = layer.lora_B["default"].weight = nn.Parameter(inp.lora_B.detach().to(dtype, copy=True))
+    magnitude = layer.lora_magnitude_vector["default"].weight = _initial_magnitude(inp, dtype)
+    return Layer(layer, lora_A, lora_B, magnitude=magnitude)
+
+
+def _fastlora_dora(inp: LoRAInputs) -> Layer:
+    from ..dora import WeightNormCache, dora_linear
+
+    magnitude, cache = _initial_magnitude(inp, inp.lora_A.dtype), WeightNormCache()
+
+    def forward(x):
+        return dora_linear(x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, magnitude, inp.scaling, cache=cache)
+
+    return Layer(forward, inp.lora_A, inp.lora_B, magnitude=magnitude)
 
 
 def _fastlora_builder(backend: str) -> Callable[[LoRAInputs], Layer]:
@@ -287,5 +334,7 @@ PROVIDERS: dict[str, Provider] = {
         Provider("fastlora-auto", _auto),
         Provider("peft-qlora", _peft_qlora_builder(False), _qlora_unavailable(False), reference_inputs=dequantized_4bit),
         Provider("fastlora-qlora", _peft_qlora_builder(True), _qlora_unavailable(True), reference_inputs=dequantized_4bit),
+        Provider("peft-dora", _peft_dora, _peft_missing),
+        Provider("fastlora-dora", _fastlora_dora),
     )
 }
