@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ._checks import check_dropout, check_lora_inputs
 from .ops._contract import wide_dtype
-from .ops.registry import backend_ops, resolve_backend
+from .ops.dispatch import backend_ops, resolve_backend
 
 _HALF = (torch.float16, torch.bfloat16)
 _SEED_BOUND = 2**31 - 1

@@ -188,7 +188,7 @@ def _dense_forward(layer, backend: str, x: torch.Tensor, args: tuple, kwargs: di
 
 def _fused_forward(layer, backend: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The patched ``layer.forward``: the fused layer when exact, PEFT's class ``forward`` otherwise."""
-    if not _is_peft_4bit(layer):
+    if not layer.lora_variant and not _is_peft_4bit(layer):  # DoRA layers take the general path below
         y = _dense_forward(layer, backend, x, args, kwargs)
         return type(layer).forward(layer, x, *args, **kwargs) if y is None else y
     base = _base_weight(layer)
