@@ -1,6 +1,7 @@
 """``python -m fastlora`` / ``fastlora``: ``demo`` (check and time the fused layer), ``bench``
-(every provider, every case, checked then timed) and ``inspect`` (the compiled GPU code of every
-kernel, no GPU needed). ``fastlora bench --help`` lists the options."""
+(every provider, every case, checked then timed), ``inspect`` (the compiled GPU code of every
+kernel, no GPU needed) and ``doctor`` (every backend checked on this machine, each in a child
+process, with a verdict line per backend). ``fastlora bench --help`` lists the options."""
 
 from __future__ import annotations
 
@@ -66,6 +67,18 @@ def _parser() -> argparse.ArgumentParser:
         "kernel fails to compile or a pickable config spills, 2 on bad input. TRITON_INTERPRET must not be set.",
     )
     add_arguments(inspect)
+
+    from .doctor import add_arguments as add_doctor_arguments
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check every backend on this machine against the float64 reference, each in a child process",
+        description="What is installed, then each backend on a handful of odd problems (forward and every "
+        "gradient against the float64 reference, by the tolerance table), each backend in a child process with "
+        "a timeout so that a hang or a crash is reported; on a GPU a time table at one LLM shape. One verdict "
+        "line per backend. Exit status 0 when every available backend passes, 1 otherwise.",
+    )
+    add_doctor_arguments(doctor)
     return parser
 
 
@@ -140,6 +153,10 @@ def main(argv: list[str] | None = None, *, providers: dict | None = None) -> int
         from .inspect import run
 
         return run(args, argv[1:])
+    if args.command == "doctor":
+        from .doctor import run as run_doctor
+
+        return run_doctor(args, parser)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
     if args.command == "demo":
