@@ -107,7 +107,7 @@ def bench(argv: list[str], args, parser, registry) -> int:
 
     from .bench.cases import make_cases, parse_shapes
     from .bench.plot import plot_ratios
-    from .bench.report import machine_info, render_markdown, write_csv, write_json
+    from .bench.report import machine_info, write_reports
     from .bench.runner import run
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -126,19 +126,20 @@ def bench(argv: list[str], args, parser, registry) -> int:
     providers = [registry[n] for n in names]
 
     results = []
-    for case_results in tqdm(run(cases, providers), total=len(cases), desc="fastlora bench", unit="case", file=sys.stderr):
+    command = shlex.join(["fastlora", *argv])
+    paths = {"json_path": args.json, "csv_path": args.csv, "markdown_path": args.markdown}
+    for done, case_results in enumerate(
+        tqdm(run(cases, providers), total=len(cases), desc="fastlora bench", unit="case", file=sys.stderr), 1
+    ):
         results.extend(case_results)
+        if done < len(cases) and any(paths.values()):
+            # Each case is written as it finishes: a run stopped by a timeout keeps what it measured.
+            info = {**machine_info(args.device), "command": command, "complete": f"no: {done} of {len(cases)} cases"}
+            write_reports(results, info, **paths)
 
-    info = {**machine_info(args.device), "command": shlex.join(["fastlora", *argv])}
-    report = render_markdown(results, info)
+    info = {**machine_info(args.device), "command": command, "complete": "yes"}
+    report = write_reports(results, info, **paths)
     print(report)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report)
-    if args.json:
-        write_json(args.json, results, info)
-    if args.csv:
-        write_csv(args.csv, results)
     if args.plot:
         plot_ratios(args.plot, results, info)
     return int(any(r.status in ("WRONG", "FAILED") for r in results))
