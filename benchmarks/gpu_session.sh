@@ -75,9 +75,10 @@ if [[ $part == first ]]; then
     tail -n 25 "$out/build.log"
   fi
 
-  # Each backend's check in its own child process, 40 s each (4 backends and the time table: 200 s
-  # at worst; a step killed at 180 s has printed the verdicts it reached).
-  step doctor 180 "$out/doctor.log" "$python" -m fastlora doctor --timeout 40
+  # Each backend's check in its own child process, 50 s each (typically: torch and cuda ~5 s, triton and
+  # triton-4bit mostly compiling, the time table ~30 s). At worst 250 s: the step's 180 s then cuts
+  # the table or the last backend, whose finished problems are already in the log, one line each.
+  step doctor 180 "$out/doctor.log" "$python" -m fastlora doctor --timeout 50
   cat "$out/doctor.log"
 else
   # The anchor: Llama-3-8B's q/o and gate/up projections, bf16, r=16; prefill/train at 8192 tokens
