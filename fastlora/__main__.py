@@ -1,7 +1,8 @@
 """``python -m fastlora`` / ``fastlora``: ``demo`` (check and time the fused layer), ``bench``
 (every provider, every case, checked then timed), ``inspect`` (the compiled GPU code of every
-kernel, no GPU needed) and ``census`` (launches, memsets, ATen ops and Python calls per call, and host
-µs, on the CPU). ``fastlora bench --help`` lists the options."""
+kernel, no GPU needed), ``census`` (launches, memsets, ATen ops and Python calls per call, and host
+µs, on the CPU) and ``doctor`` (every backend checked on this machine, each in a child process, with
+a verdict line per backend). ``fastlora bench --help`` lists the options."""
 
 from __future__ import annotations
 
@@ -79,6 +80,18 @@ def _parser() -> argparse.ArgumentParser:
         "if a count rose above the committed baseline; --write-baseline regenerates it. TRITON_INTERPRET must not be set.",
     )
     add_census_arguments(census)
+
+    from .doctor import add_arguments as add_doctor_arguments
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check every backend on this machine against the float64 reference, each in a child process",
+        description="What is installed, then each backend on a handful of odd problems (forward and every "
+        "gradient against the float64 reference, by the tolerance table), each backend in a child process with "
+        "a timeout so that a hang or a crash is reported; on a GPU a time table at one LLM shape. One verdict "
+        "line per backend. Exit status 0 when every available backend passes, 1 otherwise.",
+    )
+    add_doctor_arguments(doctor)
     return parser
 
 
@@ -107,7 +120,7 @@ def bench(argv: list[str], args, parser, registry) -> int:
 
     from .bench.cases import make_cases, parse_shapes
     from .bench.plot import plot_ratios
-    from .bench.report import machine_info, render_markdown, write_csv, write_json
+    from .bench.report import machine_info, write_reports
     from .bench.runner import run
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -126,19 +139,20 @@ def bench(argv: list[str], args, parser, registry) -> int:
     providers = [registry[n] for n in names]
 
     results = []
-    for case_results in tqdm(run(cases, providers), total=len(cases), desc="fastlora bench", unit="case", file=sys.stderr):
+    command = shlex.join(["fastlora", *argv])
+    paths = {"json_path": args.json, "csv_path": args.csv, "markdown_path": args.markdown}
+    for done, case_results in enumerate(
+        tqdm(run(cases, providers), total=len(cases), desc="fastlora bench", unit="case", file=sys.stderr), 1
+    ):
         results.extend(case_results)
+        if done < len(cases) and any(paths.values()):
+            # Each case is written as it finishes: a run stopped by a timeout keeps what it measured.
+            info = {**machine_info(args.device), "command": command, "complete": f"no: {done} of {len(cases)} cases"}
+            write_reports(results, info, **paths)
 
-    info = {**machine_info(args.device), "command": shlex.join(["fastlora", *argv])}
-    report = render_markdown(results, info)
+    info = {**machine_info(args.device), "command": command, "complete": "yes"}
+    report = write_reports(results, info, **paths)
     print(report)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report)
-    if args.json:
-        write_json(args.json, results, info)
-    if args.csv:
-        write_csv(args.csv, results)
     if args.plot:
         plot_ratios(args.plot, results, info)
     return int(any(r.status in ("WRONG", "FAILED") for r in results))
@@ -157,6 +171,10 @@ def main(argv: list[str] | None = None, *, providers: dict | None = None) -> int
         from .census import run as run_census
 
         return run_census(args, argv[1:])
+    if args.command == "doctor":
+        from .doctor import run as run_doctor
+
+        return run_doctor(args, parser)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
     if args.command == "demo":

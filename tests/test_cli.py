@@ -94,6 +94,36 @@ def test_bench_refuses_to_time_a_wrong_or_crashing_provider(tmp_path, capsys):
     assert table_rows and all("WRONG" in row for row in table_rows)  # summaries and table: never a time
 
 
+def test_bench_writes_each_case_as_it_finishes(tmp_path):
+    """A run stopped in its second case (a timeout's kill, here an interrupt) keeps the first's rows."""
+    starts, interrupt = [], [True]
+
+    def interrupt_in_the_second_case():
+        starts.append(1)
+        if interrupt[0] and len(starts) == 2:
+            raise KeyboardInterrupt  # not an Exception: the runner does not catch it, as it cannot catch a kill
+
+    registry = {**PROVIDERS, "stops": Provider("stops", _scaled_naive(1.0), start_case=interrupt_in_the_second_case)}
+    paths = {ext: tmp_path / f"out.{ext}" for ext in ("json", "csv", "md")}
+    argv = TINY + ["--modes", "forward,train", "--providers", "stops", "--json", str(paths["json"]),
+                   "--csv", str(paths["csv"]), "--markdown", str(paths["md"])]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        main(argv, providers=registry)
+    data = json.loads(paths["json"].read_text())
+    assert {(r["mode"], r["provider"], r["status"]) for r in data["results"]} == {("forward", "base", "ok"), ("forward", "stops", "ok")}
+    assert data["machine"]["complete"] == "no: 1 of 2 cases"
+    with open(paths["csv"], newline="") as f:
+        assert [r["mode"] for r in csv.DictReader(f)] == ["forward", "forward"]
+    assert "**Partial run**" in paths["md"].read_text() and "### forward" in paths["md"].read_text()
+    assert not list(tmp_path.glob("*.partial"))  # every file was replaced whole
+
+    interrupt[0] = False
+    assert main(argv, providers=registry) == 0  # no interrupt now: the full run, marked complete
+    data = json.loads(paths["json"].read_text())
+    assert data["machine"]["complete"] == "yes" and {r["mode"] for r in data["results"]} == {"forward", "train"}
+    assert "Partial run" not in paths["md"].read_text()
+
+
 def test_bench_without_its_extra_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # how Python spells "not installed"
     with pytest.raises(SystemExit) as exit_info:
@@ -109,3 +139,26 @@ def test_bench_rejects_bad_options(bad, capsys):
         main(TINY[:3] + bad)
     assert exit_info.value.code == 2
     assert bad[0] in capsys.readouterr().err
+
+
+def test_gpu_session_fits_its_budget():
+    """benchmarks/gpu_session.sh: each command's step limits under 8 minutes, both together under
+    12 minutes less a fresh machine's start (about a minute), and the script parses."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    first, second = text.split('if [[ $part == first ]]; then', 1)[1].split("\nelse\n", 1)
+    shared = text.split('if [[ $part == first ]]; then', 1)[0]
+
+    def limits(part: str) -> list[int]:
+        return [int(s) for s in re.findall(r"^\s*(?:if ! )?step \S+ (\d+) ", part, re.MULTILINE)]
+
+    totals = [sum(limits(shared) + limits(part)) for part in (first, second)]
+    assert all(len(limits(part)) >= 2 for part in (first, second))
+    assert max(totals) <= 8 * 60 and sum(totals) + 60 <= 12 * 60, totals
+    for total in totals:  # the header states the budget it keeps
+        assert f"= {total} s" in text

@@ -83,16 +83,40 @@ def as_row(r: Result) -> dict:
     return row
 
 
+def _replace(path: str, write) -> None:
+    """``write(file)`` into a temporary beside ``path``, then rename it over ``path``: a run killed
+    mid-write (a timeout) leaves the previous complete file, never a truncated one."""
+    temporary = f"{path}.{os.getpid()}.partial"
+    with open(temporary, "w", newline="") as f:
+        write(f)
+    os.replace(temporary, path)
+
+
 def write_json(path: str, results: list[Result], info: dict) -> None:
-    with open(path, "w") as f:
-        json.dump({"machine": info, "results": [as_row(r) for r in results]}, f, indent=1)
+    _replace(path, lambda f: json.dump({"machine": info, "results": [as_row(r) for r in results]}, f, indent=1))
 
 
 def write_csv(path: str, results: list[Result]) -> None:
-    with open(path, "w", newline="") as f:
+    def write(f):
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(as_row(r) for r in results)
+
+    _replace(path, write)
+
+
+def write_reports(results: list[Result], info: dict, *, json_path=None, csv_path=None, markdown_path=None) -> str:
+    """Write every report asked for from ``results`` so far and return the markdown. Called after
+    each case as well as at the end, so that a run stopped by a timeout keeps the cases it finished
+    (``info["complete"]`` says whether the run ended)."""
+    report = render_markdown(results, info)
+    if markdown_path:
+        _replace(markdown_path, lambda f: f.write(report))
+    if json_path:
+        write_json(json_path, results, info)
+    if csv_path:
+        write_csv(csv_path, results)
+    return report
 
 
 def _fmt(value: float | None, spec: str, missing: str = "") -> str:
@@ -171,7 +195,8 @@ def render_markdown(results: list[Result], info: dict) -> str:
         f"torch {info['torch']}, fastlora {info['fastlora']}, python {info['python']}, {info['date']}.  \n"
         f"Backends: {backends}.  \n"
         f"backend='auto' (fastlora-auto): {info.get('auto', 'not recorded')}.  \n"
-        f"Command: `{info.get('command', 'fastlora bench')}`",
+        f"Command: `{info.get('command', 'fastlora bench')}`"
+        + (f"  \n**Partial run** (written as each case finished): complete {info['complete']}" if info.get("complete", "yes") != "yes" else ""),
         "Ratios: a provider's median time divided by that of `base` (or `naive`) in the same case; the "
         "summaries give their geometric mean over the cases of each mode. Lower is faster.",
         "### summary: time ÷ base (the frozen linear layer alone)\n\n" + summary_table(results, "base"),

@@ -11,6 +11,11 @@ software pipeliner silently does nothing (one stage of shared memory, no cp.asyn
 off the cubin misleads. Because the result is the JIT's own compile, on a GPU the launch that follows
 finds it in Triton's cache. ``create_function_from_signature`` and ``JITFunction._pack_args`` are
 private to Triton but have the same signature in 3.6 and 3.8; ``tests/test_inspect.py`` checks them.
+Triton 3.4 has neither ``JITFunction._pack_args`` nor ``knobs.compilation.instrumentation_mode``: where
+any private piece this needs is missing (``missing_private_api``), or specialising raises, the
+compiler-informed pruning turns itself off with one warning and ``drop_spilling`` returns the configs
+the formula pruning kept, so a launch never fails for the pruning's sake (``fastlora inspect`` needs
+them and says so).
 
 Nothing here compiles at import, and under ``TRITON_INTERPRET=1`` ``drop_spilling`` returns the
 configs unchanged (interpreted kernels cannot be compiled).
@@ -23,6 +28,7 @@ import os
 import re
 import subprocess
 import tempfile
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -62,6 +68,53 @@ class Specialisation(NamedTuple):
 
     def key(self) -> str:
         return repr((self.signature, self.constexprs, self.attrs, self.options))
+
+
+# (module, attribute path) of every private piece of Triton that specialise/compile_for use.
+PRIVATE_API = (
+    ("triton.runtime.jit", "create_function_from_signature"),
+    ("triton.runtime.jit", "JITFunction._pack_args"),
+    ("triton.compiler", "make_backend"),
+    ("triton.compiler", "ASTSource"),
+    ("triton.backends.compiler", "GPUTarget"),
+    ("triton", "knobs.compilation.instrumentation_mode"),
+    ("triton", "knobs.runtime.debug"),
+    ("triton", "knobs.nvidia.cuobjdump"),
+)
+
+
+def missing_private_api() -> str | None:
+    """None if this Triton has every private piece the compiler-informed pruning uses, else which
+    are missing (e.g. on triton 3.4: ``JITFunction._pack_args``)."""
+    import importlib
+
+    missing = []
+    for module, path in PRIVATE_API:
+        try:
+            obj = importlib.import_module(module)
+            for name in path.split("."):
+                obj = getattr(obj, name)
+        except (ImportError, AttributeError):
+            missing.append(f"{module}.{path}")
+    return ", ".join(missing) or None
+
+
+# Why the compiler-informed pruning is off in this process (None: it is on); warned once.
+_pruning_off: list[str] = []
+
+
+def _turn_pruning_off(reason: str) -> None:
+    if not _pruning_off:
+        _pruning_off.append(reason)
+        import triton
+
+        warnings.warn(
+            f"fastlora: compiler-informed pruning of Triton configs is off ({reason}; triton "
+            f"{getattr(triton, '__version__', '?')}); configs are pruned by their size alone, so the autotuner may "
+            "time some that spill. fastlora is checked with triton 3.6 and 3.8.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def target_of(capability: tuple[int, int]):
@@ -180,7 +233,11 @@ def drop_spilling(kernel, configs: list, named_args: dict, **kwargs) -> list:
     once a process; on a GPU the launch then finds the compile in Triton's cache. A config that fails
     to compile is dropped like one that spills. Unchanged under the interpreter or with one config.
     """
-    if INTERPRET or len(configs) <= 1:
+    if INTERPRET or len(configs) <= 1 or _pruning_off:
+        return list(configs)
+    missing = missing_private_api()
+    if missing is not None:
+        _turn_pruning_off(f"this Triton lacks {missing}")
         return list(configs)
     limits = device_limits(_device_of(named_args))
     target = target_of(limits.capability)
@@ -192,6 +249,10 @@ def drop_spilling(kernel, configs: list, named_args: dict, **kwargs) -> list:
         stack, shared = compiled.resources.stack_bytes, compiled.resources.shared_bytes
         return stack + (shared > limits.max_shared_bytes) * 2**20, shared
 
-    costs = {config: cost(config) for config in configs}
+    try:
+        costs = {config: cost(config) for config in configs}
+    except Exception as err:  # a Triton whose private binder changed: keep the formula's choice
+        _turn_pruning_off(f"specialising for the compiler raised {type(err).__name__}: {err}")
+        return list(configs)
     kept = [config for config in configs if costs[config][0] == 0]
     return kept or [min(configs, key=costs.__getitem__)]
