@@ -217,3 +217,19 @@ def test_on_a_gpu_the_measured_fastest_is_run(monkeypatch, tmp_path):
     assert "torch" in timed and choice["backend"] == min(timed, key=timed.get)
     assert dispatch.resolve_backend("auto", x, w, b, A, B) == choice["backend"]
     auto.clear_memory()
+
+
+def test_a_backend_that_failed_doctor_here_is_not_tried(timed_cpu):
+    """``fastlora doctor``'s verdicts (doctor.json beside the autotune cache, same environment key)
+    exclude a failing backend before any timing; a passing verdict changes nothing."""
+    from fastlora import doctor
+
+    x, w, b, A, B = problem()
+    verdicts = {"triton": {"verdict": "fail", "detail": "grad of lora_A off by 3e-1 in M1 K33"},
+                "cuda": {"verdict": "pass", "detail": "ok"}, "torch": {"verdict": "pass", "detail": "ok"}}  # fmt: skip
+    doctor.store_verdicts(x.device, verdicts, "2026-12-01")
+    assert doctor.cached_verdicts(x.device) == {"triton": False, "cuda": True, "torch": True}
+    timer = use_timer({"torch": 3.0, "triton": 1.0, "cuda": 2.0})
+    choice = fastlora.explain_backend(x, w, A, B)
+    assert choice["backend"] == "cuda" and "triton" not in timer.calls
+    assert sorted(timer.calls) == ["cuda", "torch"]

@@ -30,26 +30,11 @@ from pathlib import Path
 
 import torch
 
-CACHE_FORMAT = "fastlora-doctor/1"
+from ..ops.autotune_cache import DOCTOR_FORMAT as CACHE_FORMAT
+from ..ops.autotune_cache import doctor_path as cache_file
+from ..ops.autotune_cache import read_doctor as _read
+
 _write_lock = threading.Lock()
-
-
-def cache_file() -> Path:
-    """``doctor.json`` in the cache directory of ``backend="auto"`` (``FASTLORA_CACHE_DIR`` ...)."""
-    from ..ops.auto import cache_path
-
-    return cache_path().parent / "doctor.json"
-
-
-def _read(path: Path) -> dict:
-    """``{environment key: {"verdicts": {backend: {"pass", "detail"}}, ...}}``, or {} if unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not (isinstance(data, dict) and data.get("format") == CACHE_FORMAT and isinstance(data.get("environments"), dict)):
-        return {}
-    return data["environments"]
 
 
 def cached_verdicts(device: str | torch.device) -> dict[str, bool]:

@@ -54,7 +54,7 @@ from typing import Callable
 import torch
 
 from . import gate
-from .autotune_cache import CACHE_FORMAT, cache_path, environment_key, read_disk, write_disk  # noqa: F401
+from .autotune_cache import CACHE_FORMAT, cache_path, doctor_failures, environment_key, read_disk, write_disk  # noqa: F401
 from .candidates import dense_candidates
 from .gate import REPS, WARMUP, Candidate, Failure, Timer, cuda_event_timer  # noqa: F401
 from .registry import BACKEND_NAMES, FUSED_BACKENDS, cannot_run
@@ -327,6 +327,10 @@ def _decide(x, weight, bias, lora_A, lora_B, dropout: float, requires_grad: bool
         return _choice("torch", f"{x.device.type} tensors run on the torch backend; no timing"), True
     rank = lora_A.shape[0]
     refusals = {name: cannot_run(name, x, rank) for name in FUSED_BACKENDS}
+    # A backend that `fastlora doctor` found wrong, hung or crashing in this environment is not tried.
+    for name, detail in doctor_failures(environment_key(x.device)).items():
+        if refusals.get(name, True) is None:
+            refusals[name] = (RuntimeError, f"backend={name!r} failed `fastlora doctor` here ({detail})")
     names = ["torch"] + [name for name, problem in refusals.items() if problem is None]
     if len(names) == 1:
         why = "; ".join(message for _, message in refusals.values())

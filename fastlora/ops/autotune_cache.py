@@ -98,3 +98,36 @@ def write_disk(path: Path, env: str, key: str, entry: dict) -> None:
         os.replace(temporary, path)  # atomic: a reader sees the old file or the new one
     except OSError as err:
         warnings.warn(f"fastlora: could not write the autotune cache {path}: {err}", RuntimeWarning, stacklevel=6)
+
+
+DOCTOR_FORMAT = "fastlora-doctor/1"
+
+
+def doctor_path() -> Path:
+    """``doctor.json`` beside ``autotune.json``: the verdicts of ``fastlora doctor`` (``fastlora.doctor``)."""
+    return cache_path().parent / "doctor.json"
+
+
+def read_doctor(path: Path) -> dict:
+    """``{environment key: {"verdicts": {backend: {"pass", "detail"}}, ...}}``, or {} if unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not (isinstance(data, dict) and data.get("format") == DOCTOR_FORMAT and isinstance(data.get("environments"), dict)):
+        return {}
+    return data["environments"]
+
+
+def doctor_failures(env: str) -> dict[str, str]:
+    """``{backend: what failed}`` for the backends that the last ``fastlora doctor`` run in this
+    environment (``env``, ``environment_key``'s) found wrong, hung or crashing; {} if none or no run."""
+    entry = read_doctor(doctor_path()).get(env, {})
+    verdicts = entry.get("verdicts") if isinstance(entry, dict) else None
+    if not isinstance(verdicts, dict):
+        return {}
+    return {
+        name: str(v.get("detail", "failed"))
+        for name, v in verdicts.items()
+        if isinstance(v, dict) and v.get("pass") is False
+    }
