@@ -33,7 +33,14 @@ class _RaisingFinder:
 
 @pytest.fixture
 def without_triton_modules(monkeypatch):
-    """Forget the imported triton for one test (monkeypatch puts it back)."""
+    """Forget the imported triton for one test (monkeypatch puts it back). Imported first where it is
+    installed, so that what the test leaves in sys.modules (None, after a failed import) is undone
+    even when no earlier test imported it."""
+    try:
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001 (not installed or broken here: nothing to restore)
+        pass
+    monkeypatch.setitem(sys.modules, "triton", sys.modules.get("triton"))
     for name in [n for n in sys.modules if n == "triton" or n.startswith("triton.")]:
         monkeypatch.delitem(sys.modules, name)
 
@@ -65,19 +72,21 @@ def fake_triton(version: str) -> types.ModuleType:
     return module
 
 
-@pytest.mark.parametrize("version", ["2.3.1", "2.1.0+cu121", "1.0"])
+@pytest.mark.parametrize("version", ["2.3.1", "2.1.0+cu121", "1.0", "3.4.0+git45fff310", "3.5.1"])
 def test_old_triton_is_refused_with_one_warning(monkeypatch, version):
     monkeypatch.setitem(sys.modules, "triton", fake_triton(version))
+    monkeypatch.setitem(sys.modules, "triton.language", types.ModuleType("triton.language"))
     with pytest.warns(RuntimeWarning) as record:
         reason = _load_triton()
-    assert reason == f"triton {version} is too old, the kernels need triton >= 3.0; upgrade with `pip install -U 'triton>=3.0'`"
+    assert reason == f"triton {version} is too old, the kernels need triton >= 3.6; upgrade with `pip install -U 'triton>=3.6'`"
     assert len(record) == 1
 
 
-@pytest.mark.parametrize("version", ["3.0.0", "3.4.0+git45fff310", "10.1.0"])
+@pytest.mark.parametrize("version", ["3.6.0", "3.8.0+git45fff310", "10.1.0"])
 def test_new_enough_triton_is_accepted(monkeypatch, version):
     pytest.importorskip("fastlora.ops.triton_lora")  # the real kernels must be importable here
     monkeypatch.setitem(sys.modules, "triton", fake_triton(version))
+    monkeypatch.setitem(sys.modules, "triton.language", types.ModuleType("triton.language"))
     assert isinstance(_load_triton(), LoRAOps)
 
 

@@ -64,9 +64,11 @@ def _load_triton() -> LoRAOps | str:
     import sys
     import warnings
 
-    # tl.dot(..., input_precision=) and early_config_prune(**kwargs) (the pruner reads R_PAD from
-    # the kwargs) both arrived in triton 3.0; below it the kernels cannot be compiled.
-    min_version = (3, 0)
+    # 3.6 is the oldest triton the kernels are checked on (CI runs a subset under 3.6 and everything
+    # under 3.8; the GPU image has 3.6). Older ones lack APIs the kernels or the compile-informed
+    # pruning use (3.4: JITFunction._pack_args, knobs.compilation.instrumentation_mode), and below
+    # 3.0 tl.dot(input_precision=) and early_config_prune(**kwargs) do not exist.
+    min_version = (3, 6)
     try:
         import triton
         import triton.language  # noqa: F401
@@ -84,7 +86,7 @@ def _load_triton() -> LoRAOps | str:
             from .triton_lora import TRITON_OPS
 
             return TRITON_OPS
-        reason = f"triton {version} is too old, the kernels need triton >= 3.0; upgrade with `pip install -U 'triton>=3.0'`"
+        reason = f"triton {version} is too old, the kernels need triton >= 3.6; upgrade with `pip install -U 'triton>=3.6'`"
     warnings.warn(f"fastlora: backend='triton' is disabled: {reason}", RuntimeWarning, stacklevel=3)
     return reason
 
