@@ -6,7 +6,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -57,6 +56,13 @@ const T* ptr(const Tensor& t) {
 template <typename T>
 T* mutable_ptr(Tensor& t) {
   return static_cast<T*>(t.mutable_data_ptr());
+}
+
+// Every launcher returns cudaGetLastError() right after its launch (so the error is taken, not left
+// pending for a later, unrelated check); a failure raises naming the kernel and the CUDA error.
+void check_launch(cudaError_t err, const char* kernel) {
+  TORCH_CHECK(err == cudaSuccess, "fastlora: launching the ", kernel, " kernel failed: ", cudaGetErrorName(err), " (",
+              cudaGetErrorString(err), ")");
 }
 
 // The kernels read every 2-D operand through its row stride (0 included), so only a non-unit inner
@@ -123,12 +129,12 @@ void reduce_rows(const TL* l, int64_t ldl, const TR* r, int64_t ldr, int64_t M, 
   if (P == 0 || Q == 0) return;
   const auto [splits, rows] = split_rows(M, ceil_div(P, kTile) * ceil_div(Q, kTile));
   Tensor ws = at::empty({splits, P, Q}, out.options().dtype(at::kFloat));
-  C10_CUDA_CHECK(
-      launch_row_reduce(l, ldl, r, ldr, M, P, Q, r_dropout, splits, rows, ws.mutable_data_ptr<float>(), stream));
+  check_launch(launch_row_reduce(l, ldl, r, ldr, M, P, Q, r_dropout, splits, rows, ws.mutable_data_ptr<float>(), stream),
+               "split-M adapter-gradient reduction (row_reduce)");
   // D(R) = scale · (mask ⊙ R): the kernel applied the mask, the scale joins scaling here.
   const float total_scale = static_cast<float>(scaling) * (r_dropout.p > 0.f ? r_dropout.scale : 1.f);
-  C10_CUDA_CHECK(
-      launch_sum_splits(ws.const_data_ptr<float>(), splits, P * Q, total_scale, mutable_ptr<TO>(out), stream));
+  check_launch(launch_sum_splits(ws.const_data_ptr<float>(), splits, P * Q, total_scale, mutable_ptr<TO>(out), stream),
+               "adapter-gradient split sum (sum_splits)");
 }
 
 // LoRA dropout of one call (see Dropout in lora_kernels.cuh); the seed is a 0-d int64 CPU tensor.
@@ -164,15 +170,16 @@ void launch_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& dropout, 
                                              std::clamp<int64_t>(p.K / kMinSplitDepth, 1, 65535));
   if (wanted == 1 || !out.is_contiguous()) {
     p.out = mutable_ptr<float>(out), p.ldo = out.stride(0);
-    C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
+    check_launch(launch_gemm<kKContig>(p, stream), "portable rank-r GEMM (lora_gemm)");
     return;
   }
   p.k_per_split = ceil_div(ceil_div(p.K, wanted), 32) * 32;  // whole main-loop steps
   const int64_t splits = ceil_div(p.K, p.k_per_split);
   Tensor ws = at::empty({splits, p.M, p.N}, out.options());
   p.out = ws.mutable_data_ptr<float>(), p.ldo = p.N, p.out_split_stride = p.M * p.N;
-  C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
-  C10_CUDA_CHECK(launch_sum_splits(ws.const_data_ptr<float>(), splits, p.M * p.N, 1.f, mutable_ptr<float>(out), stream));
+  check_launch(launch_gemm<kKContig>(p, stream), "portable split-K rank-r GEMM (lora_gemm)");
+  check_launch(launch_sum_splits(ws.const_data_ptr<float>(), splits, p.M * p.N, 1.f, mutable_ptr<float>(out), stream),
+               "rank-r GEMM split sum (sum_splits)");
 }
 
 // out = a · b + scaling · D(xa · l) + bias, the fused kernel: y = x Wᵀ + s·xa Bᵀ + bias in the forward
@@ -191,7 +198,7 @@ void launch_fused(const Tensor& a, const Tensor& b, const Tensor& xa, const Tens
   p.bias = bias.defined() ? ptr<T>(bias) : nullptr;
   p.out = mutable_ptr<T>(out), p.ldo = out.stride(0);
   p.dropout = dropout, p.dropout_site = DropoutSite::kLowRank;
-  C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
+  check_launch(launch_gemm<kKContig>(p, stream), "portable fused LoRA GEMM (lora_gemm)");
 }
 
 // Which kernel computes out = a · bᵀ + [s·xa rounded to T] · lᵀ (+ bias), for a [M, K] (x, or gy in
@@ -246,16 +253,37 @@ constexpr bool kSm90aBuilt = false;
 // multiplied by l: D = 2r (3r with fp32 adapters, whose l is split the same way: hi·hi + hi·lo +
 // lo·hi), padded with zeros to a multiple of 8. At r ≤ 32 that is still one 64-deep K-block.
 // M·D and N·D elements: small next to the GEMM.
+//
+// fp16's range: s·xa is kept in fp32 by the portable kernel, so |s·xa| beyond 65504 must not overflow
+// here either. In fp16, column j of s·xa whose largest magnitude is 2^14 or more is scaled by 2^-e_j
+// into [-2^14, 2^14] and column j of l by 2^e_j (a_ext · b_extᵀ unchanged; powers of two, so exact
+// while l·2^e_j stays in range: that overflows only where one rank-1 term s·xa[m, j]·l[n, j] alone
+// is beyond fp16, i.e. where y overflows anyway). Other columns, and bf16 (fp32's exponent range),
+// are not scaled, so their operands are bit for bit what they were.
+constexpr int64_t kHalfHeadroomExponent = 14;  // scaled columns of s·xa lie in [-2^14, 2^14]
+
 std::tuple<Tensor, Tensor> lora_blocks(const Tensor& xa, const Tensor& l_nr, double scaling, at::ScalarType dtype,
                                        bool k_major_b) {
-  const Tensor sxa = xa * scaling;
+  Tensor sxa = xa * scaling;
+  Tensor l_src = l_nr;
+  if (dtype == at::kHalf && sxa.size(0) > 0) {
+    // e_j = max(0, E_j - 14) for max_m |s·xa[m, j]| < 2^E_j (frexp's exponent), as the fp32 2^-e_j
+    // built from its bits (exact): ((127 - e_j) << 23); E_j of inf/NaN columns is clamped (their
+    // result is inf/NaN on every path).
+    const Tensor top = std::get<1>(at::frexp(at::amax(at::abs(sxa), {0})));  // int32 [r]
+    const Tensor down_bits =
+        at::clamp(127 + kHalfHeadroomExponent - top, 1, 127).to(at::kInt).bitwise_left_shift(23);
+    const Tensor down = down_bits.view(at::kFloat);  // 2^-e_j, in (0, 1]
+    sxa = sxa * down;
+    l_src = l_nr.to(at::kFloat) / down;  // exact: a division by a power of two
+  }
   const Tensor a_hi = sxa.to(dtype);
   const Tensor a_lo = (sxa - a_hi.to(sxa.scalar_type())).to(dtype);
-  const Tensor l_hi = l_nr.to(dtype);
+  const Tensor l_hi = l_src.to(dtype);
   std::vector<Tensor> as{a_hi, a_lo}, ls{l_hi, l_hi};
   if (l_nr.scalar_type() != dtype) {  // fp32 adapters
     as.push_back(a_hi);
-    ls.push_back((l_nr - l_hi.to(l_nr.scalar_type())).to(dtype));
+    ls.push_back((l_src - l_hi.to(l_src.scalar_type())).to(dtype));
   }
   const int64_t depth = static_cast<int64_t>(as.size()) * xa.size(1);
   const int64_t pad = ceil_div(depth, kVecElems) * kVecElems - depth;
@@ -265,9 +293,25 @@ std::tuple<Tensor, Tensor> lora_blocks(const Tensor& xa, const Tensor& l_nr, dou
 }
 
 #ifdef FASTLORA_CUTLASS
+// What the host does with a CUTLASS launcher's outcome (a pure function, unit-tested on the CPU):
+// kLaunched: done (true); kRejected: nothing was launched, take the portable kernel (false); a
+// failed launch raises, naming the kernel, the problem and the CUDA error.
+bool cutlass_outcome(const CutlassLaunch& r, const char* kernel, const LoRAGemmArgs& p) {
+  if (r.status == CutlassStatus::kLaunched) return true;
+  TORCH_CHECK(r.status == CutlassStatus::kRejected, "fastlora: launching the ", kernel, " kernel (M=", p.M, ", N=", p.N,
+              ", K=", p.K, ", LoRA depth ", p.R, ") failed: ", cudaGetErrorName(r.error), " (", cudaGetErrorString(r.error),
+              ")");
+  TORCH_WARN_ONCE("fastlora: the ", kernel, " kernel rejected a problem fastlora's checks accepted (M=", p.M, ", N=", p.N,
+                  ", K=", p.K, ", LoRA depth ", p.R, ", CUTLASS status ", r.cutlass_status, ", CUDA ",
+                  cudaGetErrorName(r.error), "); the portable kernel computes it instead (slower). Please report it.");
+  return false;
+}
+
 // Runs the CUTLASS kernel choose_gemm_path picked (not kPortable): out = a · b_nkᵀ + s·xa · l_nrᵀ
-// + bias, the low-rank term as the K-blocks of lora_blocks.
-void run_cutlass(GemmPath path, const Tensor& a, const Tensor& b_nk, const Tensor& xa, const Tensor& l_nr,
+// + bias, the low-rank term as the K-blocks of lora_blocks. Returns false, having launched nothing
+// but the small ATen ops of lora_blocks, when CUTLASS rejects the problem: the caller then takes the
+// portable kernel.
+bool run_cutlass(GemmPath path, const Tensor& a, const Tensor& b_nk, const Tensor& xa, const Tensor& l_nr,
                  const Tensor& bias, double scaling, Tensor& out, cudaStream_t stream) {
   const bool kmaj = k_major(b_nk);
   const Tensor b = stored(b_nk);
@@ -282,19 +326,25 @@ void run_cutlass(GemmPath path, const Tensor& a, const Tensor& b_nk, const Tenso
   p.out = out.mutable_data_ptr(), p.ldo = out.stride(0);
   p.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
-  auto launch = [&](auto tag) {
+  const bool half = a.scalar_type() == at::kHalf;
+  const bool sm90 = path == GemmPath::kSm90;
+  // e.g. "CUTLASS sm90 LoRA GEMM (bf16, W K-major)"
+  static constexpr const char* kNames[2][2][2] = {
+      {{"CUTLASS sm80 LoRA GEMM (bf16, W N-major)", "CUTLASS sm80 LoRA GEMM (bf16, W K-major)"},
+       {"CUTLASS sm80 LoRA GEMM (fp16, W N-major)", "CUTLASS sm80 LoRA GEMM (fp16, W K-major)"}},
+      {{"CUTLASS sm90 LoRA GEMM (bf16, W N-major)", "CUTLASS sm90 LoRA GEMM (bf16, W K-major)"},
+       {"CUTLASS sm90 LoRA GEMM (fp16, W N-major)", "CUTLASS sm90 LoRA GEMM (fp16, W K-major)"}}};
+  auto launch = [&](auto tag) -> CutlassLaunch {
     using T = typename decltype(tag)::type;
 #ifdef FASTLORA_SM90A
-    if (path == GemmPath::kSm90) {
+    if (sm90) {
       return kmaj ? launch_lora_gemm_sm90<T, true>(p, stream) : launch_lora_gemm_sm90<T, false>(p, stream);
     }
 #endif
     return kmaj ? launch_lora_gemm_sm80<T, true>(p, stream) : launch_lora_gemm_sm80<T, false>(p, stream);
   };
-  const cudaError_t err = a.scalar_type() == at::kHalf ? launch(Tag<__half>{}) : launch(Tag<__nv_bfloat16>{});
-  TORCH_CHECK(err != cudaErrorNotSupported, "fastlora: CUTLASS rejected a problem fastlora's checks accepted (M=", p.M,
-              ", N=", p.N, ", K=", p.K, ", r=", p.R, "); please report it");
-  C10_CUDA_CHECK(err);
+  const CutlassLaunch result = half ? launch(Tag<__half>{}) : launch(Tag<__nv_bfloat16>{});
+  return cutlass_outcome(result, kNames[sm90][half][kmaj], p);
 }
 
 // choose_gemm_path for the current device.
@@ -311,7 +361,7 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight
   constexpr const char* op = "fastlora::cuda_forward";
   check_common(op, x_in, weight_in, lora_A_in, lora_B_in);
   const Dropout dropout = make_dropout(op, dropout_p, seed);
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0), R = lora_A_in.size(0);
+  const int64_t M = x_in.size(0), N = weight_in.size(0), R = lora_A_in.size(0);
   Tensor bias;
   if (bias_in.has_value()) {
     check_tensor(op, "bias", *bias_in, x_in, 1);
@@ -338,8 +388,9 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight
     // W in place in either layout (GPT-2's Conv1D passes a transposed view); the portable one needs
     // unit inner stride.
 #ifdef FASTLORA_CUTLASS
-    if (const GemmPath path = device_gemm_path(x, weight_in, R, bias, y); path != GemmPath::kPortable) {
-      return run_cutlass(path, x, weight_in, xa, lora_B, bias, scaling, y, stream);
+    if (const GemmPath path = device_gemm_path(x, weight_in, R, bias, y);
+        path != GemmPath::kPortable && run_cutlass(path, x, weight_in, xa, lora_B, bias, scaling, y, stream)) {
+      return;
     }
 #endif
     launch_fused<true, T, TA>(x, unit_inner_stride(weight_in), xa, lora_B, bias, scaling, Dropout{}, y, stream);
@@ -395,13 +446,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
     }
     // grad_x = gy W + scaling · D(g_xa A): the forward's kernel with W and A read untransposed.
     if (need_x) {
+      bool done = false;
 #ifdef FASTLORA_CUTLASS
+      // (Dropout's mask applies to the low-rank term alone, which shares the CUTLASS accumulator.)
       const GemmPath path = dropout.p == 0.f ? device_gemm_path(gy, weight_in.t(), R, Tensor(), grad_x) : GemmPath::kPortable;
-      if (path != GemmPath::kPortable) run_cutlass(path, gy, weight_in.t(), g_xa, lora_A.t(), Tensor(), scaling, grad_x, stream);
-#else
-      const GemmPath path = GemmPath::kPortable;
+      done = path != GemmPath::kPortable &&
+             run_cutlass(path, gy, weight_in.t(), g_xa, lora_A.t(), Tensor(), scaling, grad_x, stream);
 #endif
-      if (path == GemmPath::kPortable) launch_fused<false, T, TA>(gy, unit_inner_stride(weight_in), g_xa, lora_A, Tensor(), scaling, dropout, grad_x, stream);
+      if (!done) {
+        launch_fused<false, T, TA>(gy, unit_inner_stride(weight_in), g_xa, lora_A, Tensor(), scaling, dropout, grad_x,
+                                   stream);
+      }
     }
     // grad_A[r, k] = scaling · Σ_m g_xa[m, r] D(x)[m, k]
     if (need_A) reduce_rows<TA>(ptr<float>(g_xa), R, ptr<T>(x), x.stride(0), M, scaling, dropout, grad_A, stream);
@@ -413,9 +468,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
     if (need_bias) {
       const auto [splits, rows] = split_rows(M, ceil_div(N, kColumnSumThreads));
       Tensor ws = at::empty({splits, N}, x.options().dtype(at::kFloat));
-      C10_CUDA_CHECK(launch_column_sum(ptr<T>(gy), gy.stride(0), M, N, splits, rows, ws.mutable_data_ptr<float>(),
-                                       stream));
-      C10_CUDA_CHECK(launch_sum_splits(ws.const_data_ptr<float>(), splits, N, 1.f, mutable_ptr<T>(grad_bias), stream));
+      check_launch(launch_column_sum(ptr<T>(gy), gy.stride(0), M, N, splits, rows, ws.mutable_data_ptr<float>(), stream),
+                   "bias-gradient column sum (column_sum)");
+      check_launch(launch_sum_splits(ws.const_data_ptr<float>(), splits, N, 1.f, mutable_ptr<T>(grad_bias), stream),
+                   "bias-gradient split sum (sum_splits)");
     }
   });
   return {grad_x, grad_A, grad_B, grad_bias};
