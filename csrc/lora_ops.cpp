@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -260,36 +261,42 @@ constexpr bool kSm90aBuilt = false;
 // while l·2^e_j stays in range: that overflows only where one rank-1 term s·xa[m, j]·l[n, j] alone
 // is beyond fp16, i.e. where y overflows anyway). Other columns, and bf16 (fp32's exponent range),
 // are not scaled, so their operands are bit for bit what they were.
-constexpr int64_t kHalfHeadroomExponent = 14;  // scaled columns of s·xa lie in [-2^14, 2^14]
-
-std::tuple<Tensor, Tensor> lora_blocks(const Tensor& xa, const Tensor& l_nr, double scaling, at::ScalarType dtype,
-                                       bool k_major_b) {
-  Tensor sxa = xa * scaling;
-  Tensor l_src = l_nr;
-  if (dtype == at::kHalf && sxa.size(0) > 0) {
-    // e_j = max(0, E_j - 14) for max_m |s·xa[m, j]| < 2^E_j (frexp's exponent), as the fp32 2^-e_j
-    // built from its bits (exact): ((127 - e_j) << 23); E_j of inf/NaN columns is clamped (their
-    // result is inf/NaN on every path).
-    const Tensor top = std::get<1>(at::frexp(at::amax(at::abs(sxa), {0})));  // int32 [r]
-    const Tensor down_bits =
-        at::clamp(127 + kHalfHeadroomExponent - top, 1, 127).to(at::kInt).bitwise_left_shift(23);
-    const Tensor down = down_bits.view(at::kFloat);  // 2^-e_j, in (0, 1]
-    sxa = sxa * down;
-    l_src = l_nr.to(at::kFloat) / down;  // exact: a division by a power of two
+//
+// One kernel (launch_lora_ext: the scale, the hi/lo split, the casts, the concatenation, the zero
+// padding and b's layout in one pass over M·D + N·D elements) into two at::empty outputs; in fp16 one
+// reduction before it, the column maxima of |xa|. (It was 10-12 ATen kernels in bf16, ~18 in fp16.)
+std::tuple<Tensor, Tensor> lora_blocks(const Tensor& xa_in, const Tensor& l_nr, double scaling, at::ScalarType dtype,
+                                       bool k_major_b, cudaStream_t stream) {
+  const Tensor xa = unit_inner_stride(xa_in);
+  const int64_t M = xa.size(0), N = l_nr.size(0), R = xa.size(1);
+  const int parts = l_nr.scalar_type() == dtype ? 2 : 3;
+  const int64_t D = ceil_div(parts * R, kVecElems) * kVecElems;
+  const auto options = xa.options().dtype(dtype);
+  Tensor a_ext = at::empty({M, D}, options);
+  Tensor b_ext = k_major_b ? at::empty({N, D}, options) : at::empty({D, N}, options);
+  Tensor col_max;
+  if (dtype == at::kHalf && M > 0 && R > 0) col_max = at::linalg_vector_norm(xa, INFINITY, {0}, false, at::kFloat);
+  auto launch = [&](auto t, auto ta) {
+    using T = typename decltype(t)::type;
+    using TA = typename decltype(ta)::type;
+    LoRAExtParams<T, TA> p{};
+    p.M = M, p.N = N, p.R = R, p.D = D, p.parts = parts;
+    p.xa = ptr<float>(xa), p.ldxa = xa.stride(0);
+    p.l = ptr<TA>(l_nr), p.l_sn = l_nr.stride(0), p.l_sr = l_nr.stride(1);
+    p.scaling = static_cast<float>(scaling);
+    p.col_max = col_max.defined() ? ptr<float>(col_max) : nullptr;
+    p.a_ext = mutable_ptr<T>(a_ext), p.lda_ext = a_ext.stride(0);
+    p.b_ext = mutable_ptr<T>(b_ext), p.ldb_ext = b_ext.stride(0);
+    p.b_k_major = k_major_b;
+    check_launch(launch_lora_ext(p, stream), "CUTLASS K-block operands (lora_ext)");
+  };
+  const bool fp32_adapters = parts == 3;
+  if (dtype == at::kHalf) {
+    fp32_adapters ? launch(Tag<__half>{}, Tag<float>{}) : launch(Tag<__half>{}, Tag<__half>{});
+  } else {
+    fp32_adapters ? launch(Tag<__nv_bfloat16>{}, Tag<float>{}) : launch(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
   }
-  const Tensor a_hi = sxa.to(dtype);
-  const Tensor a_lo = (sxa - a_hi.to(sxa.scalar_type())).to(dtype);
-  const Tensor l_hi = l_src.to(dtype);
-  std::vector<Tensor> as{a_hi, a_lo}, ls{l_hi, l_hi};
-  if (l_nr.scalar_type() != dtype) {  // fp32 adapters
-    as.push_back(a_hi);
-    ls.push_back((l_src - l_hi.to(l_src.scalar_type())).to(dtype));
-  }
-  const int64_t depth = static_cast<int64_t>(as.size()) * xa.size(1);
-  const int64_t pad = ceil_div(depth, kVecElems) * kVecElems - depth;
-  const Tensor a_ext = at::constant_pad_nd(at::cat(as, 1), {0, pad});
-  const Tensor l_ext = at::constant_pad_nd(at::cat(ls, 1), {0, pad});
-  return {a_ext, k_major_b ? l_ext : l_ext.t().contiguous()};
+  return {a_ext, b_ext};
 }
 
 #ifdef FASTLORA_CUTLASS
@@ -309,13 +316,13 @@ bool cutlass_outcome(const CutlassLaunch& r, const char* kernel, const LoRAGemmA
 
 // Runs the CUTLASS kernel choose_gemm_path picked (not kPortable): out = a · b_nkᵀ + s·xa · l_nrᵀ
 // + bias, the low-rank term as the K-blocks of lora_blocks. Returns false, having launched nothing
-// but the small ATen ops of lora_blocks, when CUTLASS rejects the problem: the caller then takes the
+// but lora_blocks' kernels (whose outputs are then unused), when CUTLASS rejects the problem: the caller then takes the
 // portable kernel.
 bool run_cutlass(GemmPath path, const Tensor& a, const Tensor& b_nk, const Tensor& xa, const Tensor& l_nr,
                  const Tensor& bias, double scaling, Tensor& out, cudaStream_t stream) {
   const bool kmaj = k_major(b_nk);
   const Tensor b = stored(b_nk);
-  const auto [a_ext, b_ext] = lora_blocks(xa, l_nr, scaling, a.scalar_type(), kmaj);
+  const auto [a_ext, b_ext] = lora_blocks(xa, l_nr, scaling, a.scalar_type(), kmaj, stream);
   LoRAGemmArgs p{};
   p.M = a.size(0), p.N = b_nk.size(0), p.K = a.size(1), p.R = a_ext.size(1);
   p.a = a.const_data_ptr(), p.lda = a.stride(0);
