@@ -4,7 +4,10 @@
 // once, in Python (fastlora/ops/_contract.py, fastlora/ops/cuda_lora.py); this file only implements them.
 #include <Python.h>
 
-#include <ATen/ATen.h>
+// The per-op headers of the two ATen functions used, not ATen/ATen.h (every op's declarations).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
