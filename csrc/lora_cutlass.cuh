@@ -39,13 +39,28 @@ struct LoRAGemmArgs {
   int sm_count;  // the persistent grid's size (sm90)
 };
 
+// What a launcher did. The host (lora_ops.cpp, cutlass_outcome) takes the portable kernel after
+// kRejected and raises, naming the kernel and `error`, after kLaunchFailed.
+enum class CutlassStatus : int {
+  kLaunched = 0,      // the kernel is queued on the stream and cudaGetLastError() said cudaSuccess
+  kRejected = 1,      // CUTLASS refused the problem before anything was launched (can_implement,
+                      // a workspace it would need, initialize, or the shared-memory attribute)
+  kLaunchFailed = 2,  // the launch itself failed
+};
+struct CutlassLaunch {
+  CutlassStatus status;
+  // The CUDA error behind kLaunchFailed (and behind a kRejected initialize or attribute set-up), taken
+  // with cudaGetLastError(), so it is not left pending for an unrelated later check; else cudaSuccess.
+  cudaError_t error;
+  int cutlass_status;  // the cutlass::Status of the refusing step (0: kSuccess, or not a CUTLASS step)
+};
+
 // Persistent, warp-specialised TMA + wgmma kernel (compute capability 9.0 only: the binary is sm_90a).
-// Returns cudaErrorNotSupported, launching nothing, if CUTLASS rejects the problem.
 template <typename T, bool kKMajor>
-cudaError_t launch_lora_gemm_sm90(const LoRAGemmArgs& p, cudaStream_t stream);
+CutlassLaunch launch_lora_gemm_sm90(const LoRAGemmArgs& p, cudaStream_t stream);
 
 // Multistage cp.async + ldmatrix + mma.sync kernel (compute capability 8.0 and newer).
 template <typename T, bool kKMajor>
-cudaError_t launch_lora_gemm_sm80(const LoRAGemmArgs& p, cudaStream_t stream);
+CutlassLaunch launch_lora_gemm_sm80(const LoRAGemmArgs& p, cudaStream_t stream);
 
 }  // namespace fastlora

@@ -423,7 +423,61 @@ __global__ void __launch_bounds__(256)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Headroom of fp16's range for a scaled column of s·xa (LoRAExtParams): |values| <= 2^14.
+constexpr int kHalfHeadroomExponent = 14;
+
+__device__ __forceinline__ float ext_down(const float* col_max, float scaling, int64_t j) {
+  if (col_max == nullptr) return 1.f;
+  int top = 0;
+  frexpf(fabsf(scaling) * col_max[j], &top);  // |s|·max < 2^top (0 for 0; unspecified for inf/NaN: clamped)
+  const int e = top - kHalfHeadroomExponent;
+  return e <= 0 ? 1.f : ldexpf(1.f, -(e < 126 ? e : 126));
+}
+
+// One thread per output element over a_ext ([M, D]) and then b_ext ([N, D] or [D, N]), in a grid-stride
+// loop; each part's index runs along its output's contiguous dimension, so the stores coalesce.
+template <typename T, typename TA>
+__global__ void __launch_bounds__(256) lora_ext_kernel(const LoRAExtParams<T, TA> p) {
+  const int64_t a_count = p.M * p.D;
+  const int64_t total = a_count + p.N * p.D;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * 256;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; i < total; i += stride) {
+    if (i < a_count) {
+      const int64_t m = i / p.D, d = i % p.D;
+      const int64_t part = d / p.R, j = d % p.R;
+      T v = from_float<T>(0.f);
+      if (part < p.parts) {
+        const float sxa = p.xa[m * p.ldxa + j] * p.scaling * ext_down(p.col_max, p.scaling, j);
+        const T hi = from_float<T>(sxa);
+        v = part == 1 ? from_float<T>(sxa - to_float(hi)) : hi;
+      }
+      p.a_ext[m * p.lda_ext + d] = v;
+    } else {
+      const int64_t e = i - a_count;
+      const int64_t n = p.b_k_major ? e / p.D : e % p.N;
+      const int64_t d = p.b_k_major ? e % p.D : e / p.N;
+      const int64_t part = d / p.R, j = d % p.R;
+      T v = from_float<T>(0.f);
+      if (part < p.parts) {
+        const float l = to_float(p.l[n * p.l_sn + j * p.l_sr]) / ext_down(p.col_max, p.scaling, j);
+        const T hi = from_float<T>(l);
+        v = part == 2 ? from_float<T>(l - to_float(hi)) : hi;
+      }
+      p.b_ext[p.b_k_major ? n * p.ldb_ext + d : d * p.ldb_ext + n] = v;
+    }
+  }
+}
+
 }  // namespace
+
+template <typename T, typename TA>
+cudaError_t launch_lora_ext(const LoRAExtParams<T, TA>& p, cudaStream_t stream) {
+  const int64_t total = (p.M + p.N) * p.D;
+  if (total == 0) return cudaSuccess;
+  const int64_t blocks = ceil_div(total, 256) < 4096 ? ceil_div(total, 256) : 4096;
+  lora_ext_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
 
 template <bool kKContig, typename T, typename TB, typename TL, typename TO>
 cudaError_t launch_gemm(const GemmParams<T, TB, TL, TO>& p, cudaStream_t stream) {
@@ -499,5 +553,12 @@ FASTLORA_ROW_REDUCE(float, float)
 FASTLORA_PER_TYPE(__half)
 FASTLORA_PER_TYPE(__nv_bfloat16)
 FASTLORA_PER_TYPE(float)
+
+// The CUTLASS paths' K-block operands: fp16/bf16 activations, adapters in that dtype or fp32.
+template cudaError_t launch_lora_ext<__half, __half>(const LoRAExtParams<__half, __half>&, cudaStream_t);
+template cudaError_t launch_lora_ext<__half, float>(const LoRAExtParams<__half, float>&, cudaStream_t);
+template cudaError_t launch_lora_ext<__nv_bfloat16, __nv_bfloat16>(const LoRAExtParams<__nv_bfloat16, __nv_bfloat16>&,
+                                                                   cudaStream_t);
+template cudaError_t launch_lora_ext<__nv_bfloat16, float>(const LoRAExtParams<__nv_bfloat16, float>&, cudaStream_t);
 
 }  // namespace fastlora

@@ -93,6 +93,34 @@ template <typename T>
 cudaError_t launch_column_sum(const T* g, int64_t ldg, int64_t M, int64_t N, int64_t splits, int64_t rows_per_split,
                               float* ws, cudaStream_t stream);
 
+// The operands of the CUTLASS kernels' LoRA K-blocks (lora_ops.cpp, lora_blocks), in one pass:
+//   a_ext[m, d] (row-major [M, D], leading dimension lda_ext), for d = part · R + j:
+//     part 0 (and 2): hi = T(s·xa[m, j]·down_j),  part 1: lo = T(s·xa[m, j]·down_j − hi),  d ≥ parts·R: 0
+//   b_ext (n, d) = b_ext[n * ldb_ext + d] if b_k_major (else b_ext[d * ldb_ext + n]), for d = part · R + j:
+//     parts 0, 1: T(l(n, j) / down_j),  part 2: the rest, T(l(n, j) / down_j − that),  d ≥ parts·R: 0
+// with xa(m, j) = xa[m * ldxa + j] (fp32), l(n, j) = l[n * l_sn + j * l_sr] (TA), parts = 2 when
+// TA = T else 3, D = parts·R rounded up to a multiple of 8. down_j = 1 without col_max; with it (fp16's
+// range), down_j = 2^-e_j, e_j = max(0, E_j − 14) for |s|·col_max[j] < 2^E_j (frexp), so that the
+// scaled column lies in [−2^14, 2^14]: powers of two, a_ext · b_extᵀ = s · xa · lᵀ unchanged.
+template <typename T, typename TA>
+struct LoRAExtParams {
+  int64_t M, N, R, D;
+  int parts;
+  const float* xa;
+  int64_t ldxa;
+  const TA* l;
+  int64_t l_sn, l_sr;
+  float scaling;
+  const float* col_max;  // [R] max_m |xa[m, j]|, or nullptr
+  T* a_ext;
+  int64_t lda_ext;
+  T* b_ext;
+  int64_t ldb_ext;
+  bool b_k_major;
+};
+template <typename T, typename TA>
+cudaError_t launch_lora_ext(const LoRAExtParams<T, TA>& p, cudaStream_t stream);
+
 // out[e] = scaling · Σ_s ws[s * count + e], summed in split order (deterministic), rounded to TO.
 template <typename TO>
 cudaError_t launch_sum_splits(const float* ws, int64_t splits, int64_t count, float scaling, TO* out,

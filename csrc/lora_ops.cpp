@@ -4,13 +4,16 @@
 // once, in Python (fastlora/ops/_contract.py, fastlora/ops/cuda_lora.py); this file only implements them.
 #include <Python.h>
 
-#include <ATen/ATen.h>
+// The per-op headers of the two ATen functions used, not ATen/ATen.h (every op's declarations).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -57,6 +60,13 @@ const T* ptr(const Tensor& t) {
 template <typename T>
 T* mutable_ptr(Tensor& t) {
   return static_cast<T*>(t.mutable_data_ptr());
+}
+
+// Every launcher returns cudaGetLastError() right after its launch (so the error is taken, not left
+// pending for a later, unrelated check); a failure raises naming the kernel and the CUDA error.
+void check_launch(cudaError_t err, const char* kernel) {
+  TORCH_CHECK(err == cudaSuccess, "fastlora: launching the ", kernel, " kernel failed: ", cudaGetErrorName(err), " (",
+              cudaGetErrorString(err), ")");
 }
 
 // The kernels read every 2-D operand through its row stride (0 included), so only a non-unit inner
@@ -123,12 +133,12 @@ void reduce_rows(const TL* l, int64_t ldl, const TR* r, int64_t ldr, int64_t M, 
   if (P == 0 || Q == 0) return;
   const auto [splits, rows] = split_rows(M, ceil_div(P, kTile) * ceil_div(Q, kTile));
   Tensor ws = at::empty({splits, P, Q}, out.options().dtype(at::kFloat));
-  C10_CUDA_CHECK(
-      launch_row_reduce(l, ldl, r, ldr, M, P, Q, r_dropout, splits, rows, ws.mutable_data_ptr<float>(), stream));
+  check_launch(launch_row_reduce(l, ldl, r, ldr, M, P, Q, r_dropout, splits, rows, ws.mutable_data_ptr<float>(), stream),
+               "split-M adapter-gradient reduction (row_reduce)");
   // D(R) = scale · (mask ⊙ R): the kernel applied the mask, the scale joins scaling here.
   const float total_scale = static_cast<float>(scaling) * (r_dropout.p > 0.f ? r_dropout.scale : 1.f);
-  C10_CUDA_CHECK(
-      launch_sum_splits(ws.const_data_ptr<float>(), splits, P * Q, total_scale, mutable_ptr<TO>(out), stream));
+  check_launch(launch_sum_splits(ws.const_data_ptr<float>(), splits, P * Q, total_scale, mutable_ptr<TO>(out), stream),
+               "adapter-gradient split sum (sum_splits)");
 }
 
 // LoRA dropout of one call (see Dropout in lora_kernels.cuh); the seed is a 0-d int64 CPU tensor.
@@ -164,15 +174,16 @@ void launch_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& dropout, 
                                              std::clamp<int64_t>(p.K / kMinSplitDepth, 1, 65535));
   if (wanted == 1 || !out.is_contiguous()) {
     p.out = mutable_ptr<float>(out), p.ldo = out.stride(0);
-    C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
+    check_launch(launch_gemm<kKContig>(p, stream), "portable rank-r GEMM (lora_gemm)");
     return;
   }
   p.k_per_split = ceil_div(ceil_div(p.K, wanted), 32) * 32;  // whole main-loop steps
   const int64_t splits = ceil_div(p.K, p.k_per_split);
   Tensor ws = at::empty({splits, p.M, p.N}, out.options());
   p.out = ws.mutable_data_ptr<float>(), p.ldo = p.N, p.out_split_stride = p.M * p.N;
-  C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
-  C10_CUDA_CHECK(launch_sum_splits(ws.const_data_ptr<float>(), splits, p.M * p.N, 1.f, mutable_ptr<float>(out), stream));
+  check_launch(launch_gemm<kKContig>(p, stream), "portable split-K rank-r GEMM (lora_gemm)");
+  check_launch(launch_sum_splits(ws.const_data_ptr<float>(), splits, p.M * p.N, 1.f, mutable_ptr<float>(out), stream),
+               "rank-r GEMM split sum (sum_splits)");
 }
 
 // out = a · b + scaling · D(xa · l) + bias, the fused kernel: y = x Wᵀ + s·xa Bᵀ + bias in the forward
@@ -191,7 +202,7 @@ void launch_fused(const Tensor& a, const Tensor& b, const Tensor& xa, const Tens
   p.bias = bias.defined() ? ptr<T>(bias) : nullptr;
   p.out = mutable_ptr<T>(out), p.ldo = out.stride(0);
   p.dropout = dropout, p.dropout_site = DropoutSite::kLowRank;
-  C10_CUDA_CHECK(launch_gemm<kKContig>(p, stream));
+  check_launch(launch_gemm<kKContig>(p, stream), "portable fused LoRA GEMM (lora_gemm)");
 }
 
 // Which kernel computes out = a · bᵀ + [s·xa rounded to T] · lᵀ (+ bias), for a [M, K] (x, or gy in
@@ -246,32 +257,75 @@ constexpr bool kSm90aBuilt = false;
 // multiplied by l: D = 2r (3r with fp32 adapters, whose l is split the same way: hi·hi + hi·lo +
 // lo·hi), padded with zeros to a multiple of 8. At r ≤ 32 that is still one 64-deep K-block.
 // M·D and N·D elements: small next to the GEMM.
-std::tuple<Tensor, Tensor> lora_blocks(const Tensor& xa, const Tensor& l_nr, double scaling, at::ScalarType dtype,
-                                       bool k_major_b) {
-  const Tensor sxa = xa * scaling;
-  const Tensor a_hi = sxa.to(dtype);
-  const Tensor a_lo = (sxa - a_hi.to(sxa.scalar_type())).to(dtype);
-  const Tensor l_hi = l_nr.to(dtype);
-  std::vector<Tensor> as{a_hi, a_lo}, ls{l_hi, l_hi};
-  if (l_nr.scalar_type() != dtype) {  // fp32 adapters
-    as.push_back(a_hi);
-    ls.push_back((l_nr - l_hi.to(l_nr.scalar_type())).to(dtype));
+//
+// fp16's range: s·xa is kept in fp32 by the portable kernel, so |s·xa| beyond 65504 must not overflow
+// here either. In fp16, column j of s·xa whose largest magnitude is 2^14 or more is scaled by 2^-e_j
+// into [-2^14, 2^14] and column j of l by 2^e_j (a_ext · b_extᵀ unchanged; powers of two, so exact
+// while l·2^e_j stays in range: that overflows only where one rank-1 term s·xa[m, j]·l[n, j] alone
+// is beyond fp16, i.e. where y overflows anyway). Other columns, and bf16 (fp32's exponent range),
+// are not scaled, so their operands are bit for bit what they were.
+//
+// One kernel (launch_lora_ext: the scale, the hi/lo split, the casts, the concatenation, the zero
+// padding and b's layout in one pass over M·D + N·D elements) into two at::empty outputs; in fp16 one
+// reduction before it, the column maxima of |xa|. (It was 10-12 ATen kernels in bf16, ~18 in fp16.)
+std::tuple<Tensor, Tensor> lora_blocks(const Tensor& xa_in, const Tensor& l_nr, double scaling, at::ScalarType dtype,
+                                       bool k_major_b, cudaStream_t stream) {
+  const Tensor xa = unit_inner_stride(xa_in);
+  const int64_t M = xa.size(0), N = l_nr.size(0), R = xa.size(1);
+  const int parts = l_nr.scalar_type() == dtype ? 2 : 3;
+  const int64_t D = ceil_div(parts * R, kVecElems) * kVecElems;
+  const auto options = xa.options().dtype(dtype);
+  Tensor a_ext = at::empty({M, D}, options);
+  Tensor b_ext = k_major_b ? at::empty({N, D}, options) : at::empty({D, N}, options);
+  Tensor col_max;
+  if (dtype == at::kHalf && M > 0 && R > 0) col_max = at::linalg_vector_norm(xa, INFINITY, {0}, false, at::kFloat);
+  auto launch = [&](auto t, auto ta) {
+    using T = typename decltype(t)::type;
+    using TA = typename decltype(ta)::type;
+    LoRAExtParams<T, TA> p{};
+    p.M = M, p.N = N, p.R = R, p.D = D, p.parts = parts;
+    p.xa = ptr<float>(xa), p.ldxa = xa.stride(0);
+    p.l = ptr<TA>(l_nr), p.l_sn = l_nr.stride(0), p.l_sr = l_nr.stride(1);
+    p.scaling = static_cast<float>(scaling);
+    p.col_max = col_max.defined() ? ptr<float>(col_max) : nullptr;
+    p.a_ext = mutable_ptr<T>(a_ext), p.lda_ext = a_ext.stride(0);
+    p.b_ext = mutable_ptr<T>(b_ext), p.ldb_ext = b_ext.stride(0);
+    p.b_k_major = k_major_b;
+    check_launch(launch_lora_ext(p, stream), "CUTLASS K-block operands (lora_ext)");
+  };
+  const bool fp32_adapters = parts == 3;
+  if (dtype == at::kHalf) {
+    fp32_adapters ? launch(Tag<__half>{}, Tag<float>{}) : launch(Tag<__half>{}, Tag<__half>{});
+  } else {
+    fp32_adapters ? launch(Tag<__nv_bfloat16>{}, Tag<float>{}) : launch(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
   }
-  const int64_t depth = static_cast<int64_t>(as.size()) * xa.size(1);
-  const int64_t pad = ceil_div(depth, kVecElems) * kVecElems - depth;
-  const Tensor a_ext = at::constant_pad_nd(at::cat(as, 1), {0, pad});
-  const Tensor l_ext = at::constant_pad_nd(at::cat(ls, 1), {0, pad});
-  return {a_ext, k_major_b ? l_ext : l_ext.t().contiguous()};
+  return {a_ext, b_ext};
 }
 
 #ifdef FASTLORA_CUTLASS
+// What the host does with a CUTLASS launcher's outcome (a pure function, unit-tested on the CPU):
+// kLaunched: done (true); kRejected: nothing was launched, take the portable kernel (false); a
+// failed launch raises, naming the kernel, the problem and the CUDA error.
+bool cutlass_outcome(const CutlassLaunch& r, const char* kernel, const LoRAGemmArgs& p) {
+  if (r.status == CutlassStatus::kLaunched) return true;
+  TORCH_CHECK(r.status == CutlassStatus::kRejected, "fastlora: launching the ", kernel, " kernel (M=", p.M, ", N=", p.N,
+              ", K=", p.K, ", LoRA depth ", p.R, ") failed: ", cudaGetErrorName(r.error), " (", cudaGetErrorString(r.error),
+              ")");
+  TORCH_WARN_ONCE("fastlora: the ", kernel, " kernel rejected a problem fastlora's checks accepted (M=", p.M, ", N=", p.N,
+                  ", K=", p.K, ", LoRA depth ", p.R, ", CUTLASS status ", r.cutlass_status, ", CUDA ",
+                  cudaGetErrorName(r.error), "); the portable kernel computes it instead (slower). Please report it.");
+  return false;
+}
+
 // Runs the CUTLASS kernel choose_gemm_path picked (not kPortable): out = a · b_nkᵀ + s·xa · l_nrᵀ
-// + bias, the low-rank term as the K-blocks of lora_blocks.
-void run_cutlass(GemmPath path, const Tensor& a, const Tensor& b_nk, const Tensor& xa, const Tensor& l_nr,
+// + bias, the low-rank term as the K-blocks of lora_blocks. Returns false, having launched nothing
+// but lora_blocks' kernels (whose outputs are then unused), when CUTLASS rejects the problem: the caller then takes the
+// portable kernel.
+bool run_cutlass(GemmPath path, const Tensor& a, const Tensor& b_nk, const Tensor& xa, const Tensor& l_nr,
                  const Tensor& bias, double scaling, Tensor& out, cudaStream_t stream) {
   const bool kmaj = k_major(b_nk);
   const Tensor b = stored(b_nk);
-  const auto [a_ext, b_ext] = lora_blocks(xa, l_nr, scaling, a.scalar_type(), kmaj);
+  const auto [a_ext, b_ext] = lora_blocks(xa, l_nr, scaling, a.scalar_type(), kmaj, stream);
   LoRAGemmArgs p{};
   p.M = a.size(0), p.N = b_nk.size(0), p.K = a.size(1), p.R = a_ext.size(1);
   p.a = a.const_data_ptr(), p.lda = a.stride(0);
@@ -282,19 +336,25 @@ void run_cutlass(GemmPath path, const Tensor& a, const Tensor& b_nk, const Tenso
   p.out = out.mutable_data_ptr(), p.ldo = out.stride(0);
   p.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
-  auto launch = [&](auto tag) {
+  const bool half = a.scalar_type() == at::kHalf;
+  const bool sm90 = path == GemmPath::kSm90;
+  // e.g. "CUTLASS sm90 LoRA GEMM (bf16, W K-major)"
+  static constexpr const char* kNames[2][2][2] = {
+      {{"CUTLASS sm80 LoRA GEMM (bf16, W N-major)", "CUTLASS sm80 LoRA GEMM (bf16, W K-major)"},
+       {"CUTLASS sm80 LoRA GEMM (fp16, W N-major)", "CUTLASS sm80 LoRA GEMM (fp16, W K-major)"}},
+      {{"CUTLASS sm90 LoRA GEMM (bf16, W N-major)", "CUTLASS sm90 LoRA GEMM (bf16, W K-major)"},
+       {"CUTLASS sm90 LoRA GEMM (fp16, W N-major)", "CUTLASS sm90 LoRA GEMM (fp16, W K-major)"}}};
+  auto launch = [&](auto tag) -> CutlassLaunch {
     using T = typename decltype(tag)::type;
 #ifdef FASTLORA_SM90A
-    if (path == GemmPath::kSm90) {
+    if (sm90) {
       return kmaj ? launch_lora_gemm_sm90<T, true>(p, stream) : launch_lora_gemm_sm90<T, false>(p, stream);
     }
 #endif
     return kmaj ? launch_lora_gemm_sm80<T, true>(p, stream) : launch_lora_gemm_sm80<T, false>(p, stream);
   };
-  const cudaError_t err = a.scalar_type() == at::kHalf ? launch(Tag<__half>{}) : launch(Tag<__nv_bfloat16>{});
-  TORCH_CHECK(err != cudaErrorNotSupported, "fastlora: CUTLASS rejected a problem fastlora's checks accepted (M=", p.M,
-              ", N=", p.N, ", K=", p.K, ", r=", p.R, "); please report it");
-  C10_CUDA_CHECK(err);
+  const CutlassLaunch result = half ? launch(Tag<__half>{}) : launch(Tag<__nv_bfloat16>{});
+  return cutlass_outcome(result, kNames[sm90][half][kmaj], p);
 }
 
 // choose_gemm_path for the current device.
@@ -311,7 +371,7 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight
   constexpr const char* op = "fastlora::cuda_forward";
   check_common(op, x_in, weight_in, lora_A_in, lora_B_in);
   const Dropout dropout = make_dropout(op, dropout_p, seed);
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0), R = lora_A_in.size(0);
+  const int64_t M = x_in.size(0), N = weight_in.size(0), R = lora_A_in.size(0);
   Tensor bias;
   if (bias_in.has_value()) {
     check_tensor(op, "bias", *bias_in, x_in, 1);
@@ -338,8 +398,9 @@ std::tuple<Tensor, Tensor> cuda_forward(const Tensor& x_in, const Tensor& weight
     // W in place in either layout (GPT-2's Conv1D passes a transposed view); the portable one needs
     // unit inner stride.
 #ifdef FASTLORA_CUTLASS
-    if (const GemmPath path = device_gemm_path(x, weight_in, R, bias, y); path != GemmPath::kPortable) {
-      return run_cutlass(path, x, weight_in, xa, lora_B, bias, scaling, y, stream);
+    if (const GemmPath path = device_gemm_path(x, weight_in, R, bias, y);
+        path != GemmPath::kPortable && run_cutlass(path, x, weight_in, xa, lora_B, bias, scaling, y, stream)) {
+      return;
     }
 #endif
     launch_fused<true, T, TA>(x, unit_inner_stride(weight_in), xa, lora_B, bias, scaling, Dropout{}, y, stream);
@@ -395,13 +456,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
     }
     // grad_x = gy W + scaling · D(g_xa A): the forward's kernel with W and A read untransposed.
     if (need_x) {
+      bool done = false;
 #ifdef FASTLORA_CUTLASS
+      // (Dropout's mask applies to the low-rank term alone, which shares the CUTLASS accumulator.)
       const GemmPath path = dropout.p == 0.f ? device_gemm_path(gy, weight_in.t(), R, Tensor(), grad_x) : GemmPath::kPortable;
-      if (path != GemmPath::kPortable) run_cutlass(path, gy, weight_in.t(), g_xa, lora_A.t(), Tensor(), scaling, grad_x, stream);
-#else
-      const GemmPath path = GemmPath::kPortable;
+      done = path != GemmPath::kPortable &&
+             run_cutlass(path, gy, weight_in.t(), g_xa, lora_A.t(), Tensor(), scaling, grad_x, stream);
 #endif
-      if (path == GemmPath::kPortable) launch_fused<false, T, TA>(gy, unit_inner_stride(weight_in), g_xa, lora_A, Tensor(), scaling, dropout, grad_x, stream);
+      if (!done) {
+        launch_fused<false, T, TA>(gy, unit_inner_stride(weight_in), g_xa, lora_A, Tensor(), scaling, dropout, grad_x,
+                                   stream);
+      }
     }
     // grad_A[r, k] = scaling · Σ_m g_xa[m, r] D(x)[m, k]
     if (need_A) reduce_rows<TA>(ptr<float>(g_xa), R, ptr<T>(x), x.stride(0), M, scaling, dropout, grad_A, stream);
@@ -413,9 +478,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
     if (need_bias) {
       const auto [splits, rows] = split_rows(M, ceil_div(N, kColumnSumThreads));
       Tensor ws = at::empty({splits, N}, x.options().dtype(at::kFloat));
-      C10_CUDA_CHECK(launch_column_sum(ptr<T>(gy), gy.stride(0), M, N, splits, rows, ws.mutable_data_ptr<float>(),
-                                       stream));
-      C10_CUDA_CHECK(launch_sum_splits(ws.const_data_ptr<float>(), splits, N, 1.f, mutable_ptr<T>(grad_bias), stream));
+      check_launch(launch_column_sum(ptr<T>(gy), gy.stride(0), M, N, splits, rows, ws.mutable_data_ptr<float>(), stream),
+                   "bias-gradient column sum (column_sum)");
+      check_launch(launch_sum_splits(ws.const_data_ptr<float>(), splits, N, 1.f, mutable_ptr<T>(grad_bias), stream),
+                   "bias-gradient split sum (sum_splits)");
     }
   });
   return {grad_x, grad_A, grad_B, grad_bias};

@@ -3,6 +3,6 @@
 #include "lora_sm80_gemm.cuh"
 
 namespace fastlora {
-template cudaError_t launch_lora_gemm_sm80<__half, true>(const LoRAGemmArgs&, cudaStream_t);
-template cudaError_t launch_lora_gemm_sm80<__half, false>(const LoRAGemmArgs&, cudaStream_t);
+template CutlassLaunch launch_lora_gemm_sm80<__half, true>(const LoRAGemmArgs&, cudaStream_t);
+template CutlassLaunch launch_lora_gemm_sm80<__half, false>(const LoRAGemmArgs&, cudaStream_t);
 }  // namespace fastlora

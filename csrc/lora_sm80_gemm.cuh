@@ -125,22 +125,29 @@ __global__ void __launch_bounds__(Cfg::kThreads) lora_gemm_sm80_kernel(const LoR
 }
 
 template <typename T, bool kKMajor>
-cudaError_t launch(const LoRAGemmArgs& p, cudaStream_t stream) {
+CutlassLaunch launch(const LoRAGemmArgs& p, cudaStream_t stream) {
   using Cfg = Config<T, kKMajor>;
   auto kernel = lora_gemm_sm80_kernel<Cfg>;
-  // Above 48 KiB, dynamic shared memory must be opted into per kernel.
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(Cfg::kSmemBytes));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.M + 127) / 128), static_cast<unsigned>((p.N + 127) / 128));
+  // Above 48 KiB, dynamic shared memory must be opted into per kernel; a device that cannot give this
+  // much is a rejection (the portable kernel needs less), its error taken so that none stays pending.
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kSmemBytes)) !=
+      cudaSuccess) {
+    return {CutlassStatus::kRejected, cudaGetLastError(), 0};
+  }
+  // M tiles on gridDim.x (M < 2^31: fewer than 2^24), N tiles on gridDim.y, at most 65535 (lora_ops.cpp
+  // caps N at 65535 * 64, so at most 32768 here: a guard against a change of either limit).
+  const int64_t n_tiles = (p.N + 127) / 128;
+  if (n_tiles > 65535) return {CutlassStatus::kRejected, cudaSuccess, 0};
+  const dim3 grid(static_cast<unsigned>((p.M + 127) / 128), static_cast<unsigned>(n_tiles));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
+  return {err == cudaSuccess ? CutlassStatus::kLaunched : CutlassStatus::kLaunchFailed, err, 0};
 }
 
 }  // namespace sm80
 
 template <typename T, bool kKMajor>
-cudaError_t launch_lora_gemm_sm80(const LoRAGemmArgs& p, cudaStream_t stream) {
+CutlassLaunch launch_lora_gemm_sm80(const LoRAGemmArgs& p, cudaStream_t stream) {
   return sm80::launch<T, kKMajor>(p, stream);
 }
 

@@ -4,7 +4,7 @@
 #include "lora_sm90_gemm.cuh"
 
 namespace fastlora {
-template cudaError_t launch_lora_gemm_sm90<__nv_bfloat16, true>(const LoRAGemmArgs&, cudaStream_t);
-template cudaError_t launch_lora_gemm_sm90<__nv_bfloat16, false>(const LoRAGemmArgs&, cudaStream_t);
+template CutlassLaunch launch_lora_gemm_sm90<__nv_bfloat16, true>(const LoRAGemmArgs&, cudaStream_t);
+template CutlassLaunch launch_lora_gemm_sm90<__nv_bfloat16, false>(const LoRAGemmArgs&, cudaStream_t);
 }  // namespace fastlora
 #endif

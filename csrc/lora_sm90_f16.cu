@@ -4,7 +4,7 @@
 #include "lora_sm90_gemm.cuh"
 
 namespace fastlora {
-template cudaError_t launch_lora_gemm_sm90<__half, true>(const LoRAGemmArgs&, cudaStream_t);
-template cudaError_t launch_lora_gemm_sm90<__half, false>(const LoRAGemmArgs&, cudaStream_t);
+template CutlassLaunch launch_lora_gemm_sm90<__half, true>(const LoRAGemmArgs&, cudaStream_t);
+template CutlassLaunch launch_lora_gemm_sm90<__half, false>(const LoRAGemmArgs&, cudaStream_t);
 }  // namespace fastlora
 #endif

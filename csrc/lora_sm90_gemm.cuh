@@ -153,7 +153,7 @@ struct Kernel {
 };
 
 template <typename T, bool kKMajor>
-cudaError_t launch(const LoRAGemmArgs& p, cudaStream_t stream) {
+CutlassLaunch launch(const LoRAGemmArgs& p, cudaStream_t stream) {
   using K = Kernel<T, kKMajor>;
   using E = typename K::Element;
   using StrideA = typename K::Mainloop::StrideA;
@@ -197,18 +197,30 @@ cudaError_t launch(const LoRAGemmArgs& p, cudaStream_t stream) {
   typename K::Gemm gemm;
   // The data-parallel persistent scheduler needs no workspace; a CUTLASS that wanted one is refused
   // rather than handed a null pointer.
-  if (K::Gemm::get_workspace_size(args) != 0 || gemm.can_implement(args) != cutlass::Status::kSuccess) {
-    return cudaErrorNotSupported;
+  if (K::Gemm::get_workspace_size(args) != 0) return {CutlassStatus::kRejected, cudaSuccess, 0};
+  if (const cutlass::Status s = gemm.can_implement(args); s != cutlass::Status::kSuccess) {
+    return {CutlassStatus::kRejected, cudaSuccess, static_cast<int>(s)};
   }
-  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
-  return cudaGetLastError();
+  // initialize builds the TMA descriptors and sets the kernel's dynamic shared-memory attribute; when
+  // that call fails, its CUDA error is still pending: take it, so no later check blames another kernel.
+  if (const cutlass::Status s = gemm.initialize(args, nullptr, stream); s != cutlass::Status::kSuccess) {
+    return {CutlassStatus::kRejected, cudaGetLastError(), static_cast<int>(s)};
+  }
+  // The launch gemm.run() would do for a static 1 x 1 x 1 cluster without PDL (cutlass::kernel_launch),
+  // done here: run() reads cudaGetLastError() itself and returns only kErrorInternal, so the real CUDA
+  // error (say, too many resources requested) would be lost.
+  using GemmKernel = typename K::GemmKernel;
+  const dim3 grid = K::Gemm::get_grid_shape(gemm.params());
+  const dim3 block = GemmKernel::get_block_shape();
+  cutlass::device_kernel<GemmKernel><<<grid, block, GemmKernel::SharedStorageSize, stream>>>(gemm.params());
+  const cudaError_t err = cudaGetLastError();
+  return {err == cudaSuccess ? CutlassStatus::kLaunched : CutlassStatus::kLaunchFailed, err, 0};
 }
 
 }  // namespace sm90
 
 template <typename T, bool kKMajor>
-cudaError_t launch_lora_gemm_sm90(const LoRAGemmArgs& p, cudaStream_t stream) {
+CutlassLaunch launch_lora_gemm_sm90(const LoRAGemmArgs& p, cudaStream_t stream) {
   return sm90::launch<T, kKMajor>(p, stream);
 }
 

@@ -1,8 +1,10 @@
 """The ``"cuda"`` backend's kernels and host code (``csrc/``) compiled for the CPU under
 ``csrc/emulation/cuda_emulation.h`` (blocks of real threads and barriers, WMMA emulated with its
 alignment rules asserted), against the float64 reference: every dtype pairing, odd shapes, strided
-operands, ``need_*`` flags, dropout, argument errors. Needs the CUDA toolkit's headers (not a GPU);
-the build takes tens of seconds.
+operands, ``need_*`` flags, dropout, argument errors. The host code's CUTLASS paths run too, against
+``csrc/emulation/cutlass_emulation.h``'s stand-in launchers (the LoRA K-block operands, both W
+layouts, fp16's range, the portable fallback after a rejection, the error after a failed launch).
+Needs the CUDA toolkit's headers (not a GPU); the build takes tens of seconds.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 # lora_ops.cpp's kernel choice (a pure function of the device and tensor metadata) and the operands
 # of the CUTLASS kernels' LoRA K-blocks (ATen ops on the host) as test ops, fastlora_emu::gemm_path
-# (0 portable, 1 sm80, 2 sm90) and fastlora_emu::lora_blocks, so they can be checked on CPU tensors.
+# (0 portable, 1 sm80, 2 sm90) and fastlora_emu::lora_blocks, so they can be checked on CPU tensors;
+# fastlora_emu::configure sets the emulated device's capability and what the stand-in CUTLASS
+# launchers do (0 compute, 1 reject, 2 fail to launch), cutlass_counts reads their calls.
 _GEMM_PATH_HOOK = """
 namespace fastlora {
 namespace {
@@ -41,7 +45,18 @@ int64_t gemm_path_for_test(int64_t major, int64_t minor, bool sm90a, const at::T
 }
 std::tuple<at::Tensor, at::Tensor> lora_blocks_for_test(const at::Tensor& xa, const at::Tensor& l_nr, double scaling,
                                                         at::ScalarType dtype, bool k_major_b) {
-  return lora_blocks(xa, l_nr, scaling, dtype, k_major_b);
+  return lora_blocks(xa, l_nr, scaling, dtype, k_major_b, nullptr);
+}
+void configure_for_test(int64_t major, int64_t minor, int64_t cutlass_mode) {
+  auto& s = fastlora_emulation::state();
+  s.props.major = static_cast<int>(major);
+  s.props.minor = static_cast<int>(minor);
+  s.mode = static_cast<fastlora_emulation::CutlassMode>(cutlass_mode);
+  for (int i = 0; i < 2; ++i) s.attempts[i] = s.launches[i] = 0;
+}
+std::vector<int64_t> cutlass_counts_for_test() {
+  const auto& s = fastlora_emulation::state();
+  return {s.attempts[0], s.attempts[1], s.launches[0], s.launches[1]};
 }
 }  // namespace
 }  // namespace fastlora
@@ -50,35 +65,41 @@ TORCH_LIBRARY_FRAGMENT(fastlora_emu, m) {
         &fastlora::gemm_path_for_test);
   m.def("lora_blocks(Tensor xa, Tensor l_nr, float scaling, ScalarType dtype, bool k_major) -> (Tensor, Tensor)",
         &fastlora::lora_blocks_for_test);
+  m.def("configure(int major, int minor, int cutlass_mode) -> ()", &fastlora::configure_for_test);
+  m.def("cutlass_counts() -> int[]", &fastlora::cutlass_counts_for_test);
 }
 """
 
 
 def _emulated_sources(out_dir: Path) -> list[str]:
     """csrc/'s sources rewritten for a host compiler: launches through the emulation, the host file's
-    CUDA runtime calls stubbed, its ops registered as CPU kernels of ``fastlora_emu::cuda_*``."""
+    CUDA runtime calls stubbed, its CUTLASS launchers the stand-ins of cutlass_emulation.h, its ops
+    registered as CPU kernels of ``fastlora_emu::cuda_*``."""
     kernels = (CSRC / "lora_kernels.cu").read_text().replace("#include <mma.h>", "")
     kernels, launches = re.subn(
         r"(\w+(?:<[^<>]*>)?)<<<([^;]*?),\s*([^,;]+),\s*0,\s*stream>>>\(([^;]*)\);",
         r"emulation::launch(dim3(\2), dim3(\3), [&] { \1(\4); });",
         kernels,
     )
-    assert launches == 4, "lora_kernels.cu's launches changed: update _emulated_sources"
+    assert launches == 5, "lora_kernels.cu's launches changed: update _emulated_sources"
     host = (CSRC / "lora_ops.cpp").read_text()
     for old, new in {
         "#include <ATen/cuda/CUDAContext.h>": "",
-        "#include <c10/cuda/CUDAException.h>": "#define C10_CUDA_CHECK(expr) (void)(expr)",
         "#include <c10/cuda/CUDAGuard.h>": "",
+        '#include "lora_cutlass.cuh"': '#include "emulation/cutlass_emulation.h"',
         "t.is_cuda()": "true",
         "const c10::cuda::CUDAGuard guard(x_in.device());": "",
         "at::cuda::getCurrentCUDAStream()": "nullptr",
-        "at::cuda::getCurrentDeviceProperties()->multiProcessorCount": "132",  # an H100's split counts
+        "at::cuda::getCurrentDeviceProperties()": "fastlora_emulation::device_properties()",
+        "cudaGetErrorName(": "fastlora_emulation::error_name(",
+        "cudaGetErrorString(": "fastlora_emulation::error_string(",
         "TORCH_LIBRARY_IMPL(fastlora, CUDA, m)": "TORCH_LIBRARY_IMPL(fastlora_emu, CPU, m)",
     }.items():
         assert old in host, f"lora_ops.cpp no longer contains {old!r}: update _emulated_sources"
         host = host.replace(old, new)
     assert "GemmPath choose_gemm_path(" in host, "lora_ops.cpp's kernel choice changed: update _emulated_sources"
-    host += _GEMM_PATH_HOOK
+    # The CUTLASS paths, with the Hopper kernels: the emulated device decides which one runs.
+    host = "#define FASTLORA_CUTLASS 1\n#define FASTLORA_SM90A 1\n" + host + _GEMM_PATH_HOOK
     (out_dir / "kernels.cpp").write_text('#include "emulation/cuda_emulation.h"\n' + kernels)
     (out_dir / "ops.cpp").write_text(host)
     return [str(out_dir / "ops.cpp"), str(out_dir / "kernels.cpp")]
@@ -294,6 +315,104 @@ def test_lora_k_blocks_carry_the_low_rank_term_to_fp32_accuracy(emulated, r, dty
     rounded_once = (scaling * xa).to(dtype).double() @ l_nr.to(dtype).double().t()
     assert rel_error(got, want) <= rel_error(rounded_once, want) / 16
     assert rel_error(got, want) <= 1e-4
+
+
+def test_lora_k_blocks_keep_huge_fp16_columns_in_range(emulated):
+    # |s·xa| far beyond fp16's 65504 in some columns (a huge A), ordinary in others: the fp16 operands
+    # must stay finite and the K-blocks still carry s·xa·lᵀ to fp32 accuracy (the portable kernel keeps
+    # xa in fp32, so the CUTLASS paths must not overflow where it does not).
+    m, n, r, scaling = 37, 24, 6, 2.0
+    xa = torch.randn(m, r, generator=torch.Generator().manual_seed(3))
+    xa[:, ::2] *= 3e5  # columns 0, 2, 4 up to ~2e6
+    for adapter_dtype in (torch.float16, torch.float32):
+        l_nr = (torch.randn(n, r, generator=torch.Generator().manual_seed(4)) * 1e-3).to(adapter_dtype)
+        want = scaling * xa.double() @ l_nr.double().t()
+        for k_major in (True, False):
+            a_ext, b_ext = torch.ops.fastlora_emu.lora_blocks(xa, l_nr, scaling, torch.float16, k_major)
+            assert torch.isfinite(a_ext).all() and torch.isfinite(b_ext).all()
+            assert a_ext.abs().max() <= 2.0**14
+            b_nk = b_ext if k_major else b_ext.t()
+            assert rel_error(a_ext.double() @ b_nk.double().t(), want) <= 1e-4
+        # Columns already in range are untouched: the same operands as without any scaling.
+        small = xa[:, 1::2].contiguous()
+        a_small, b_small = torch.ops.fastlora_emu.lora_blocks(small, l_nr[:, 1::2].contiguous(), scaling, torch.float16, True)
+        assert torch.equal(a_small[:, :3], (scaling * small).half())
+        assert torch.equal(b_small[:, :3], l_nr[:, 1::2].half())
+
+
+# Shapes on the CUTLASS paths' 16-byte contract (K, N multiples of 8): partial 128-tiles, r above
+# one K-block's 2r ≤ 64, r = 1.
+CUTLASS_SHAPES = [(37, 64, 48, 5), (130, 72, 136, 40), (5, 16, 8, 1)]
+DEVICES = {"sm90": ((9, 0), 1), "sm80": ((8, 0), 0), "sm86": ((8, 6), 0)}
+
+
+@pytest.fixture
+def emulated_device(emulated):
+    """Sets the emulated device for one test (capability, stand-in CUTLASS mode); back to 7.5 after."""
+    yield lambda major, minor, mode=0: torch.ops.fastlora_emu.configure(major, minor, mode)
+    torch.ops.fastlora_emu.configure(7, 5, 0)
+
+
+def _counts():
+    attempts80, attempts90, launches80, launches90 = torch.ops.fastlora_emu.cutlass_counts()
+    return (attempts80, attempts90), (launches80, launches90)
+
+
+@pytest.mark.parametrize("device", list(DEVICES))
+@pytest.mark.parametrize("shape", CUTLASS_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype, adapter_dtype", [(d, a) for d in HALVES for a in (d, torch.float32)], ids=str)
+def test_emulated_cutlass_paths_match_reference(emulated, emulated_device, dtype, adapter_dtype, shape, device):
+    (major, minor), path = DEVICES[device]
+    emulated_device(major, minor)
+    m, k, n, r = shape
+    gy = torch.randn(m, n, generator=torch.Generator().manual_seed(5)).to(dtype)
+    _check_emulated(emulated, _cpu_inputs(m, k, n, r, dtype, adapter_dtype), 1.7, gy)
+    attempts, launches = _counts()
+    assert launches[path] == attempts[path] == 2 and launches[1 - path] == 0  # y, then grad_x
+    # GPT-2's Conv1D: W stored [K, N], passed transposed; both GEMMs read it in place, in the other layout.
+    emulated_device(major, minor)
+    x, w, b, A, B = _cpu_inputs(m, k, n, r, dtype, adapter_dtype)
+    _check_emulated(emulated, (x, w.t().contiguous().t(), b, A, B), 0.9, gy)
+    assert _counts()[1][path] == 2
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_emulated_cutlass_rejection_takes_the_portable_kernel(emulated, emulated_device, dtype):
+    emulated_device(9, 0, 1)  # every CUTLASS launcher refuses
+    m, k, n, r = CUTLASS_SHAPES[0]
+    gy = torch.randn(m, n).to(dtype)
+    _check_emulated(emulated, _cpu_inputs(m, k, n, r, dtype, dtype), 1.3, gy)
+    attempts, launches = _counts()
+    assert attempts == (0, 2) and launches == (0, 0)  # asked twice, computed by the portable kernel
+
+
+@pytest.mark.parametrize("device", ["sm90", "sm80"])
+def test_emulated_cutlass_launch_failure_raises_naming_the_kernel_and_error(emulated, emulated_device, device):
+    (major, minor), _ = DEVICES[device]
+    emulated_device(major, minor, 2)  # every launch fails as out of resources
+    x, w, b, A, B = _cpu_inputs(*CUTLASS_SHAPES[0], torch.bfloat16, torch.bfloat16)
+    want = rf"CUTLASS {device} LoRA GEMM \(bf16, W K-major\) kernel \(M=37, N=48, K=64, LoRA depth 16\) failed: cudaErrorLaunchOutOfResources"
+    with pytest.raises(RuntimeError, match=want):
+        emulated.forward(x, w, b, A, B, 1.0, 0.0, None)
+
+
+def test_emulated_fp16_cutlass_path_keeps_a_huge_low_rank_product(emulated, emulated_device):
+    # s·xa ~ 1e6 (beyond fp16) times a small B: a low-rank term of ~1e3 that fp16 holds. The portable
+    # kernel keeps xa in fp32; the CUTLASS path must match it (it gave inf before columns were scaled).
+    emulated_device(9, 0)
+    g = torch.Generator().manual_seed(11)
+    m, k, n, r = 40, 64, 48, 4
+    x = (torch.randn(m, k, generator=g) * 30).half()
+    w = (torch.randn(n, k, generator=g) * 0.05).half()
+    A = (torch.randn(r, k, generator=g) * 3000).half()
+    for adapter_dtype in (torch.float16, torch.float32):
+        B = (torch.randn(n, r, generator=g) * 2e-4).to(adapter_dtype)
+        y, xa = emulated.forward(x, w, None, A.to(adapter_dtype), B, 1.5, 0.0, None)
+        assert xa.abs().max() > 1e5
+        ref = fastlora.reference.lora_linear(x.double(), w.double(), None, A.double(), B.double(), 1.5)
+        assert ref.abs().max() < 6e4 and torch.isfinite(y).all()
+        assert rel_error(y, ref) <= TOLERANCE[torch.float16]
+    assert _counts()[1] == (0, 2)
 
 
 def test_emulated_ops_reject_bad_arguments_clearly(emulated):

@@ -79,6 +79,24 @@ def test_cutlass_paths_both_weight_layouts(shape, dtype, adapter_dtype, conv1d_w
 
 @requires_cuda_backend
 @pytest.mark.usefixtures("nan_cache")
+@pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.float32], ids=str)
+def test_fp16_cutlass_path_keeps_a_low_rank_product_beyond_fp16(adapter_dtype):
+    # s·xa ~ 1e6 (beyond fp16's 65504) times a small B: a low-rank term of ~1e3. On the shapes of the
+    # CUTLASS paths its fp16 K-block operands are scaled per column by powers of two (lora_blocks).
+    g = torch.Generator(device="cuda").manual_seed(11)
+    m, k, n, r = 256, 64, 128, 4
+    x = (torch.randn(m, k, device="cuda", generator=g) * 30).half()
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.05).half()
+    A = (torch.randn(r, k, device="cuda", generator=g) * 3000).to(adapter_dtype)
+    B = (torch.randn(n, r, device="cuda", generator=g) * 2e-4).to(adapter_dtype)
+    y, xa = backend_ops("cuda").forward(x, w, None, A, B, 1.5, 0.0, None)
+    assert xa.abs().max() > 1e5
+    ref = fastlora.reference.lora_linear(x.double(), w.double(), None, A.double(), B.double(), 1.5)
+    assert torch.isfinite(y).all() and rel_error(y, ref) <= 1e-2
+
+
+@requires_cuda_backend
+@pytest.mark.usefixtures("nan_cache")
 def test_row_broadcast_gradient_is_read_in_place():
     # d(Σ_n v_n Σ_m y_mn)/dy is v expanded over rows (sum's backward): a gy with row stride 0, which
     # the kernels read in place.

@@ -9,6 +9,7 @@ their fakes propagate shapes and dtypes.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -130,6 +131,64 @@ def test_unforced_build_without_cutlass_installs_the_python_package(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == fastlora.__version__
     skipped = _setup_py({"FASTLORA_SKIP_CUDA_BUILD": "1", "FASTLORA_FORCE_CUDA_BUILD": "1", "CUTLASS_PATH": str(tmp_path)})
     assert skipped.returncode == 0  # SKIP wins over FORCE
+
+
+# setup.py build_ext with torch's ninja run replaced by a recorder: every ninja file the build would
+# run (one per set of targets), then the link fails on the objects that were never compiled.
+_RECORD_NINJA_FILES = """
+import json, pathlib, runpy, sys
+import torch.utils.cpp_extension as cpp
+seen = []
+cpp._run_ninja_build = lambda build_directory, *args, **kwargs: seen.append(
+    (pathlib.Path(build_directory) / "build.ninja").read_text())
+sys.argv = ["setup.py", "build_ext", "--build-temp", sys.argv[1], "--build-lib", sys.argv[1]]
+try:
+    runpy.run_path("setup.py", run_name="__main__")
+except BaseException:
+    pass
+print(json.dumps(seen))
+"""
+
+
+def _targets_per_object(ninja_files: list[str]) -> dict[str, set[str]]:
+    """{object file name: its nvcc -gencode flags} over the recorded ninja files."""
+    targets = {}
+    for text in ninja_files:
+        post = re.search(r"^cuda_post_cflags = (.*)$", text, re.MULTILINE)
+        flags = set(re.findall(r"-gencode=\S+", post.group(1))) if post else set()
+        for obj, rule in re.findall(r"^build (\S+): (\w+) ", text, re.MULTILINE):
+            targets[Path(obj).name] = flags if rule == "cuda_compile" else {"host"}
+    return targets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("archs", ["80;90a", "80;86", "90a"])
+def test_build_compiles_each_cutlass_file_only_for_the_gpus_that_run_it(tmp_path, archs):
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None or CUDA_HOME is None:
+        pytest.skip("needs a CUDA build of torch and the CUDA toolkit (no compile is run)")
+    if isinstance(_extension._cutlass_include_dirs(), str):
+        pytest.skip("needs the CUTLASS headers (pip install nvidia-cutlass==4.2.0.0)")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FASTLORA_")}}
+    env.update(FASTLORA_FORCE_CUDA_BUILD="1", FASTLORA_CUDA_ARCHS=archs)
+    result = subprocess.run([sys.executable, "-c", _RECORD_NINJA_FILES, str(tmp_path)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    targets = _targets_per_object(json.loads(result.stdout.strip().splitlines()[-1]))
+    sm80, sm86, sm90a = "-gencode=arch=compute_{0},code=sm_{0}", "-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_90a,code=sm_90a"
+    ptx = "-gencode=arch=compute_{0},code=compute_{0}"
+    everything = {
+        "80;90a": {sm80.format(80), ptx.format(80), sm90a},
+        "80;86": {sm80.format(80), ptx.format(80), sm86, ptx.format(86)},
+        "90a": {sm90a},
+    }[archs]
+    assert targets["lora_ops.o"] == {"host"}
+    assert targets["lora_kernels.o"] == everything  # the portable kernels run everywhere
+    for dtype in ("bf16", "f16"):
+        # Hopper kernels: only where they run (empty files without 90a, so those keep every target).
+        assert targets[f"lora_sm90_{dtype}.o"] == ({sm90a} if "90a" in archs else everything)
+        # Ampere-class kernels: everywhere but on 9.0 of a 90a build (the Hopper kernel runs there).
+        assert targets[f"lora_sm80_{dtype}.o"] == (everything - {sm90a} or everything)
 
 
 # ---------------------------------------------------------------- built extension (CPU) ----------
