@@ -4,6 +4,7 @@
 scratch allocator; see its docstring for the two hazards it closes).
 ``_empty``: every buffer their kernels fill is allocated through it, looked up on this module at
 call time (``_triton_common._empty``) so that the tests' NaN poisoning patches one name for both.
+``_flag_workspace`` / ``_flag_dummy``: the persistent kernels' flags, kept zeroed between calls.
 ``_dot``: ``tl.dot`` with bf16 operands upcast under ``TRITON_INTERPRET=1``, whose bf16 dot is wrong.
 ``_reduce_over_m`` (kernel ``_lora_reduce_kernel``): ``scaling·lhsᵀ·D(rhs)`` over the long M axis,
 the adapter gradients' reduction, optionally with ``Σ_m lhs`` (the bias gradient). M is split across
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -78,6 +80,53 @@ def on_device(device: torch.device):
         return _NO_GUARD
     _ensure_allocator()
     return torch.cuda.device(device)
+
+
+# Flag workspaces of the persistent kernels, per launching thread, keyed by (device, stream): kept
+# zeroed between calls by the kernels themselves (their last user of a flag resets it), so that a
+# call needs no memset. Per stream, because two launches in flight on two streams must not share
+# flags; per thread, so that no two host threads can hand one buffer to launches on streams that
+# the driver does not order (per-thread default streams), and a dead thread's buffers are freed.
+_workspaces = threading.local()
+
+
+def _stream_key(device: torch.device):
+    if device.type != "cuda":
+        return (device.type, None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return (index, torch.cuda.current_stream(index).cuda_stream)
+
+
+def _flag_workspace(device: torch.device, size: int) -> torch.Tensor:
+    """At least ``size`` zeroed int32 that the launch must leave zeroed, on ``device``'s current
+    stream. Under CUDA-graph capture a fresh one for this call (its memset is part of the graph):
+    memory from the graph's pool must not be reused by launches outside the graph."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    cache = getattr(_workspaces, "flags", None)
+    if cache is None:
+        cache = _workspaces.flags = {}
+    key = _stream_key(device)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < size:
+        # Grown by powers of two: a memset only when a call needs more rows than any before it.
+        buf = cache[key] = torch.zeros(max(64, triton.next_power_of_2(size)), dtype=torch.int32, device=device)
+    return buf
+
+
+def _flag_dummy(device: torch.device) -> torch.Tensor:
+    """The flags argument of a launch without flags: an int32 buffer of its own, never dereferenced
+    (not another argument, so that a ``reset_to_zero`` of the flags could never clear an input)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.empty(1, dtype=torch.int32, device=device)
+    cache = getattr(_workspaces, "dummies", None)
+    if cache is None:
+        cache = _workspaces.dummies = {}
+    key = _stream_key(device)
+    buf = cache.get(key)
+    if buf is None:
+        buf = cache[key] = torch.empty(1, dtype=torch.int32, device=device)
+    return buf
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

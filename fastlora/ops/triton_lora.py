@@ -12,6 +12,9 @@ computing ``out = a·w + scaling·D(t)·lb + bias`` with ``t = a·la`` (fp32, ``
 tiles (column block 0 of every row block), which accumulate ``t`` beside ``a·w`` in their K loop,
 store it and release a per-row-block flag; every other (*consumer*) tile runs its K loop on ``a·w``
 alone and waits on its row block's flag only before its epilogue, then reads ``t`` [BLOCK_M, R_PAD].
+The flags live in a workspace kept per thread and stream (``_flag_workspace``) that every launch
+leaves zeroed: the last of a row block's tiles to be done with its flag resets it (``_arrive``), so a
+call needs no memset and an autotuner rerun with the same buffer waits again.
 A program reaches a wait only after all of its own producer tiles (they come first in its sequence),
 so the wait cannot deadlock while every program is resident (grid ≤ SM count); the interpreter runs
 programs one after another, so there it runs one program. The flags are the only atomics: the
@@ -60,7 +63,8 @@ from . import _triton_common  # _triton_common._empty by attribute: the tests pa
 from ._contract import register_backend
 from ._device import device_limits
 from ._triton_common import (
-    INTERPRET, INTERPRETER_CONFIGS, _configs, _dot, _Dropout, _dropout, _padded_rank, _precisions, _reduce_over_m, on_device,
+    INTERPRET, INTERPRETER_CONFIGS, _configs, _dot, _Dropout, _dropout, _flag_dummy, _flag_workspace, _padded_rank,
+    _precisions, _reduce_over_m, on_device,
 )  # fmt: skip
 from ._triton_compile import drop_spilling
 
@@ -200,6 +204,19 @@ def _epilogue_half(
 
 
 @triton.jit
+def _arrive(flags_ptr, pid_m, participants):
+    """One of the ``participants`` tiles of row block ``pid_m`` is done with its flag pair
+    ``flags[2·pid_m]`` (t published) / ``flags[2·pid_m + 1]`` (tiles done). The last one resets both to
+    0, so that every launch leaves the workspace zeroed: the next call needs no memset, and an
+    autotuner rerun with the same buffer waits again (a flag left set would let its consumers read
+    ``t`` before this launch's producer wrote it)."""
+    done = tl.atomic_add(flags_ptr + 2 * pid_m + 1, 1, sem="acq_rel")
+    if done == participants - 1:  # everyone else has read the flag: nobody reads it again this launch
+        tl.atomic_xchg(flags_ptr + 2 * pid_m, 0, sem="relaxed")
+        tl.atomic_xchg(flags_ptr + 2 * pid_m + 1, 0, sem="relaxed")
+
+
+@triton.jit
 def _lora_gemm_kernel(
     a_ptr, w_ptr, la_ptr, lb_ptr, bias_ptr, out_ptr, t_ptr, flags_ptr, xa_ptr, gb_ws_ptr, bias_ws_ptr,
     M, N, K, R, M_BUCKET, BLOCK_M_FIXED, SPLITS, row0,
@@ -216,6 +233,7 @@ def _lora_gemm_kernel(
     HALF_N: tl.constexpr = BLOCK_N // 2
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N) if WRITE_OUT else 1
+    out_cols = num_n  # the producer and consumers of a row block's t: its output tiles
     if FUSE_GRAD_B and STORE_T:
         # grad_B is the consumers' work (a producer's loop holding both spilled): one at least a row block.
         num_n = tl.maximum(num_n, 2)
@@ -287,9 +305,11 @@ def _lora_gemm_kernel(
             acc_t = tl.where(mask_r[None, :], acc_t, 0.0)
             tl.store(t_ptrs, acc_t, mask=mask_m[:, None] & mask_r[None, :])
             if WRITE_OUT and not SPLIT_K:
-                # Publish t to this row block's consumers: every thread's stores, then the release.
-                tl.debug_barrier()
-                tl.atomic_xchg(flags_ptr + pid_m, 1, sem="release")
+                if out_cols > 1:
+                    # Publish t to this row block's consumers: every thread's stores, then the release.
+                    tl.debug_barrier()
+                    tl.atomic_xchg(flags_ptr + 2 * pid_m, 1, sem="release")
+                    _arrive(flags_ptr, pid_m, out_cols)
         else:
             acc, acc_t = _k_loop(
                 a_src, w_src, la_ptr, xa_hi, xa_lo, xa_unscale, gb_ws_ptr, bias_ws_ptr,
@@ -300,11 +320,12 @@ def _lora_gemm_kernel(
                 PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
             if WRITE_OUT and STORE_T and not SPLIT_K and off_n < N:
-                ready = tl.atomic_cas(flags_ptr + pid_m, 1, 1, sem="acquire")
+                ready = tl.atomic_cas(flags_ptr + 2 * pid_m, 1, 1, sem="acquire")
                 while ready != 1:
-                    ready = tl.atomic_cas(flags_ptr + pid_m, 1, 1, sem="acquire")
+                    ready = tl.atomic_cas(flags_ptr + 2 * pid_m, 1, 1, sem="acquire")
                 # .cg: read t from L2, where the producer's stores are, not from a stale L1 line.
                 acc_t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
+                _arrive(flags_ptr, pid_m, out_cols)
 
         if WRITE_OUT and off_n < N:  # (a grad_B-only tile when num_n was raised to 2 lies beyond N)
             if SPLIT_K:
@@ -577,14 +598,12 @@ def _launch_gemm(
     splits = _decode_splits(device, M, N, K) if split_k else 1
     split_k = splits > 1
     use_tma = _use_tma(device, a, w.t() if w_trans else w, None if split_k else out)
-    dummy = a
+    dummy = a  # a pointer argument the kernel never dereferences (flags excepted, see _flag_dummy)
     partials = t_partials = None
     if split_k:
         partials = _triton_common._empty((splits, M, N), torch.float32, device)
         t_partials = _triton_common._empty((splits, M, R), torch.float32, device)
-    flags = None
-    if write_out and store_t and not split_k:  # one per row block (of 16 rows at least), zeroed
-        flags = torch.zeros(triton.cdiv(M, 16), dtype=torch.int32, device=device)
+    with_flags = write_out and store_t and not split_k
     out_buf = partials if split_k else out
     t_buf = t_partials if split_k else t
 
@@ -592,16 +611,18 @@ def _launch_gemm(
         num_n = triton.cdiv(N, meta["BLOCK_N"]) if write_out else 1
         return triton.cdiv(M, meta["BLOCK_M"]) * num_n * splits
 
-    grid = _grid(num_tiles, device, flags=flags is not None)
+    grid = _grid(num_tiles, device, flags=with_flags)
     def strides(buf):  # rows, columns, splits
         return (buf.stride(-2), buf.stride(-1), buf.stride(0) if split_k else 0) if buf is not None else (0, 0, 0)
 
     out_strides, t_strides = strides(out_buf), strides(t_buf)
     launcher = _lora_gemm_grad_x if grad_b_ws is not None else _lora_gemm
     with on_device(device):
+        # A pair of int32 a row block (of 16 rows at least), zero before and after every launch.
+        flags = _flag_workspace(device, 2 * triton.cdiv(M, 16)) if with_flags else _flag_dummy(device)
         launcher[grid](
             a, w, la, lb, bias if bias is not None else dummy, out_buf if write_out else dummy,
-            t_buf if store_t else dummy, flags if flags is not None else dummy, xa if xa is not None else dummy,
+            t_buf if store_t else dummy, flags, xa if xa is not None else dummy,
             grad_b_ws if grad_b_ws is not None else dummy, bias_ws if bias_ws is not None else dummy,
             M, N, K, R, triton.next_power_of_2(M), block_m_fixed, splits, row0,
             *a.stride(), *w.stride(), *la.stride(), *lb.stride(), *out_strides, *t_strides,
