@@ -10,6 +10,7 @@
 """
 
 import collections
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from helpers import check_against_reference, make_inputs, poisoned, rel_error, t
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
+from fastlora.ops._device import KNOWN_LIMITS, target_limits
 
 triton_lora = pytest.importorskip("fastlora.ops.triton_lora")
 if not triton_lora.INTERPRET:
@@ -132,3 +134,51 @@ def test_the_dense_forward_issues_no_memset(monkeypatch, m):
         fastlora.lora_linear(x, w, b, A, B, 1.0, backend="triton")
     memsets = {op: n for op, n in counted.ops.items() if "zero" in op or "fill" in op or "full" in op}
     assert not memsets, memsets
+
+
+@pytest.fixture
+def fallbacks(monkeypatch):
+    """Counts the consumers that timed out and computed their row block's t themselves."""
+    module = sys.modules[KERNEL.fn.__module__]
+    original, calls = module._recompute_t, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_recompute_t", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "dtype, adapter_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32), (torch.float16, None)], ids=str
+)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_consumers_whose_producer_comes_later_compute_t_themselves(fallbacks, dtype, adapter_dtype, p):
+    # 5 row blocks × 4 column blocks on 4 programs, run one after another: program 0's consumers of
+    # row blocks 1-3 come before their producers, time out and fall back. Their t must be the one
+    # the producer stores (the same K loop), so the result equals a one-program run's to the bit.
+    x, w, b, A, B = (t.detach() for t in make_inputs(300, 128, 256, 7, dtype, "cpu", adapter_dtype=adapter_dtype))
+    seed = torch.tensor(11) if p else None
+    several = triton_lora.triton_forward(x, w, b, A, B, 0.5, p, seed)
+    assert fallbacks, "no consumer fell back"
+    fallbacks.clear()
+    with target_limits(KNOWN_LIMITS[(9, 0)]._replace(sm_count=1)):
+        one = triton_lora.triton_forward(x, w, b, A, B, 0.5, p, seed)
+    assert not fallbacks, "a consumer of a one-program grid waited in vain"
+    assert torch.equal(several[0], one[0]) and torch.equal(several[1], one[1])
+    if not p:
+        x64, A64 = x.double(), A.double()
+        xa = x64 @ A64.t()
+        ref = x64 @ w.double().t() + b.double() + 0.5 * xa @ B.double().t()
+        assert rel_error(several[0], ref) <= tolerance(dtype, "cpu")
+        assert rel_error(several[1], xa) <= tolerance(dtype, "cpu")
+
+
+@pytest.mark.parametrize("spins", [0, 2, 50])
+def test_forward_and_gradients_with_fallbacks_meet_the_tolerance(monkeypatch, fallbacks, spins):
+    monkeypatch.setattr(triton_lora, "_SPIN_LIMIT", spins)
+    launches = _Launches(monkeypatch)
+    check_against_reference(make_inputs(300, 200, 256, 9, torch.bfloat16, "cpu", adapter_dtype=torch.float32), 1.5, "triton")
+    assert [launch["spin_limit"] for launch in launches.seen] == [spins, spins]
+    assert len(fallbacks) >= 2  # in the forward and in grad_x

@@ -16,9 +16,12 @@ The flags live in a workspace kept per thread and stream (``_flag_workspace``) t
 leaves zeroed: the last of a row block's tiles to be done with its flag resets it (``_arrive``), so a
 call needs no memset and an autotuner rerun with the same buffer waits again.
 A program reaches a wait only after all of its own producer tiles (they come first in its sequence),
-so the wait cannot deadlock while every program is resident (grid ≤ SM count); the interpreter runs
-programs one after another, so there it runs one program. The flags are the only atomics: the
-arithmetic has none, and a tile's value does not depend on which program computes it (deterministic).
+so the wait succeeds while every program is resident (grid ≤ SM count). It is bounded all the same
+(``_SPIN_LIMIT`` checks): a consumer that times out computes its row block's ``t`` itself with the
+producer's own K loop (``_recompute_t``), so progress never depends on residency (the interpreter,
+which runs programs one after another, takes this path for every consumer whose producer comes in
+a later program). The flags are the only atomics: the arithmetic has none, and a tile's value does
+not depend on which program computes it (deterministic).
 The epilogue adds the low-rank term straight into the accumulator, ``acc = tl.dot(s·t, lb, acc)``,
 on two ``BLOCK_N/2`` halves of the tile (fewer live registers), then the bias, and stores once.
 
@@ -204,6 +207,39 @@ def _epilogue_half(
 
 
 @triton.jit
+def _finish_t(acc_t, dropout_scale, mask_r, DROPOUT: tl.constexpr):
+    """``t`` as stored: the forward's dropout scale applied, and the padding columns (``a·0``, NaN
+    where ``a`` holds an inf) zeroed explicitly."""
+    if DROPOUT == DROPOUT_ON_INPUT:
+        acc_t *= dropout_scale
+    return tl.where(mask_r[None, :], acc_t, 0.0)
+
+
+@triton.jit
+def _recompute_t(
+    a_src, w_src, la_ptr, gb_ws_ptr, bias_ws_ptr, off_m, off_n, pid_m, k_lo, k_hi, M, N, K, R,
+    stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar,
+    dropout_p, dropout_scale, seed, row0,
+    USE_TMA: tl.constexpr, W_TRANS: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, LOW_RANK_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP32_ADAPTERS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """A consumer's fallback when its wait timed out: the row block's ``t = D(a)·la`` by the producer's
+    own K loop (the same steps, dots, dropout draws and fp32-adapter split, without ``a·w``), so the
+    two agree to the bit where the dots are the same instructions."""
+    zeros = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    _, acc_t = _k_loop(
+        a_src, w_src, la_ptr, zeros, zeros, tl.zeros((R_PAD,), dtype=tl.float32), gb_ws_ptr, bias_ws_ptr,
+        off_m, off_n, pid_m, k_lo, k_hi, 0, 0, M, N, K, R,
+        stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar, 0, 0, 0,
+        dropout_p, seed, row0,
+        True, False, False, False, False, USE_TMA, W_TRANS, R_PAD, DROPOUT,
+        PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    return _finish_t(acc_t, dropout_scale, tl.arange(0, R_PAD) < R, DROPOUT)
+
+
+@triton.jit
 def _arrive(flags_ptr, pid_m, participants):
     """One of the ``participants`` tiles of row block ``pid_m`` is done with its flag pair
     ``flags[2·pid_m]`` (t published) / ``flags[2·pid_m + 1]`` (tiles done). The last one resets both to
@@ -223,7 +259,7 @@ def _lora_gemm_kernel(
     stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar, stride_lbr, stride_lbn,
     stride_om, stride_on, stride_os, stride_tm, stride_tr, stride_ts, stride_xam, stride_xar,
     stride_gbm, stride_gbk, stride_bwm,
-    scaling, dropout_p, dropout_scale, seed,
+    scaling, dropout_p, dropout_scale, seed, spin_limit,
     HAS_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr, STORE_T: tl.constexpr, SPLIT_K: tl.constexpr,
     FUSE_GRAD_B: tl.constexpr, BIAS_GRAD: tl.constexpr, SPLIT_XA: tl.constexpr, USE_TMA: tl.constexpr,
     W_TRANS: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
@@ -299,10 +335,7 @@ def _lora_gemm_kernel(
                 True, WRITE_OUT, False, BIAS_GRAD, SPLIT_XA, USE_TMA, W_TRANS, R_PAD, DROPOUT,
                 PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
-            if DROPOUT == DROPOUT_ON_INPUT:
-                acc_t *= dropout_scale
-            # Padding columns of t are a·0, which is NaN where a holds an inf: zero them explicitly.
-            acc_t = tl.where(mask_r[None, :], acc_t, 0.0)
+            acc_t = _finish_t(acc_t, dropout_scale, mask_r, DROPOUT)
             tl.store(t_ptrs, acc_t, mask=mask_m[:, None] & mask_r[None, :])
             if WRITE_OUT and not SPLIT_K:
                 if out_cols > 1:
@@ -320,11 +353,24 @@ def _lora_gemm_kernel(
                 PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
             if WRITE_OUT and STORE_T and not SPLIT_K and off_n < N:
+                # A bounded wait: progress must not depend on the producer's program being resident
+                # (MPS SM limits, green contexts, a second such kernel on another stream).
                 ready = tl.atomic_cas(flags_ptr + 2 * pid_m, 1, 1, sem="acquire")
-                while ready != 1:
+                spins = 0
+                while (ready != 1) & (spins < spin_limit):
                     ready = tl.atomic_cas(flags_ptr + 2 * pid_m, 1, 1, sem="acquire")
-                # .cg: read t from L2, where the producer's stores are, not from a stale L1 line.
-                acc_t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
+                    spins += 1
+                if ready == 1:
+                    # .cg: read t from L2, where the producer's stores are, not from a stale L1 line.
+                    acc_t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
+                else:  # timed out: this row block's t from a itself, as its producer computes it
+                    acc_t = _recompute_t(
+                        a_src, w_src, la_ptr, gb_ws_ptr, bias_ws_ptr, off_m, off_n, pid_m, k_lo, k_hi, M, N, K, R,
+                        stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar,
+                        dropout_p, dropout_scale, seed, row0,
+                        USE_TMA, W_TRANS, R_PAD, DROPOUT, PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS,
+                        BLOCK_M, BLOCK_N, BLOCK_K,
+                    )  # fmt: skip
                 _arrive(flags_ptr, pid_m, out_cols)
 
         if WRITE_OUT and off_n < N:  # (a grad_B-only tile when num_n was raised to 2 lies beyond N)
@@ -441,6 +487,14 @@ GRAD_X_CONFIGS = _configs(
 _MAX_PARTIAL_BYTES = 16 << 20
 _MIN_PARTIAL_BLOCKS = 16
 
+# Checks of its flag a consumer makes before it computes its row block's t itself. At about 0.5-1 µs
+# an atomic round trip to L2, 1024 are 0.5-1 ms: over ten times a producer tile's K loop at LLM
+# shapes (a consumer reaches its wait after its own K loop, its producer started no later), so a
+# resident producer is waited for; a timeout costs the consumer one K loop of a·la (R_PAD/BLOCK_N
+# of its tile's work), never a hang. Under the interpreter a wait that fails once cannot succeed
+# (the producer's program runs later): two checks, which still run the loop.
+_SPIN_LIMIT = 2 if INTERPRET else 1024
+
 # Decode: at most this many rows take the split-K path (W is read once whatever M is; the fp32
 # partials grow with M: at M = 64 they are 12 % of W's bytes with two splits at N = K = 4096).
 _DECODE_MAX_M = 64
@@ -548,10 +602,10 @@ def _decode_splits(device: torch.device, M: int, N: int, K: int) -> int:
     return max(1, min(device_limits(device).sm_count // tiles, K // 512, 16))
 
 
-def _grid(num_tiles, device: torch.device, flags: bool):
-    """Persistent grid: one program per SM at most, one in all under the interpreter when consumers
-    wait on producers (programs run one after another there, so a later producer never runs)."""
-    programs = 1 if INTERPRET and flags else device_limits(device).sm_count
+def _grid(num_tiles, device: torch.device):
+    """Persistent grid: one program per SM at most. (Under the interpreter, programs run one after
+    another: a consumer whose producer is in a later program times out and computes ``t`` itself.)"""
+    programs = device_limits(device).sm_count
 
     def grid(meta):
         return (max(1, min(programs, num_tiles(meta))),)
@@ -611,7 +665,7 @@ def _launch_gemm(
         num_n = triton.cdiv(N, meta["BLOCK_N"]) if write_out else 1
         return triton.cdiv(M, meta["BLOCK_M"]) * num_n * splits
 
-    grid = _grid(num_tiles, device, flags=with_flags)
+    grid = _grid(num_tiles, device)
     def strides(buf):  # rows, columns, splits
         return (buf.stride(-2), buf.stride(-1), buf.stride(0) if split_k else 0) if buf is not None else (0, 0, 0)
 
@@ -629,7 +683,7 @@ def _launch_gemm(
             *(xa.stride() if xa is not None else (0, 0)),
             *(grad_b_ws.stride()[:2] if grad_b_ws is not None else (0, 0)),
             bias_ws.stride(0) if bias_ws is not None else 0,
-            scaling, dropout.p, dropout.scale, dropout.seed,
+            scaling, dropout.p, dropout.scale, dropout.seed, _SPIN_LIMIT,
             HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=store_t, SPLIT_K=split_k,
             FUSE_GRAD_B=grad_b_ws is not None, BIAS_GRAD=bias_ws is not None, SPLIT_XA=a.dtype != torch.float32,
             USE_TMA=use_tma, W_TRANS=w_trans,
