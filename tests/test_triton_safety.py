@@ -6,7 +6,8 @@
 - the consumers' wait is bounded, and a consumer whose producer has not run computes its row
   block's ``t`` itself (the interpreter runs programs one after another, so with several programs an
   early consumer's producer comes later: it must time out and fall back);
-- TF32 is modelled under the interpreter where the kernels multiply in TF32 on a GPU.
+- TF32 is modelled under the interpreter where the kernels multiply in TF32 on a GPU (fp32
+  operands rounded to TF32 before the dot, as ``_dot`` does on the GPU too).
 """
 
 import collections
@@ -18,6 +19,7 @@ from helpers import check_against_reference, make_inputs, poisoned, rel_error, t
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
+from fastlora._tolerance import TF32_TOLERANCE
 from fastlora.ops._device import KNOWN_LIMITS, target_limits
 
 triton_lora = pytest.importorskip("fastlora.ops.triton_lora")
@@ -182,3 +184,79 @@ def test_forward_and_gradients_with_fallbacks_meet_the_tolerance(monkeypatch, fa
     check_against_reference(make_inputs(300, 200, 256, 9, torch.bfloat16, "cpu", adapter_dtype=torch.float32), 1.5, "triton")
     assert [launch["spin_limit"] for launch in launches.seen] == [spins, spins]
     assert len(fallbacks) >= 2  # in the forward and in grad_x
+
+
+@pytest.fixture
+def tf32():
+    """torch.set_float32_matmul_precision("high") for the test: fp32 products may run in TF32."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def _round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """The test's own TF32 rounding (to nearest, ties away from zero) of finite fp32 values."""
+    bits = x.view(torch.int32)
+    return ((bits + 0x1000) & -8192).view(torch.float32)
+
+
+def test_tf32_rounding_of_the_interpreter(tf32):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rounded(x_ptr, out_ptr):
+        r = tl.arange(0, 64)
+        tl.store(out_ptr + r, _triton_common._round_tf32(tl.load(x_ptr + r)))
+
+    @triton.jit
+    def product(a_ptr, b_ptr, out_ptr, PRECISION: tl.constexpr):
+        r = tl.arange(0, 16)
+        a = tl.load(a_ptr + r[:, None] * 16 + r[None, :])
+        b = tl.load(b_ptr + r[:, None] * 16 + r[None, :])
+        tl.store(out_ptr + r[:, None] * 16 + r[None, :], _triton_common._dot(a, b, None, PRECISION, False))
+
+    x = torch.randn(64)
+    x[:4] = torch.tensor([1 + 3 * 2.0**-12, -(1 + 2.0**-12), float("inf"), float("nan")])
+    out = torch.full((64,), 7.0)
+    rounded[(1,)](x, out)
+    # 1 + ¾ ulp of TF32 rounds up, −(1 + ¼ ulp) down in magnitude; inf and NaN stay.
+    assert out[0] == 1 + 2.0**-10 and out[1] == -1 and out[2] == float("inf") and out[3].isnan()
+    assert torch.equal(out[4:], _round_tf32(x[4:]))
+
+    a, b = torch.randn(16, 16), torch.randn(16, 16)
+    out = {p: torch.full((16, 16), float("nan")) for p in ("tf32", "ieee")}
+    for precision, o in out.items():
+        product[(1,)](a, b, o, PRECISION=precision)
+    assert _triton_common._MODEL_TF32
+    exact = a.double() @ b.double()
+    assert rel_error(out["ieee"], exact) <= 1e-6
+    assert rel_error(out["tf32"], _round_tf32(a).double() @ _round_tf32(b).double()) <= 1e-6
+    assert rel_error(out["tf32"], exact) >= 1e-4  # the rounding is applied, and is TF32's
+
+
+def test_fp32_with_tf32_allowed_differs_from_the_exact_product_as_a_gpu_would(tf32):
+    x, w, b, A, B = (t.detach() for t in make_inputs(130, 256, 200, 8, torch.float32, "cpu"))
+    x64, A64 = x.double(), A.double()
+    ref = x64 @ w.double().t() + b.double() + 1.5 * (x64 @ A64.t()) @ B.double().t()
+    y_tf32, _ = triton_lora.triton_forward(x, w, b, A, B, 1.5, 0.0, None)
+    torch.set_float32_matmul_precision("highest")
+    y_exact, _ = triton_lora.triton_forward(x, w, b, A, B, 1.5, 0.0, None)
+    assert rel_error(y_exact, ref) <= 1e-5
+    assert 2e-5 <= rel_error(y_tf32, ref) <= TF32_TOLERANCE  # TF32's ~1e-4, modelled on the CPU
+
+
+@pytest.mark.parametrize(
+    "dtype, adapter_dtype, m",
+    [(torch.float32, None, 130), (torch.bfloat16, torch.float32, 130), (torch.bfloat16, None, 5), (torch.float16, None, 5)],
+    ids=str,
+)
+def test_outputs_and_gradients_with_tf32_meet_the_tolerance(tf32, dtype, adapter_dtype, m):
+    # fp32 inputs: every product in TF32 (5e-4; the chained products of grad_A and grad_B measured
+    # 4.0-4.4e-4 here, 3.7-4.7e-4 at m = 5, too close to test); half inputs: the low-rank products
+    # (epilogue, split-K reduce, grad_A reduction) in TF32 whatever the setting (1e-2). m = 5 takes
+    # decode's split-K path.
+    tol = TF32_TOLERANCE if dtype == torch.float32 else tolerance(dtype, "cpu")
+    inputs = make_inputs(m, 1024 if m < 64 else 256, 200, 8, dtype, "cpu", adapter_dtype=adapter_dtype)
+    check_against_reference(inputs, 1.5, "triton", tol=tol)

@@ -52,8 +52,11 @@ whose ``x Aᵀ`` exceeds fp16's range is still right; the epilogue's products wi
 (TF32 on the tensor cores, whose 11 significant bits hold fp16/bf16 operands exactly). fp32 inputs
 use exact fp32 products unless ``torch.set_float32_matmul_precision`` allows TF32.
 
-Under ``TRITON_INTERPRET=1`` (the CPU test suite) each kernel runs one fixed configuration, and
-bf16 operands are upcast to fp32 before ``tl.dot`` because the interpreter's bf16 dot is wrong.
+Under ``TRITON_INTERPRET=1`` (the CPU test suite) each kernel runs one fixed configuration, bf16
+operands are upcast to fp32 before ``tl.dot`` because the interpreter's bf16 dot is wrong, and the
+fp32 operands of every "tf32" dot are rounded to TF32 first, there and on the GPU (``_dot``): the
+tensor cores would truncate them, which exceeds the TF32 tolerance; rounded, the interpreter's
+exact product is the GPU's.
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ def _k_loop(
                     part = _dot(a_tr, xa_hi, tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32), PRECISION, UPCAST)
                     part = _dot(a_tr, xa_lo, part, PRECISION, UPCAST) * xa_unscale[None, :]
                 else:
-                    part = tl.dot(a_tr, xa_hi, input_precision=LOW_RANK_PRECISION)
+                    part = _dot(a_tr, xa_hi, None, LOW_RANK_PRECISION, False)
                 gb_ptrs = gb_ws_ptr + pid_m * stride_gbm + offs_k[:, None] * stride_gbk + offs_r[None, :]
                 tl.store(gb_ptrs, part, mask=(offs_k < K)[:, None] & (offs_r < R)[None, :])
                 if BIAS_GRAD:
@@ -194,9 +197,9 @@ def _epilogue_half(
     lb = tl.load(lb_ptrs, mask=(offs_r < R)[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     if DROPOUT == DROPOUT_ON_LOW_RANK:
         keep = tl.rand(seed, (row0 + offs_m)[:, None] * N + offs_n[None, :]) >= dropout_p
-        acc += tl.where(keep, tl.dot(t, lb, input_precision=LOW_RANK_PRECISION), 0.0)
+        acc += tl.where(keep, _dot(t, lb, None, LOW_RANK_PRECISION, False), 0.0)
     else:
-        acc = tl.dot(t, lb, acc, input_precision=LOW_RANK_PRECISION)
+        acc = _dot(t, lb, acc, LOW_RANK_PRECISION, False)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if USE_TMA:
@@ -424,7 +427,7 @@ def _split_k_reduce_kernel(
         tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr, t, mask=mask_mr)
     lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
     lb = tl.load(lb_ptrs, mask=(offs_r < R)[:, None] & (offs_n < N)[None, :], other=0.0).to(tl.float32)
-    acc = tl.dot(t * scaling, lb, acc, input_precision=LOW_RANK_PRECISION)
+    acc = _dot(t * scaling, lb, acc, LOW_RANK_PRECISION, False)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
