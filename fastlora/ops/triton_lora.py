@@ -25,9 +25,10 @@ not depend on which program computes it (deterministic).
 The epilogue adds the low-rank term straight into the accumulator, ``acc = tl.dot(s·t, lb, acc)``,
 on two ``BLOCK_N/2`` halves of the tile (fewer live registers), then the bias, and stores once.
 
-Operands: on Hopper, with 2-D row-major operands whose base and row strides are 16-byte aligned,
-``a``, ``w`` and ``out`` go through tensor descriptors (TMA loads/stores, wgmma); otherwise (sm_80-89,
-strided or unaligned inputs) the same source loads through pointers (cp.async on sm_80+). ``w`` is
+Operands: where the architecture has TMA (``_device.arch_rules``: sm_90, sm_100, sm_120), with 2-D
+row-major operands whose base and row strides are 16-byte aligned, ``a``, ``w`` and ``out`` go
+through tensor descriptors (TMA loads/stores); otherwise (sm_80-89, strided or unaligned inputs) the
+same source loads through pointers (cp.async on sm_80+). ``w`` is
 always read in its stored layout ``W [N, K]``; ``W_TRANS`` says the forward reads it transposed.
 
 grad_x also yields ``grad_B = scaling·gyᵀ xa`` and the bias gradient ``Σ_m gy`` while it streams
@@ -67,7 +68,7 @@ import triton.language as tl
 
 from . import _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
 from ._contract import register_backend
-from ._device import device_limits
+from ._device import arch_rules, device_limits
 from ._triton_common import (
     INTERPRET, INTERPRETER_CONFIGS, _configs, _dot, _Dropout, _dropout, _flag_dummy, _flag_workspace, _padded_rank,
     _precisions, _reduce_over_m, on_device,
@@ -533,14 +534,15 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     max_registers = _MAX_ACC_REGISTERS_BUSY_LOOP if busy_loop else _MAX_ACC_REGISTERS
     a, la, out = args["a_ptr"], args["la_ptr"], args["out_ptr"]
     limits = device_limits(a.device)
+    rules = arch_rules(limits.capability)
 
     def shared(c):
         return _shared_bytes(c, a.element_size(), la.element_size(), out.element_size(), rank)
 
-    # wgmma needs 64 rows a warp group; mma.sync (before Hopper) and fp32 "ieee" dots (CUDA cores)
-    # take 32-row tiles, which keep the busiest loops off the stack there (sm_80, r = 64, fp32 adapters and dropout: every 64-row tile
-    # spilled, 112 bytes or more; 32×64×32 none).
-    min_rows = 64 if limits.capability >= (9, 0) and not _cuda_core_dots(a.dtype, args["PRECISION"]) else 32
+    # wgmma and tcgen05 need 64 rows (rules.min_rows); mma.sync (sm_80-89, sm_120) and fp32 "ieee"
+    # dots (CUDA cores) take 32-row tiles, which keep the busiest loops off the stack there (sm_80,
+    # r = 64, fp32 adapters and dropout: every 64-row tile spilled, 112 bytes or more; 32×64×32 none).
+    min_rows = 32 if _cuda_core_dots(a.dtype, args["PRECISION"]) else rules.min_rows
 
     def rows_ok(c):
         # Short row blocks are for decode (M ≤ 64), where wgmma's 64-row minimum cannot be filled anyway.
@@ -550,12 +552,12 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         return bm <= max(16, m_bucket) if m_bucket <= _DECODE_MAX_M else bm >= min_rows
 
     candidates = [c for c in configs if rows_ok(c)] or configs
-    if limits.capability < (9, 0):
+    if rules.max_k_step is not None:
         # mma.sync keeps a K step's operands in registers: on sm_80 every K step of 64 spilled (88-984
         # bytes of stack, r = 16), every K step of 32 did not.
-        candidates = [c for c in candidates if c.kwargs["BLOCK_K"] <= 32] or candidates
-        if busy_loop or rank >= 64:  # 64×128 and 128×128 spilled there too (40-120 bytes)
-            candidates = [c for c in candidates if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or candidates
+        candidates = [c for c in candidates if c.kwargs["BLOCK_K"] <= rules.max_k_step] or candidates
+    if rules.small_tiles_when_busy and (busy_loop or rank >= 64):  # sm_80: 64×128, 128×128 spilled 40-120 bytes
+        candidates = [c for c in candidates if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or candidates
     kept = [c for c in candidates if _acc_registers(c, rank) <= max_registers and shared(c) <= limits.max_shared_bytes]
     if not kept:
         return [min(candidates, key=lambda c: (shared(c), _acc_registers(c, rank)))]
@@ -593,9 +595,10 @@ def _tma_ready(t: torch.Tensor | None) -> bool:
 
 
 def _use_tma(device: torch.device, *operands) -> bool:
-    """TMA on Hopper or newer when every descriptor operand allows it; pointer loads otherwise.
-    (The scratch allocator that device-side descriptors need is set per launch by ``on_device``.)"""
-    return device_limits(device).capability >= (9, 0) and all(_tma_ready(t) for t in operands)
+    """TMA where the architecture has it (``arch_rules``: sm_90, sm_100, sm_120) and every descriptor
+    operand allows it; pointer loads otherwise. (The scratch allocator that device-side descriptors
+    need is set per launch by ``on_device``.)"""
+    return arch_rules(device_limits(device).capability).tma and all(_tma_ready(t) for t in operands)
 
 
 def _decode_splits(device: torch.device, M: int, N: int, K: int) -> int:
@@ -623,15 +626,16 @@ def _cuda_core_dots(dtype: torch.dtype, precision: str) -> bool:
 
 def _grad_b_block_m(M: int, R: int, device: torch.device, dtype: torch.dtype) -> int:
     """Row block of the grad_x pass when it writes grad_B partials, fixed before the launch because
-    the partials' buffer ``[cdiv(M, BLOCK_M), N, R]`` is allocated by it. 128 rows only on Hopper at
-    r ≤ 32: on sm_80 every 128-row grad_x config spilled (112-168 bytes), and on sm_90a at r = 64 (see
-    ``GRAD_X_CONFIGS``); 32 rows on sm_80 at r ≥ 64, where 64×64×32 spilled 8-40 bytes."""
+    the partials' buffer ``[cdiv(M, BLOCK_M), N, R]`` is allocated by it (``arch_rules().grad_b_rows``).
+    128 rows only with wgmma/tcgen05 at r ≤ 32: on sm_80 every 128-row grad_x config spilled (112-168
+    bytes), and on sm_90a at r = 64 (see ``GRAD_X_CONFIGS``); 32 rows with mma.sync at r ≥ 64, where
+    64×64×32 spilled 8-40 bytes on sm_80."""
     if INTERPRET:
         return INTERPRETER_CONFIGS[0].kwargs["BLOCK_M"]
     if _cuda_core_dots(dtype, _precisions(dtype)[0]):  # only 32-row tiles kept off the stack there
         return min(32, max(16, triton.next_power_of_2(M)))
-    hopper, r_pad = device_limits(device).capability >= (9, 0), _padded_rank(R)
-    most = (128 if r_pad <= 32 else 64) if hopper else (64 if r_pad <= 32 else 32)
+    wide, narrow = arch_rules(device_limits(device).capability).grad_b_rows
+    most = wide if _padded_rank(R) <= 32 else narrow
     return min(most, max(16, triton.next_power_of_2(M)))
 
 
