@@ -18,7 +18,9 @@ triton_lora = pytest.importorskip("fastlora.ops.triton_lora")
 def formula_only(monkeypatch):
     """These tests check the formula filter; the compiler's (``drop_spilling``) needs every argument of
     a launch and is checked by tests/test_inspect.py."""
-    monkeypatch.setattr(triton_lora, "drop_spilling", lambda kernel, configs, named_args, **kwargs: list(configs))
+    from fastlora.ops import _triton_lora_configs
+
+    monkeypatch.setattr(_triton_lora_configs, "drop_spilling", lambda kernel, configs, named_args, **kwargs: list(configs))
 
 
 def named_args(x_dtype, adapter_dtype, m_bucket, block_m_fixed=0):

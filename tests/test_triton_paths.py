@@ -1,6 +1,7 @@
 """Every path of the Triton kernels reached on the CPU (under the interpreter) and checked against
 the float64 reference: tensor descriptors and pointer loads, Hopper and pre-Hopper choices, one
-program walking many tiles with the producer/consumer flags, the split-K decode path, the fused
+and several programs walking many tiles with the producer/consumer flags (several: consumers that
+time out and compute t themselves), the split-K decode path, the fused
 grad_B / bias partials (including the grad_B-only tile of a one-column grid) and the hi/lo split
 of ``xa`` for half inputs at every rank.
 
