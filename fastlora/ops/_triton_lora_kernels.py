@@ -37,6 +37,41 @@ def _tile_coords(tile, num_m, num_n, SPLITS, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _load_a(a_src, off_m, k0, offs_m, offs_k, mask_m, K, stride_am, stride_ak, USE_TMA: tl.constexpr):
+    """The ``a`` tile of rows ``offs_m`` and K step ``k0``, through its descriptor or pointers."""
+    if USE_TMA:
+        a = a_src.load([off_m, k0])
+    else:
+        a_ptrs = a_src + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+    return a
+
+
+@triton.jit
+def _low_rank_step(
+    a, acc_t, la_ptr, offs_m, offs_k, offs_r, K, R, stride_lak, stride_lar, dropout_p, seed, row0,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP32_ADAPTERS: tl.constexpr,
+):  # fmt: skip
+    """``acc_t + D(a)·la[offs_k]`` for one K step (the producer's and ``_recompute_t``'s alike)."""
+    la_ptrs = la_ptr + offs_k[:, None] * stride_lak + offs_r[None, :] * stride_lar
+    la = tl.load(la_ptrs, mask=(offs_k < K)[:, None] & (offs_r < R)[None, :], other=0.0)
+    a_t = a
+    if DROPOUT == DROPOUT_ON_INPUT:
+        keep = tl.rand(seed, (row0 + offs_m)[:, None] * K + offs_k[None, :]) >= dropout_p
+        a_t = tl.where(keep, a, 0.0)
+    if FP32_ADAPTERS:
+        # la = hi + lo in a's dtype: two products of the a tile as it is (an fp32 copy of the
+        # a tile in registers for a TF32 product spilled on sm_90a and sm_80).
+        la_hi = la.to(a.dtype)
+        la_lo = (la - la_hi.to(tl.float32)).to(a.dtype)
+        acc_t = _dot(a_t, la_hi, acc_t, PRECISION, UPCAST)
+        acc_t = _dot(a_t, la_lo, acc_t, PRECISION, UPCAST)
+    else:
+        acc_t = _dot(a_t, la.to(a.dtype), acc_t, PRECISION, UPCAST)
+    return acc_t
+
+
+@triton.jit
 def _k_loop(
     a_src, w_src, la_ptr, xa_hi, xa_lo, xa_unscale, gb_ws_ptr, bias_ws_ptr,
     off_m, off_n, pid_m, k_lo, k_hi, gb_lo, gb_hi, M, N, K, R,
@@ -66,11 +101,7 @@ def _k_loop(
     for step in range(k_lo, k_hi):
         k0 = step * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if USE_TMA:
-            a = a_src.load([off_m, k0])
-        else:
-            a_ptrs = a_src + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+        a = _load_a(a_src, off_m, k0, offs_m, offs_k, mask_m, K, stride_am, stride_ak, USE_TMA)
         if WRITE_OUT:
             if USE_TMA:
                 if W_TRANS:
@@ -82,21 +113,10 @@ def _k_loop(
                 w = tl.load(w_ptrs, mask=(offs_k < K)[:, None] & (offs_n < N)[None, :], other=0.0)
             acc = _dot(a, w, acc, PRECISION, UPCAST)
         if LOW_RANK:
-            la_ptrs = la_ptr + offs_k[:, None] * stride_lak + offs_r[None, :] * stride_lar
-            la = tl.load(la_ptrs, mask=(offs_k < K)[:, None] & (offs_r < R)[None, :], other=0.0)
-            a_t = a
-            if DROPOUT == DROPOUT_ON_INPUT:
-                keep = tl.rand(seed, (row0 + offs_m)[:, None] * K + offs_k[None, :]) >= dropout_p
-                a_t = tl.where(keep, a, 0.0)
-            if FP32_ADAPTERS:
-                # la = hi + lo in a's dtype: two products of the a tile as it is (an fp32 copy of the
-                # a tile in registers for a TF32 product spilled on sm_90a and sm_80).
-                la_hi = la.to(a.dtype)
-                la_lo = (la - la_hi.to(tl.float32)).to(a.dtype)
-                acc_t = _dot(a_t, la_hi, acc_t, PRECISION, UPCAST)
-                acc_t = _dot(a_t, la_lo, acc_t, PRECISION, UPCAST)
-            else:
-                acc_t = _dot(a_t, la.to(a.dtype), acc_t, PRECISION, UPCAST)
+            acc_t = _low_rank_step(
+                a, acc_t, la_ptr, offs_m, offs_k, offs_r, K, R, stride_lak, stride_lar, dropout_p, seed, row0,
+                DROPOUT, PRECISION, UPCAST, FP32_ADAPTERS,
+            )  # fmt: skip
         if FUSE_GRAD_B:
             if (step >= gb_lo) & (step < gb_hi):
                 # grad_B rows k of this row block: gy[rows, k]ᵀ·xa[rows], and Σ_rows gy[rows, k].
@@ -158,26 +178,31 @@ def _finish_t(acc_t, dropout_scale, mask_r, DROPOUT: tl.constexpr):
 
 @triton.jit
 def _recompute_t(
-    a_src, w_src, la_ptr, gb_ws_ptr, bias_ws_ptr, off_m, off_n, pid_m, k_lo, k_hi, M, N, K, R,
-    stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar,
+    a_src, la_ptr, off_m, k_lo, k_hi, M, K, R, stride_am, stride_ak, stride_lak, stride_lar,
     dropout_p, dropout_scale, seed, row0,
-    USE_TMA: tl.constexpr, W_TRANS: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, LOW_RANK_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP32_ADAPTERS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_TMA: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP32_ADAPTERS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """A consumer's fallback when its wait timed out: the row block's ``t = D(a)·la`` by the producer's
-    own K loop (the same steps, dots, dropout draws and fp32-adapter split, without ``a·w``), so the
-    two agree to the bit where the dots are the same instructions."""
-    zeros = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    _, acc_t = _k_loop(
-        a_src, w_src, la_ptr, zeros, zeros, tl.zeros((R_PAD,), dtype=tl.float32), gb_ws_ptr, bias_ws_ptr,
-        off_m, off_n, pid_m, k_lo, k_hi, 0, 0, M, N, K, R,
-        stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar, 0, 0, 0,
-        dropout_p, seed, row0,
-        True, False, False, False, False, USE_TMA, W_TRANS, R_PAD, DROPOUT,
-        PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
-    return _finish_t(acc_t, dropout_scale, tl.arange(0, R_PAD) < R, DROPOUT)
+    """A consumer's fallback when its wait timed out: the row block's ``t = D(a)·la`` by the
+    producer's K steps (the same loads, dots, dropout draws and fp32-adapter split, without ``a·w``),
+    so the two agree to the bit where the dots are the same instructions. Not software-pipelined
+    (``num_stages=1``): as the producer's pipelined loop it took stage buffers beside the main loop's
+    (sm_90a: 16 KiB more shared memory) and registers (a grad_x config spilled 40 bytes), for a path
+    taken only when a producer's program is late or not resident."""
+    offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    acc_t = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for step in tl.range(k_lo, k_hi, num_stages=1):
+        k0 = step * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = _load_a(a_src, off_m, k0, offs_m, offs_k, mask_m, K, stride_am, stride_ak, USE_TMA)
+        acc_t = _low_rank_step(
+            a, acc_t, la_ptr, offs_m, offs_k, offs_r, K, R, stride_lak, stride_lar, dropout_p, seed, row0,
+            DROPOUT, PRECISION, UPCAST, FP32_ADAPTERS,
+        )  # fmt: skip
+    return _finish_t(acc_t, dropout_scale, offs_r < R, DROPOUT)
 
 
 @triton.jit
@@ -306,11 +331,9 @@ def _lora_gemm_kernel(
                     acc_t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
                 else:  # timed out: this row block's t from a itself, as its producer computes it
                     acc_t = _recompute_t(
-                        a_src, w_src, la_ptr, gb_ws_ptr, bias_ws_ptr, off_m, off_n, pid_m, k_lo, k_hi, M, N, K, R,
-                        stride_am, stride_ak, stride_wk, stride_wn, stride_lak, stride_lar,
+                        a_src, la_ptr, off_m, k_lo, k_hi, M, K, R, stride_am, stride_ak, stride_lak, stride_lar,
                         dropout_p, dropout_scale, seed, row0,
-                        USE_TMA, W_TRANS, R_PAD, DROPOUT, PRECISION, LOW_RANK_PRECISION, UPCAST, FP32_ADAPTERS,
-                        BLOCK_M, BLOCK_N, BLOCK_K,
+                        USE_TMA, R_PAD, DROPOUT, PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_K,
                     )  # fmt: skip
                 _arrive(flags_ptr, pid_m, out_cols)
 
