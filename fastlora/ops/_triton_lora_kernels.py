@@ -188,11 +188,10 @@ def _recompute_t(
     producer's K steps (the same loads, dots, dropout draws and fp32-adapter split, without ``a·w``),
     so the two agree to the bit where the dots are the same instructions. Not software-pipelined
     (``num_stages=1``), a path taken only when a producer's program is late or not resident. Its
-    cost in the compiled kernel (sm_90a, fastlora inspect, bf16 with fp32 adapters, dropout, r = 16,
-    against the same kernel with this branch replaced by zeros): +16 KiB shared memory on some
-    forward configs (64×128×32: 61 → 77 KiB; 64×256×64: 137 → 153), and grad_x 128×64×64/8 warps
-    from no stack to 32 bytes (40 when this loop was the pipelined ``_k_loop``), which the
-    compiler-informed pruning (``drop_spilling``) then drops on the GPU: still to be worked on."""
+    cost in the compiled kernel (sm_90a, fastlora inspect, r = 16, dropout, against the same kernel
+    without the branch): none on the forward configs and on grad_x with bf16 adapters; grad_x
+    128×64×64/8 warps with fp32 adapters went from no stack to 32 bytes, which the compiler-informed
+    pruning (``drop_spilling``) cannot avoid there (the only 128-row grad_x config): still open."""
     offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < M
@@ -329,15 +328,20 @@ def _lora_gemm_kernel(
                 while (ready != 1) & (spins < spin_limit):
                     ready = tl.atomic_cas(flags_ptr + 2 * pid_m, 1, 1, sem="acquire")
                     spins += 1
-                if ready == 1:
-                    # .cg: read t from L2, where the producer's stores are, not from a stale L1 line.
-                    acc_t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
-                else:  # timed out: this row block's t from a itself, as its producer computes it
-                    acc_t = _recompute_t(
+                if ready != 1:
+                    # Timed out: this row block's t from a itself, as its producer computes it, stored
+                    # where the producer stores it (the same values; each element is one or the other),
+                    # then read back like a published t. (A branch yielding t in registers instead had
+                    # to merge two layouts: 8 more bytes of stack in grad_x 128×64×64 on sm_90a.)
+                    t_own = _recompute_t(
                         a_src, la_ptr, off_m, k_lo, k_hi, M, K, R, stride_am, stride_ak, stride_lak, stride_lar,
                         dropout_p, dropout_scale, seed, row0,
                         USE_TMA, R_PAD, DROPOUT, PRECISION, UPCAST, FP32_ADAPTERS, BLOCK_M, BLOCK_K,
                     )  # fmt: skip
+                    tl.store(t_ptrs, t_own, mask=mask_m[:, None] & mask_r[None, :])
+                    tl.debug_barrier()  # every thread's stores before any thread reads them back
+                # .cg: read t from L2, where the producer's stores are, not from a stale L1 line.
+                acc_t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
                 _arrive(flags_ptr, pid_m, out_cols)
 
         if WRITE_OUT and off_n < N:  # (a grad_B-only tile when num_n was raised to 2 lies beyond N)

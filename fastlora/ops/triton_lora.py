@@ -18,7 +18,8 @@ call needs no memset and an autotuner rerun with the same buffer waits again.
 A program reaches a wait only after all of its own producer tiles (they come first in its sequence),
 so the wait succeeds while every program is resident (grid ≤ SM count). It is bounded all the same
 (``_SPIN_LIMIT`` checks): a consumer that times out computes its row block's ``t`` itself with the
-producer's own K loop (``_recompute_t``), so progress never depends on residency (the interpreter,
+producer's own K steps (``_recompute_t``) and stores it where the producer does (the same values),
+so progress never depends on residency (the interpreter,
 which runs programs one after another, takes this path for every consumer whose producer comes in
 a later program). The flags are the only atomics: the arithmetic has none, and a tile's value does
 not depend on which program computes it (deterministic).
