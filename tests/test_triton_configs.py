@@ -9,7 +9,7 @@ every large tile).
 import pytest
 import torch
 
-from fastlora.ops._device import KNOWN_LIMITS, target_limits
+from fastlora.ops._device import KNOWN_LIMITS, arch_rules, target_limits
 
 triton_lora = pytest.importorskip("fastlora.ops.triton_lora")
 
@@ -18,7 +18,9 @@ triton_lora = pytest.importorskip("fastlora.ops.triton_lora")
 def formula_only(monkeypatch):
     """These tests check the formula filter; the compiler's (``drop_spilling``) needs every argument of
     a launch and is checked by tests/test_inspect.py."""
-    monkeypatch.setattr(triton_lora, "drop_spilling", lambda kernel, configs, named_args, **kwargs: list(configs))
+    from fastlora.ops import _triton_lora_configs
+
+    monkeypatch.setattr(_triton_lora_configs, "drop_spilling", lambda kernel, configs, named_args, **kwargs: list(configs))
 
 
 def named_args(x_dtype, adapter_dtype, m_bucket, block_m_fixed=0):
@@ -32,7 +34,7 @@ def named_args(x_dtype, adapter_dtype, m_bucket, block_m_fixed=0):
     }
 
 
-@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=str)
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0), (10, 0), (12, 0)], ids=str)
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("r_pad", [16, 32, 64, 128, 256])
@@ -73,7 +75,7 @@ def test_large_problems_keep_large_tiles_and_drop_decode_tiles():
     assert all(c.kwargs["BLOCK_M"] >= 64 for c in kept)  # wgmma needs 64 rows a warp group
 
 
-@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=str)
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0), (10, 0), (12, 0)], ids=str)
 @pytest.mark.parametrize("m", [1, 40, 64, 100, 8192])
 @pytest.mark.parametrize("r", [16, 64, 256])
 def test_grad_b_partials_fix_the_row_block(capability, m, r, monkeypatch):
@@ -87,3 +89,39 @@ def test_grad_b_partials_fix_the_row_block(capability, m, r, monkeypatch):
             triton_lora.GRAD_X_CONFIGS, named_args(torch.bfloat16, torch.float32, m_bucket, block_m), R_PAD=r
         )
     assert kept and all(c.kwargs["BLOCK_M"] == block_m for c in kept)
+
+
+def test_arch_rules_are_per_arch_not_capability_at_least_9():
+    hopper, ampere, ada, b200, rtx50 = (arch_rules(c) for c in [(9, 0), (8, 0), (8, 9), (10, 0), (12, 0)])
+    assert hopper.has_wgmma and not b200.has_wgmma and not rtx50.has_wgmma and not ampere.has_wgmma
+    assert b200.mma == "tcgen05" and rtx50.mma == ampere.mma == ada.mma == "mma.sync"
+    assert hopper.tma and b200.tma and rtx50.tma and not ampere.tma and not ada.tma
+    assert hopper.min_rows == b200.min_rows == 64 and rtx50.min_rows == ampere.min_rows == 32
+    assert rtx50.max_k_step == ampere.max_k_step == 32 and hopper.max_k_step is None is b200.max_k_step
+    # Architectures the table does not know get the rules that assume the least.
+    assert arch_rules((7, 5)) == arch_rules((13, 0)) == ampere
+    assert KNOWN_LIMITS[(12, 0)].max_shared_bytes == 99 * 1024 and KNOWN_LIMITS[(10, 0)].sm_count == 148
+
+
+@pytest.mark.parametrize("capability", [(10, 0), (12, 0)], ids=str)
+def test_blackwell_pruning_follows_its_rules(capability):
+    rules = arch_rules(capability)
+    with target_limits(KNOWN_LIMITS[capability]):
+        kept = triton_lora.prune_gemm_configs(
+            triton_lora.GPU_CONFIGS, named_args(torch.bfloat16, torch.bfloat16, 8192), R_PAD=16
+        )
+        use_tma = triton_lora._use_tma(torch.device("cpu"), torch.empty(64, 64, dtype=torch.bfloat16))
+    assert kept and use_tma
+    assert all(c.kwargs["BLOCK_M"] >= rules.min_rows for c in kept)
+    if capability == (12, 0):  # mma.sync: K steps of 32, and 99 KiB, which 128×256×64/3 stages exceeds
+        assert all(c.kwargs["BLOCK_K"] <= 32 for c in kept)
+        assert any(c.kwargs["BLOCK_M"] == 32 for c in kept)
+    else:
+        assert any(c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 256 for c in kept)
+
+
+def test_use_tma_per_arch():
+    t = torch.empty(64, 64, dtype=torch.bfloat16)
+    for capability, expected in [((8, 0), False), ((9, 0), True), ((10, 0), True), ((12, 0), True)]:
+        with target_limits(KNOWN_LIMITS[capability]):
+            assert triton_lora._use_tma(torch.device("cpu"), t) is expected, capability

@@ -2,7 +2,9 @@
 
 Launchers size persistent grids, split counts and shared-memory budgets from ``device_limits``
 rather than asking ``torch.cuda`` themselves, so that ``fastlora inspect`` can stand in the limits
-of a GPU it compiles for (``target_limits``) on a machine that has none.
+of a GPU it compiles for (``target_limits``) on a machine that has none. What an architecture has
+(wgmma, tcgen05, TMA) and the tile rules that follow are stated once, per arch, in ``arch_rules``:
+"capability ≥ 9.0" is not "Hopper" (sm_100 has tcgen05 instead of wgmma, sm_120 has neither).
 """
 
 from __future__ import annotations
@@ -31,6 +33,51 @@ KNOWN_LIMITS = {
     (10, 0): DeviceLimits(sm_count=148, max_shared_bytes=227 * 1024, capability=(10, 0)),  # B200
     (12, 0): DeviceLimits(sm_count=170, max_shared_bytes=99 * 1024, capability=(12, 0)),  # RTX 5090
 }
+
+
+class ArchRules(NamedTuple):
+    """What the kernels and their config pruners may assume of one architecture.
+
+    ``mma``: the instruction Triton lowers ``tl.dot`` to: ``"mma.sync"`` (sm_80-89 and consumer
+    Blackwell sm_120, whose operands sit in registers), ``"wgmma"`` (sm_90a only: warp-group MMA
+    from shared memory) or ``"tcgen05"`` (sm_100, datacenter Blackwell: accumulators in tensor
+    memory). ``tma``: tensor descriptors (TMA loads and stores): sm_90, sm_100 and sm_120.
+    ``min_rows``: the shortest row block of a non-decode tile that fills the MMA (64 rows a warp
+    group for wgmma, tcgen05's M is 64 or 128; mma.sync is fine with 32). ``max_k_step``: the longest
+    K step worth timing (mma.sync holds a K step's operands in registers: on sm_80 every K step of
+    64 spilled; None: no limit). ``small_tiles_when_busy``: at r ≥ 64 or with a busy main loop only
+    tiles of at most 64×64 (sm_80: 64×128 and 128×128 spilled 40-120 bytes). ``grad_b_rows``: the
+    row block of the grad_x pass with fused grad_B partials at ``(r ≤ 32, r > 32)``."""
+
+    mma: str
+    tma: bool
+    min_rows: int
+    max_k_step: int | None
+    small_tiles_when_busy: bool
+    grad_b_rows: tuple[int, int]
+
+    @property
+    def has_wgmma(self) -> bool:
+        return self.mma == "wgmma"
+
+
+_MMA_SYNC = ArchRules("mma.sync", tma=False, min_rows=32, max_k_step=32, small_tiles_when_busy=True, grad_b_rows=(64, 32))
+_RULES = {
+    8: _MMA_SYNC,  # sm_80-89 (Ampere, Ada)
+    9: ArchRules("wgmma", tma=True, min_rows=64, max_k_step=None, small_tiles_when_busy=False, grad_b_rows=(128, 64)),
+    # Accumulators in tensor memory leave the registers to the operands: the Hopper shapes, until
+    # `fastlora inspect --arch 100a` says otherwise.
+    10: ArchRules("tcgen05", tma=True, min_rows=64, max_k_step=None, small_tiles_when_busy=False, grad_b_rows=(128, 64)),
+    # Consumer Blackwell: no wgmma or tcgen05, mma.sync as on sm_80 (and ~99 KiB of shared memory a
+    # block, which KNOWN_LIMITS carries), but TMA.
+    12: _MMA_SYNC._replace(tma=True),
+}
+
+
+def arch_rules(capability: tuple[int, int]) -> ArchRules:
+    """The rules of compute capability ``capability``; an architecture not listed (older than
+    sm_80, or newer than this table) gets sm_80's, which assume the least."""
+    return _RULES.get(capability[0], _MMA_SYNC)
 # CPU tensors (the Triton interpreter): a few programs, so that the tests exercise splitting and
 # persistent tile loops, with Hopper's shared memory so that every config is considered.
 _CPU_LIMITS = DeviceLimits(sm_count=4, max_shared_bytes=227 * 1024, capability=(9, 0))

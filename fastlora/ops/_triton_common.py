@@ -4,7 +4,10 @@
 scratch allocator; see its docstring for the two hazards it closes).
 ``_empty``: every buffer their kernels fill is allocated through it, looked up on this module at
 call time (``_triton_common._empty``) so that the tests' NaN poisoning patches one name for both.
-``_dot``: ``tl.dot`` with bf16 operands upcast under ``TRITON_INTERPRET=1``, whose bf16 dot is wrong.
+``_flag_workspace`` / ``_flag_dummy``: the persistent kernels' flags, kept zeroed between calls.
+``_dot``: ``tl.dot`` computed alike on a GPU and under ``TRITON_INTERPRET=1``: bf16 operands upcast
+there (the interpreter's bf16 dot is wrong), and fp32 operands of "tf32" dots rounded to TF32 to
+nearest on both (the interpreter ignores ``input_precision``; the tensor cores truncate).
 ``_reduce_over_m`` (kernel ``_lora_reduce_kernel``): ``scaling·lhsᵀ·D(rhs)`` over the long M axis,
 the adapter gradients' reduction, optionally with ``Σ_m lhs`` (the bias gradient). M is split across
 programs (about two an SM) writing fp32 partials that ``torch.sum`` adds in a fixed order:
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -80,16 +84,96 @@ def on_device(device: torch.device):
     return torch.cuda.device(device)
 
 
+# Flag workspaces of the persistent kernels, per launching thread, keyed by (device, stream): kept
+# zeroed between calls by the kernels themselves (their last user of a flag resets it), so that a
+# call needs no memset. Per stream, because two launches in flight on two streams must not share
+# flags; per thread, so that no two host threads can hand one buffer to launches on streams that
+# the driver does not order (per-thread default streams), and a dead thread's buffers are freed.
+_workspaces = threading.local()
+
+
+def _stream_key(device: torch.device):
+    if device.type != "cuda":
+        return (device.type, None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return (index, torch.cuda.current_stream(index).cuda_stream)
+
+
+def _flag_workspace(device: torch.device, size: int) -> torch.Tensor:
+    """At least ``size`` zeroed int32 that the launch must leave zeroed, on ``device``'s current
+    stream. Under CUDA-graph capture a fresh one for this call (its memset is part of the graph):
+    memory from the graph's pool must not be reused by launches outside the graph."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    cache = getattr(_workspaces, "flags", None)
+    if cache is None:
+        cache = _workspaces.flags = {}
+    key = _stream_key(device)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < size:
+        # Grown by powers of two: a memset only when a call needs more rows than any before it.
+        buf = cache[key] = torch.zeros(max(64, triton.next_power_of_2(size)), dtype=torch.int32, device=device)
+    return buf
+
+
+def _flag_dummy(device: torch.device) -> torch.Tensor:
+    """The flags argument of a launch without flags: an int32 buffer of its own, never dereferenced
+    (not another argument, so that a ``reset_to_zero`` of the flags could never clear an input)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.empty(1, dtype=torch.int32, device=device)
+    cache = getattr(_workspaces, "dummies", None)
+    if cache is None:
+        cache = _workspaces.dummies = {}
+    key = _stream_key(device)
+    buf = cache.get(key)
+    if buf is None:
+        buf = cache[key] = torch.empty(1, dtype=torch.int32, device=device)
+    return buf
+
+
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every buffer the kernels fill comes from here (the tests patch it to poison them)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# TF32, as the CPU suite sees it and as a GPU computes it. The interpreter multiplies fp32 exactly
+# whatever ``input_precision`` says; the tensor cores read a "tf32" operand's top 19 bits, i.e.
+# Triton feeds them fp32 truncated (its tl.dot documentation warns of the bias): 7.7e-4 relative
+# error in a product of random fp32 matrices, over the 5e-4 the tolerance table allows, against
+# 2.9e-4 rounded to nearest (as cuBLAS does for torch). So ``_dot`` rounds the fp32 operands of a
+# "tf32" dot to nearest itself, on the GPU and under the interpreter alike: the tensor cores' read
+# of a rounded value is exact, so the interpreter's exact product of the rounded operands is the
+# GPU's product (up to the order of the sums). ``_MODEL_TF32`` says the rounding is in.
+_MODEL_TF32 = tl.constexpr(True)
+
+
+@triton.jit
+def _round_tf32(x):
+    """fp32 ``x`` rounded to TF32: 10 explicit mantissa bits, to nearest (ties away from zero, as
+    ``cvt.rna.tf32.f32``); infinities and NaNs unchanged."""
+    bits = x.to(tl.int32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    # Adding half an ulp of TF32 to the magnitude bits carries into the exponent where it should;
+    # -8192 is ~0x1FFF: the 13 mantissa bits TF32 drops. (Sign-magnitude: the sign bit is untouched.)
+    rounded = ((tl.where(finite, bits, 0) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return tl.where(finite, rounded, x)
+
+
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot(a, b, acc, input_precision=PRECISION)``, the same on a GPU and under the interpreter:
+    bf16 operands upcast there (``UPCAST``: its bf16 dot is wrong), and fp32 operands of a "tf32" dot
+    rounded to TF32 to nearest everywhere (see ``_MODEL_TF32``). Every dot of the kernels that may
+    run in TF32 goes through here. ``acc`` may be None."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
+    if _MODEL_TF32:
+        if PRECISION == "tf32":
+            if a.dtype == tl.float32:
+                a = _round_tf32(a)
+            if b.dtype == tl.float32:
+                b = _round_tf32(b)
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
@@ -173,7 +257,7 @@ def _lora_reduce_kernel(
         ).to(tl.float32)
         if RHS_DROPOUT:
             rhs = tl.where(tl.rand(seed, offs_m[:, None] * Q + offs_q[None, :]) >= dropout_p, rhs, 0.0)
-        acc = tl.dot(tl.trans(lhs), rhs, acc, input_precision=PRECISION)
+        acc = _dot(tl.trans(lhs), rhs, acc, PRECISION, False)
         if COL_SUM:
             col_sum += tl.sum(lhs, axis=0)
 
