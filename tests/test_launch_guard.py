@@ -190,3 +190,18 @@ def test_every_4bit_launch_is_guarded(launch_spy):
     x = torch.randn(5, 64, dtype=torch.float16, requires_grad=True)
     lora(x).sum().backward()
     assert any("qlora" in name for name in launch_spy), launch_spy
+
+
+def test_target_limits_are_seen_on_every_thread():
+    """``fastlora inspect``'s stand-in limits reach a launch on another thread (the autograd thread's
+    case) too: they are process-wide, not a ContextVar."""
+    from fastlora.ops import _device
+
+    target = _device.KNOWN_LIMITS[(8, 0)]
+    seen = []
+    with _device.target_limits(target):
+        thread = threading.Thread(target=lambda: seen.append(_device.device_limits(torch.device("cpu"))))
+        thread.start()
+        thread.join(timeout=30)
+    assert seen == [target]
+    assert _device.device_limits(torch.device("cpu")) != target

@@ -10,8 +10,8 @@ of a GPU it compiles for (``target_limits``) on a machine that has none. What an
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
+import threading
 from typing import NamedTuple
 
 import torch
@@ -82,7 +82,12 @@ def arch_rules(capability: tuple[int, int]) -> ArchRules:
 # persistent tile loops, with Hopper's shared memory so that every config is considered.
 _CPU_LIMITS = DeviceLimits(sm_count=4, max_shared_bytes=227 * 1024, capability=(9, 0))
 
-_override: contextvars.ContextVar[DeviceLimits | None] = contextvars.ContextVar("fastlora_device_limits", default=None)
+# What target_limits stands in, for the whole process: a plain global, not a ContextVar, so that
+# a launch made on another thread inside the block (PyTorch's autograd thread runs the backward of
+# CUDA tensors) sees the same target as the thread that entered it. Only `fastlora inspect` and
+# `fastlora census` set it, on CPU tensors, from one thread at a time (the lock orders nested uses).
+_override: list[DeviceLimits] = []
+_override_lock = threading.RLock()
 
 
 @functools.cache
@@ -97,9 +102,8 @@ def _cuda_limits(index: int) -> DeviceLimits:
 def device_limits(device: torch.device) -> DeviceLimits:
     """The limits of ``device`` (a CUDA device, or the CPU under the interpreter), or of the target
     that ``target_limits`` stands in."""
-    override = _override.get()
-    if override is not None:
-        return override
+    if _override:
+        return _override[-1]
     if device.type != "cuda":
         return _CPU_LIMITS
     return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
@@ -107,9 +111,10 @@ def device_limits(device: torch.device) -> DeviceLimits:
 
 @contextlib.contextmanager
 def target_limits(limits: DeviceLimits):
-    """Within the block, ``device_limits`` answers ``limits`` for every device."""
-    token = _override.set(limits)
-    try:
-        yield limits
-    finally:
-        _override.reset(token)
+    """Within the block, ``device_limits`` answers ``limits`` for every device, on every thread."""
+    with _override_lock:
+        _override.append(limits)
+        try:
+            yield limits
+        finally:
+            _override.pop()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import triton
 
-from ._device import device_limits
+from ._device import arch_rules, device_limits
 from ._qlora_kernels import _qlora_low_rank_kernel, _qlora_matmul_kernel
 from ._triton_common import INTERPRET, INTERPRETER_CONFIGS, _configs
 from ._triton_compile import drop_spilling
@@ -58,7 +58,9 @@ def prune_configs(configs, named_args, **kwargs):
     rank, m_bucket = args["R_PAD"], args["M_BUCKET"]
     a_size, la_size = args["a_ptr"].element_size(), args["la_ptr"].element_size()
     limits = device_limits(args["a_ptr"].device)
-    candidates = [c for c in configs if limits.capability >= (9, 0) or _shape(c) not in _HOPPER_ONLY] or configs
+    # (mma.sync archs: sm_80-89 and sm_120, where the census compiled four of these spilling 16-104 B)
+    wide_mma = arch_rules(limits.capability).mma != "mma.sync"
+    candidates = [c for c in configs if wide_mma or _shape(c) not in _HOPPER_ONLY] or configs
 
     def accumulators(c):
         bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))

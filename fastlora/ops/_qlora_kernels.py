@@ -42,7 +42,7 @@ upcast before ``tl.dot``, whose bf16 form the interpreter gets wrong.
 import triton
 import triton.language as tl
 
-from ._triton_common import _dot
+from ._triton_common import _dot, _dot_tf32_exact_a
 
 
 @triton.jit
@@ -153,7 +153,7 @@ def _qlora_matmul_kernel(
         if not T_GIVEN:  # t = a·la rides on the a tiles (recomputed by each column of output tiles)
             la = tl.load(la_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
             if FP32_ADAPTERS:
-                acc_t = tl.dot(a.to(tl.float32), la, acc_t, input_precision=LOW_RANK_PRECISION)
+                acc_t = _dot_tf32_exact_a(a, la, acc_t, LOW_RANK_PRECISION)
             else:
                 acc_t = _dot(a, la.to(a.dtype), acc_t, PRECISION, UPCAST)
             la_ptrs += BLOCK_K * stride_lak
@@ -172,7 +172,7 @@ def _qlora_matmul_kernel(
             acc_t = tl.where(mask_r[None, :], acc_t, 0.0)
         lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
         lb = tl.load(lb_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        low_rank = tl.dot(acc_t, lb, input_precision=LOW_RANK_PRECISION)
+        low_rank = _dot(acc_t, lb, None, LOW_RANK_PRECISION, False)
         if DROPOUT_OUT:  # grad_x's D(·): element (m, k) of grad_x has the forward's counter m·K + k
             keep = tl.rand(seed, offs_m[:, None] * N + offs_n[None, :]) >= dropout_p
             low_rank = tl.where(keep, low_rank * dropout_scale, 0.0)
@@ -211,7 +211,7 @@ def _qlora_low_rank_kernel(
         a = tl.where(keep, a, 0.0)
         la = tl.load(la_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         if FP32_ADAPTERS:
-            acc_t = tl.dot(a.to(tl.float32), la, acc_t, input_precision=LOW_RANK_PRECISION)
+            acc_t = _dot_tf32_exact_a(a, la, acc_t, LOW_RANK_PRECISION)
         else:
             acc_t = _dot(a, la.to(a.dtype), acc_t, PRECISION, UPCAST)
         x_ptrs += BLOCK_K * stride_xk

@@ -177,6 +177,16 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _dot_tf32_exact_a(a, b, acc, PRECISION: tl.constexpr):
+    """``_dot(a.to(fp32), b, acc, PRECISION)`` for an ``a`` that TF32 holds exactly (a half tile
+    upcast): only ``b`` is rounded, sparing the integer ops on the larger ``a`` tile."""
+    if _MODEL_TF32:
+        if PRECISION == "tf32":
+            b = _round_tf32(b)
+    return tl.dot(a.to(tl.float32), b, acc, input_precision=PRECISION)
+
+
 def _configs(shapes) -> list[triton.Config]:
     """Autotuner configs from ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` tuples."""
     return [
