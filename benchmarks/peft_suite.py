@@ -31,15 +31,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-# DoRA cases in full; LoRA: the TestPeftCustomModel cases of three configs over lora.Linear
-# (two linears; dropout 0.1 with alpha 4; GPT-2 Conv1D, fan_in_fan_out) and every multi-adapter test
-# that names LoRA on MLPs would be many hundreds more: a sample keeps a run under ten minutes on 2 cores.
+# DoRA cases in full (every node id naming DoRA); LoRA: TestPeftCustomModel's cases of every
+# LoraConfig on the MLP and on GPT-2's Conv1D model (plain LoRA, and the non-DoRA variants, which
+# patch_peft leaves on PEFT), and the LoRA tests of the multi-adapter, mixed-batch, requires-grad,
+# repr, dispatch and default-target classes. Not: LoRA on Conv/Embedding/MHA models and the other
+# tuners (AdaLoRA, VBLoRA, ...), whose layers patch_peft never patches.
 DEFAULT_SELECT = (
     r"(?i:dora)"
-    r"|TestPeftCustomModel.*\[(Vanilla MLP (4|6) LoRA|Embedding \+ transformers Conv1D 1 LoRA)-"
+    r"|TestPeftCustomModel.*\[(Vanilla MLP [0-9]+ LoRA|Embedding \+ transformers Conv1D [0-9]+ LoRA)"
+    r"|(TestMultipleActiveAdapters|TestRequiresGrad|TestMixedAdapterBatches|TestLayerRepr|TestDynamicDispatch"
+    r"|TestDefaultTargetModules)::.*(?i:lora)"
 )
-# FSDP (needs torch.distributed process groups), and tests that load a model from the Hub.
-DEFAULT_EXCLUDE = r"TestPeftFsdpStateDict|gpt2|test_dora_save_and_load_remapping"
+# FSDP (needs torch.distributed process groups), tests that load a model from the Hub, and a
+# timing test (a loaded machine makes it flaky in either run).
+DEFAULT_EXCLUDE = r"TestPeftFsdpStateDict|gpt2|test_dora_save_and_load_remapping|_timing"
 
 PYTEST_INI = """[pytest]
 markers =
@@ -123,6 +128,21 @@ def parse_junit(path: Path) -> dict[str, tuple[str, str]]:
     return outcomes
 
 
+def command_line(args) -> str:
+    """The command that reproduces this run, as a user would type it."""
+    words = ["TRITON_INTERPRET=1"] if os.environ.get("TRITON_INTERPRET") == "1" else []
+    words += ["PYTHONPATH=$PWD", "python", "benchmarks/peft_suite.py"]
+    if args.sdist:
+        words += ["--sdist", args.sdist.name]
+    if args.backend != "auto":
+        words += ["--backend", args.backend]
+    if args.select != DEFAULT_SELECT:
+        words += ["--select", repr(args.select)]
+    if args.exclude != DEFAULT_EXCLUDE:
+        words += ["--exclude", repr(args.exclude)]
+    return " ".join(words)
+
+
 def report(runs: dict, args, selected_note: str) -> tuple[str, int]:
     plain, patched = runs["plain"]["outcomes"], runs["patched"]["outcomes"]
     import peft
@@ -134,7 +154,7 @@ def report(runs: dict, args, selected_note: str) -> tuple[str, int]:
         "",
         f"- peft {peft.__version__} (tests from its sdist), torch {torch.__version__}, transformers "
         f"{transformers.__version__}, Python {sys.version.split()[0]}, CPU (no GPU); patch_peft backend={args.backend!r}",
-        "- command: `PYTHONPATH=$PWD python benchmarks/peft_suite.py" + (f" --backend {args.backend}" if args.backend != "auto" else "") + "`",
+        f"- command: `{command_line(args)}`",
         f"- selection (regex on node ids): `{args.select}`; excluded: `{args.exclude}`",
         f"- {selected_note}",
         "",
