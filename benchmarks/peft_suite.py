@@ -91,10 +91,11 @@ def run_suite(src: Path, work: Path, label: str, patch: bool, args) -> dict:
         FASTLORA_PEFT_SUITE_LOG=str(log),
         FASTLORA_PEFT_SUITE_BACKEND=args.backend,
         FASTLORA_PEFT_SUITE_PATCH="1" if patch else "0",
+        FASTLORA_PEFT_SUITE_SABOTAGE=str(args.sabotage) if patch else "1",
     )
     cmd = [
         sys.executable, "-m", "pytest", "-c", "pytest.ini", "--rootdir", ".", "-p", "peft_suite_plugin",
-        "-p", "no:cacheprovider", "-q", "-rN", "--tb=line", f"--junitxml={junit}", "tests/test_custom_models.py",
+        "-p", "no:cacheprovider", "-q", "-rN", "--tb=short", f"--junitxml={junit}", "tests/test_custom_models.py",
     ]  # fmt: skip
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -119,8 +120,7 @@ def parse_junit(path: Path) -> dict[str, tuple[str, str]]:
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed"}.get(child.tag, child.tag)
-                message = (child.get("message") or child.text or "").strip().splitlines()[0:1]
-                message = message[0][:300] if message else ""
+                message = failure_reason(child.get("message") or "", child.text or "")
                 break
         # A teardown error is a second entry for the same id: keep the worse outcome.
         if test_id not in outcomes or outcomes[test_id][0] == "passed":
@@ -140,7 +140,19 @@ def command_line(args) -> str:
         words += ["--select", repr(args.select)]
     if args.exclude != DEFAULT_EXCLUDE:
         words += ["--exclude", repr(args.exclude)]
+    if args.sabotage != 1.0:
+        words += ["--sabotage", str(args.sabotage)]
     return " ".join(words)
+
+
+def failure_reason(message: str, text: str) -> str:
+    """One line: the test's location in PEFT's files and the assertion or exception (``E`` lines of
+    ``--tb=short``), the junit message where there are none."""
+    lines = text.splitlines()
+    where = [line.strip() for line in lines if line.startswith("tests/") or line.startswith("tests\\")]
+    errors = [line[1:].strip() for line in lines if line.startswith("E ")]
+    reason = " ".join(errors[:3]) if errors else message.strip().splitlines()[0] if message.strip() else ""
+    return (f"{where[-1]}: " if where else "") + reason[:400]
 
 
 def report(runs: dict, args, selected_note: str) -> tuple[str, int]:
@@ -210,6 +222,10 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="auto", help="patch_peft's backend")
     parser.add_argument("--out", type=Path, help="write the markdown report here (else stdout)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    parser.add_argument(
+        "--sabotage", type=float, default=1.0,
+        help="scale every fused forward's output by this in the patched run (1.01: check that the comparison can fail)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (junit xml, logs)")
     args = parser.parse_args(argv)
 

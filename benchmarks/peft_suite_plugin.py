@@ -18,6 +18,9 @@ Selection: ``$FASTLORA_PEFT_SUITE_SELECT`` and ``$FASTLORA_PEFT_SUITE_EXCLUDE`` 
 searched in each node id) deselect what they do not / do match, after collection; node ids with
 brackets and spaces do not fit ``-k``.
 
+``FASTLORA_PEFT_SUITE_SABOTAGE=<factor>`` (with the patching) multiplies every fused forward's output
+by ``factor``: a check that the comparison can fail (``peft_suite.py --sabotage 1.01``).
+
 Per test, the number of layers patched and of forward calls that ran on fastlora's fused path
 (``qlora.lora_linear`` for LoRA, ``peft_integration._dora_forward`` for DoRA) is written as JSON lines
 to ``$FASTLORA_PEFT_SUITE_LOG`` when set, so the report can tell a test that exercised fastlora from
@@ -41,6 +44,7 @@ BACKEND = os.environ.get("FASTLORA_PEFT_SUITE_BACKEND", "auto")
 LOG = os.environ.get("FASTLORA_PEFT_SUITE_LOG")
 SELECT = os.environ.get("FASTLORA_PEFT_SUITE_SELECT")
 EXCLUDE = os.environ.get("FASTLORA_PEFT_SUITE_EXCLUDE")
+SABOTAGE = float(os.environ.get("FASTLORA_PEFT_SUITE_SABOTAGE") or 1.0)
 
 _counts = {"patched_layers": 0, "fused_lora_calls": 0, "fused_dora_calls": 0}
 
@@ -119,7 +123,8 @@ def _count_calls(owner, name: str, key: str) -> None:
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
         _counts[key] += 1
-        return original(*args, **kwargs)
+        y = original(*args, **kwargs)
+        return y * SABOTAGE if SABOTAGE != 1.0 else y
 
     setattr(owner, name, wrapper)
 
