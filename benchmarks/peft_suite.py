@@ -235,7 +235,8 @@ def main(argv=None) -> int:
     for label, patch in (("plain", False), ("patched", True)):
         runs[label] = run_suite(src, work, label, patch, args)
         print(f"{label}: {len(runs[label]['outcomes'])} tests in {runs[label]['seconds']:.0f} s", file=sys.stderr)
-    note = f"sdist: {args.sdist.name if args.sdist else 'downloaded with pip'}; work dir {work}" + ("" if args.keep else " (removed)")
+    sdist = args.sdist.name if args.sdist else "downloaded with pip"
+    note = f"sdist: {sdist}; work dir {work}" + ("" if args.keep else " (removed)")
     text, status = report(runs, args, note)
     if args.out:
         args.out.write_text(text)

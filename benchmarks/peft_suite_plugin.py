@@ -58,7 +58,9 @@ def _stub(name: str) -> None:
         def fail(*args, **kwargs):
             raise ModuleNotFoundError(f"{name} is not installed (stub from peft_suite_plugin); {attr} needs it")
 
-        return type(attr, (), {"__init__": fail, "from_pretrained": staticmethod(fail), "__call__": fail}) if attr[:1].isupper() else fail
+        if not attr[:1].isupper():
+            return fail
+        return type(attr, (), {"__init__": fail, "from_pretrained": staticmethod(fail), "__call__": fail})  # a class
 
     def getattr_(attr):
         if attr.startswith("__"):
