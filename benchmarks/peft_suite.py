@@ -157,6 +157,9 @@ def failure_reason(message: str, text: str) -> str:
 
 def report(runs: dict, args, selected_note: str) -> tuple[str, int]:
     plain, patched = runs["plain"]["outcomes"], runs["patched"]["outcomes"]
+    from fastlora._quiet import quiet_foreign_logs
+
+    quiet_foreign_logs()  # bitsandbytes' Hub-kernel message when peft imports it on a CPU
     import peft
     import torch
     import transformers
