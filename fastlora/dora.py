@@ -83,7 +83,12 @@ class WeightNormCache:
                 value = torch.empty(w.shape[0], dtype=exact, device=w.device)
                 for i in range(0, w.shape[0], rows):
                     torch.sum(w[i : i + rows].to(exact).square(), dim=1, out=value[i : i + rows])  # never in place on W
-                self._value = value
+            if weight.is_cuda and _capturing(weight.device):
+                # Inside a CUDA-graph capture the kernels above are recorded, not run: `value` holds
+                # its numbers only once the graph replays. Caching it would hand garbage norms to an
+                # eager call made before the first replay, so a captured call keeps it to itself.
+                return value
+            self._value = value
             self._key = key
         return self._value
 

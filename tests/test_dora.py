@@ -444,3 +444,17 @@ def test_cuda_paths(backend):
     A, B = fused.lora_A["default"].weight, fused.lora_B["default"].weight
     exact = (W.double() + 2.0 * B.double() @ A.double()).norm(dim=1)
     assert rel_error(dora.weight_norm(W, A, B, 2.0), exact) <= 1e-5
+
+
+def test_a_norm_computed_inside_a_capture_is_not_cached(monkeypatch):
+    """Inside a CUDA-graph capture ‖W‖² is recorded, not computed: caching it would give an eager call
+    before the first replay garbage norms (seen by reading; a capture is simulated here)."""
+    weight = torch.randn(12, 8, dtype=torch.float64)
+    cache = dora.WeightNormCache()
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(dora, "_capturing", lambda device: True)
+    first = cache.get(weight)
+    torch.testing.assert_close(first, weight.square().sum(1))  # on the CPU the values are there at once
+    assert cache._key is None and cache._value is None
+    monkeypatch.setattr(dora, "_capturing", lambda device: False)
+    assert cache.get(weight) is not first and cache._value is not None

@@ -205,3 +205,63 @@ def test_target_limits_are_seen_on_every_thread():
         thread.join(timeout=30)
     assert seen == [target]
     assert _device.device_limits(torch.device("cpu")) != target
+
+
+def test_launches_from_two_threads_are_serialised():
+    """One lock around every launch: Triton's Autotuner keeps a call's arguments on the shared
+    launcher while it tunes, so a second thread's launch in between broke the first (seen by a review,
+    reproduced with a two-config kernel under the interpreter). Here: while one thread holds a
+    launch, another thread's launch waits."""
+    order = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    def first():
+        with _triton_common.on_device(torch.device("cpu")):
+            order.append("first in")
+            inside.set()
+            release.wait(timeout=30)
+            order.append("first out")
+
+    def second():
+        inside.wait(timeout=30)
+        with _triton_common.on_device(torch.device("cpu")):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    inside.wait(timeout=30)
+    import time
+
+    time.sleep(0.2)  # the second thread is now blocked on the lock, if there is one
+    release.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert order == ["first in", "first out", "second in"]
+
+
+def test_autotuning_is_refused_inside_a_capture(monkeypatch):
+    """Inside a CUDA-graph capture an autotuner's timing would synchronise and invalidate it: the
+    benchmark every autotuner here uses raises a clear error instead (capture simulated)."""
+    monkeypatch.setattr(_triton_common._launch_state, "capturing", True, raising=False)
+    with pytest.raises(_triton_common.CaptureAutotuneError, match="Run the step once eagerly"):
+        _triton_common.autotune_bench(lambda: None, (0.5, 0.2, 0.8))
+
+
+def test_every_autotuner_times_with_the_capture_aware_benchmark():
+    from fastlora.ops import _qlora_configs, triton_lora
+
+    tuners = [triton_lora._lora_gemm, triton_lora._lora_gemm_grad_x, _qlora_configs._qlora_matmul, _qlora_configs._qlora_low_rank]
+    for tuner in tuners:
+        assert tuner._do_bench is _triton_common.autotune_bench, tuner
+
+
+def test_target_limits_leave_gpu_tensors_alone(monkeypatch):
+    """A real GPU launch on another thread while `fastlora inspect` runs sizes itself by its own GPU."""
+    from fastlora.ops import _device
+
+    own = _device.KNOWN_LIMITS[(9, 0)]
+    monkeypatch.setattr(_device, "_cuda_limits", lambda index: own)
+    with _device.target_limits(_device.KNOWN_LIMITS[(8, 0)]):
+        assert _device.device_limits(torch.device("cuda", 0)) is own

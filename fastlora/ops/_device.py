@@ -85,7 +85,8 @@ _CPU_LIMITS = DeviceLimits(sm_count=4, max_shared_bytes=227 * 1024, capability=(
 # What target_limits stands in, for the whole process: a plain global, not a ContextVar, so that
 # a launch made on another thread inside the block (PyTorch's autograd thread runs the backward of
 # CUDA tensors) sees the same target as the thread that entered it. Only `fastlora inspect` and
-# `fastlora census` set it, on CPU tensors, from one thread at a time (the lock orders nested uses).
+# `fastlora census` set it, on CPU tensors, from one thread at a time (the lock orders nested uses);
+# it applies to CPU tensors only, so that a real launch on a GPU meanwhile sizes itself by its own GPU.
 _override: list[DeviceLimits] = []
 _override_lock = threading.RLock()
 
@@ -102,7 +103,7 @@ def _cuda_limits(index: int) -> DeviceLimits:
 def device_limits(device: torch.device) -> DeviceLimits:
     """The limits of ``device`` (a CUDA device, or the CPU under the interpreter), or of the target
     that ``target_limits`` stands in."""
-    if _override:
+    if _override and device.type != "cuda":  # a real GPU launch on another thread keeps its own limits
         return _override[-1]
     if device.type != "cuda":
         return _CPU_LIMITS

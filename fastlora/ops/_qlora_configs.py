@@ -10,7 +10,7 @@ import triton
 
 from ._device import arch_rules, device_limits
 from ._qlora_kernels import _qlora_low_rank_kernel, _qlora_matmul_kernel
-from ._triton_common import INTERPRET, INTERPRETER_CONFIGS, _configs
+from ._triton_common import INTERPRET, INTERPRETER_CONFIGS, _configs, autotune_bench
 from ._triton_compile import drop_spilling
 
 
@@ -88,6 +88,7 @@ _qlora_matmul = triton.autotune(
     configs=INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS,
     key=["M_BUCKET", "N", "K", "R_PAD", "WRITE_OUT", "STORE_T", "T_GIVEN", "DROPOUT_OUT", "QBLOCK", "NESTED", "ROWS_ALIGNED"],
     prune_configs_by={"early_config_prune": prune_configs},
+    do_bench=autotune_bench,  # refuses to time inside a CUDA-graph capture
 )(_qlora_matmul_kernel)
 
 
@@ -147,4 +148,5 @@ _qlora_low_rank = triton.autotune(
     configs=LOW_RANK_INTERPRETER_CONFIGS if INTERPRET else LOW_RANK_GPU_CONFIGS,
     key=["M_BUCKET", "K", "R_PAD"],
     prune_configs_by={"early_config_prune": prune_low_rank_configs},
+    do_bench=autotune_bench,
 )(_qlora_low_rank_kernel)

@@ -57,31 +57,82 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_tma_allocator)
 
 
-class _NoGuard:
+class CaptureAutotuneError(RuntimeError):
+    """A Triton kernel would autotune inside a CUDA-graph capture, which cannot run its timing."""
+
+
+# One lock for every Triton launch of this package. Triton's Autotuner keeps the call's arguments on
+# the shared launcher object while it prunes and times (`self.nargs`), so two threads launching the
+# same autotuned kernel at once, one of them tuning a new shape, made the tuning one raise
+# ("'NoneType' object is not a mapping", reproduced under the interpreter on triton 3.8; 3.6 has the
+# same code) or run the other's config. Launching is host work measured in µs; serialising it costs
+# nothing next to the kernels. Re-entrant: an autotuner's timing calls the launch again.
+_LAUNCH_LOCK = threading.RLock()
+_launch_state = threading.local()  # .capturing: the launch in progress is inside a graph capture
+
+
+def autotune_bench(kernel_call, quantiles):
+    """The benchmark every autotuner of this package times configs with (``triton.autotune(...,
+    do_bench=autotune_bench)``): Triton's own, refused inside a CUDA-graph capture, where its
+    synchronisations would invalidate the capture. A shape is autotuned on its first eager call; a
+    captured call of a shape not tuned yet raises ``CaptureAutotuneError`` naming the fix."""
+    if getattr(_launch_state, "capturing", False):
+        raise CaptureAutotuneError(
+            "fastlora: a Triton kernel would autotune inside CUDA-graph capture (this problem shape was not "
+            "run eagerly yet in this process, and autotuning synchronises the device). Run the step once "
+            "eagerly with the same shapes before capturing (the usual warm-up), or use backend='torch'."
+        )
+    from triton.runtime import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+class _Launch:
+    """``on_device``'s context: the launch lock, then (CUDA) the allocator and the device guard."""
+
+    __slots__ = ("_device", "_guard", "_outer_capturing")
+
+    def __init__(self, device: torch.device):
+        self._device, self._guard, self._outer_capturing = device, None, False
+
     def __enter__(self):
+        _LAUNCH_LOCK.acquire()
+        try:
+            self._outer_capturing = getattr(_launch_state, "capturing", False)
+            if self._device.type == "cuda":
+                _ensure_allocator()
+                guard = torch.cuda.device(self._device)
+                guard.__enter__()
+                self._guard = guard
+                # (CUDA tensors exist, so CUDA is initialised; the check keeps a stray call cheap and safe)
+                _launch_state.capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+        except BaseException:
+            _LAUNCH_LOCK.release()
+            raise
         return None
 
     def __exit__(self, *exc):
+        try:
+            if self._guard is not None:
+                self._guard.__exit__(*exc)
+        finally:
+            self._guard = None
+            _launch_state.capturing = self._outer_capturing
+            _LAUNCH_LOCK.release()
         return False
 
 
-_NO_GUARD = _NoGuard()
-
-
-def on_device(device: torch.device):
-    """Context for every Triton launch on tensors of ``device``: the CUDA device guard, and the
-    scratch allocator set on this thread.
+def on_device(device: torch.device) -> _Launch:
+    """Context for every Triton launch on tensors of ``device``: one process-wide launch lock (see
+    ``_LAUNCH_LOCK``), then for CUDA tensors the scratch allocator set on this thread and the CUDA
+    device guard; the autotuners' timing is refused while the launch is captured (``autotune_bench``).
 
     Triton launches on the *current* device, not on the tensors' one: with tensors on ``cuda:1`` and
     current device 0 (``device_map="auto"``, multi-GPU QLoRA) a launch without the guard reads across
     devices or faults, and the allocator's scratch lands on the wrong GPU. ``torch.cuda.device`` is a
     no-op exchange when the device is already current. Launches use the current stream (Triton's
-    default), which the guard makes the current stream *of that device*. Nothing to do for CPU
-    tensors (the interpreter)."""
-    if device.type != "cuda":
-        return _NO_GUARD
-    _ensure_allocator()
-    return torch.cuda.device(device)
+    default), which the guard makes the current stream *of that device*."""
+    return _Launch(device)
 
 
 # Flag workspaces of the persistent kernels, per launching thread, keyed by (device, stream): kept

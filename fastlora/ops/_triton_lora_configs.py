@@ -9,7 +9,7 @@ import torch
 import triton
 
 from ._device import arch_rules, device_limits
-from ._triton_common import INTERPRET, INTERPRETER_CONFIGS, _configs
+from ._triton_common import INTERPRET, INTERPRETER_CONFIGS, _configs, autotune_bench
 from ._triton_compile import drop_spilling
 from ._triton_lora_kernels import DROPOUT_ON_INPUT, _lora_gemm_kernel
 
@@ -148,4 +148,5 @@ def _autotuned(configs):
         key=["M_BUCKET", "N", "K", "R_PAD", "BLOCK_M_FIXED", "SPLITS", "HAS_BIAS", "WRITE_OUT", "STORE_T",
              "SPLIT_K", "FUSE_GRAD_B", "BIAS_GRAD", "SPLIT_XA", "USE_TMA", "W_TRANS", "DROPOUT"],
         prune_configs_by={"early_config_prune": prune_gemm_configs},
+        do_bench=autotune_bench,  # refuses to time inside a CUDA-graph capture
     )(_lora_gemm_kernel)  # fmt: skip

@@ -109,7 +109,8 @@ def _k_loop(
                 else:
                     w = w_src.load([k0, off_n])
             else:
-                w_ptrs = w_src + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+                # int64: in grad_x, offs_k runs over W's rows and stride_wk is K; W may exceed 2³¹ elements.
+                w_ptrs = w_src + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn
                 w = tl.load(w_ptrs, mask=(offs_k < K)[:, None] & (offs_n < N)[None, :], other=0.0)
             acc = _dot(a, w, acc, PRECISION, UPCAST)
         if LOW_RANK:
