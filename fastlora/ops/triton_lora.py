@@ -25,6 +25,8 @@ a later program). The flags are the only atomics: the arithmetic has none, and a
 not depend on which program computes it (deterministic).
 The epilogue adds the low-rank term straight into the accumulator, ``acc = tl.dot(s·t, lb, acc)``,
 on two ``BLOCK_N/2`` halves of the tile (fewer live registers), then the bias, and stores once.
+DoRA's forward (``triton_forward_scaled``) multiplies the accumulator by its per-column factor
+``m/n`` there, before the bias (``HAS_COL_SCALE``; in ``_split_k_reduce_kernel`` for decode).
 
 Operands: where the architecture has TMA (``_device.arch_rules``: sm_90, sm_100, sm_120), with 2-D
 row-major operands whose base and row strides are 16-byte aligned, ``a``, ``w`` and ``out`` go
