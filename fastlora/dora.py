@@ -9,9 +9,10 @@ PEFT's ``DoraLinearLayer`` computes, with ``g = m / n`` per output column::
 Shapes: ``x [M, K]``, ``W [N, K]``, ``b [N]``, ``A [r, K]``, ``B [N, r]``, ``m [N]``.
 
 Without dropout (eval, or ``p = 0``) this is ``y = g ⊙ pre + b`` with ``pre = x Wᵀ + s·(x Aᵀ) Bᵀ``,
-which is the backend's fused op with ``bias=None``, followed by one elementwise pass that scales
-the columns by ``g`` and adds ``b`` in place on the output (``_scaled_forward``: folding it into a
-kernel's epilogue replaces that one function). The backward feeds ``gy ⊙ g`` to the backend's LoRA
+which on the triton backend is one pass of the fused forward kernel with ``g`` and ``b`` applied in
+its epilogue on the fp32 accumulator (y rounded once), and on the others the backend's fused op with
+``bias=None`` followed by one elementwise pass that scales the columns by ``g`` and adds ``b`` in
+place on the output (``_scaled_forward``). The backward feeds ``gy ⊙ g`` to the backend's LoRA
 backward (grad_x, grad_A, grad_B) and takes ``grad_m_j = Σ_i gy_ij pre_ij / n_j`` from the saved
 output: ``pre_ij / n_j = (y_ij − b_j) / m_j``, so neither a copy of ``pre`` nor a second base GEMM
 is needed: ``Σ_i gy·(y − b) / m`` costs two passes over M×N (three with a bias), and on the
@@ -127,9 +128,13 @@ def weight_norm(weight, lora_A, lora_B, scaling: float, cache: WeightNormCache |
 
 
 def _scaled_forward(ops, x, weight, bias, lora_A, lora_B, scaling, scale):
-    """``(y, xa)``: ``y = scale ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b``. Today the backend's fused op and one
-    in-place elementwise pass on its output (rounded twice in half precision, once more than a
-    fused epilogue would); a kernel with a column-scale epilogue replaces this function."""
+    """``(y, xa)``: ``y = scale ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b``. On the triton backend (eagerly) one
+    kernel pass: the factor and the bias are applied in the forward kernel's epilogue on the fp32
+    accumulator and y is rounded once (``triton_lora.triton_forward_scaled``). Elsewhere the
+    backend's fused op and one in-place elementwise pass on its output (rounded twice in half
+    precision). Either way the stored y is ``scale ⊙ pre + b`` as ``_grad_magnitude`` recovers it."""
+    if ops.scaled is not None:
+        return ops.scaled(x, weight, bias, lora_A, lora_B, scaling, 0.0, None, scale)
     pre, xa = ops.forward(x, weight, None, lora_A, lora_B, scaling, 0.0, None)
     if bias is None:
         return pre.mul_(scale), xa
@@ -152,6 +157,7 @@ def _zero_flag(magnitude: torch.Tensor):
 class _Impls(NamedTuple):
     forward: Callable
     backward: Callable
+    scaled: Callable | None = None  # DoRA's forward with the column factor fused (``_scaled_forward``)
 
 
 def _impls(name: str) -> _Impls:
@@ -167,9 +173,9 @@ def _impls(name: str) -> _Impls:
 
         return _Impls(torch_forward, torch_backward)
     if name == "triton":
-        from .ops.triton_lora import triton_backward, triton_forward
+        from .ops.triton_lora import triton_backward, triton_forward, triton_forward_scaled
 
-        return _Impls(triton_forward, triton_backward)
+        return _Impls(triton_forward, triton_backward, triton_forward_scaled)
     return _Impls(ops.forward, ops.backward)  # cuda: C++ ops, dispatched without Python
 
 

@@ -146,7 +146,8 @@ def _autotuned(configs):
     return triton.autotune(
         configs=INTERPRETER_CONFIGS if INTERPRET else configs,
         key=["M_BUCKET", "N", "K", "R_PAD", "BLOCK_M_FIXED", "SPLITS", "HAS_BIAS", "WRITE_OUT", "STORE_T",
-             "SPLIT_K", "FUSE_GRAD_B", "BIAS_GRAD", "SPLIT_XA", "USE_TMA", "W_TRANS", "DROPOUT"],
+             "SPLIT_K", "FUSE_GRAD_B", "BIAS_GRAD", "SPLIT_XA", "USE_TMA", "W_TRANS", "DROPOUT",
+             "HAS_COL_SCALE"],
         prune_configs_by={"early_config_prune": prune_gemm_configs},
         do_bench=autotune_bench,  # refuses to time inside a CUDA-graph capture
     )(_lora_gemm_kernel)  # fmt: skip

@@ -145,9 +145,11 @@ def _epilogue_half(
     stride_lbr, stride_lbn, stride_om, stride_on, dropout_p, seed, row0,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, R_PAD: tl.constexpr,
     LOW_RANK_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HALF_N: tl.constexpr,
+    col_scale_ptr, HAS_COL_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Store ``acc + t·lb (+ bias)`` for output columns ``[off_n, off_n + HALF_N)``; ``t`` carries the
-    scaling (and the dropout scale of ``DROPOUT_ON_LOW_RANK``)."""
+    scaling (and the dropout scale of ``DROPOUT_ON_LOW_RANK``). ``HAS_COL_SCALE`` (DoRA's ``m/n``,
+    fp32 ``[N]``, contiguous): ``col_scale ⊙ (acc + t·lb) (+ bias)``, on the fp32 accumulator."""
     offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
     offs_n = off_n.to(tl.int64) + tl.arange(0, HALF_N)
     offs_r = tl.arange(0, R_PAD)
@@ -159,6 +161,8 @@ def _epilogue_half(
         acc += tl.where(keep, _dot(t, lb, None, LOW_RANK_PRECISION, False), 0.0)
     else:
         acc = _dot(t, lb, acc, LOW_RANK_PRECISION, False)
+    if HAS_COL_SCALE:
+        acc *= tl.load(col_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if USE_TMA:
@@ -229,10 +233,12 @@ def _lora_gemm_kernel(
     stride_om, stride_on, stride_os, stride_tm, stride_tr, stride_ts, stride_xam, stride_xar,
     stride_gbm, stride_gbk, stride_bwm,
     scaling, dropout_p, dropout_scale, seed, spin_limit,
+    col_scale_ptr,  # DoRA's per-column factor, fp32 [N], with HAS_COL_SCALE (the forward's epilogue only)
     HAS_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr, STORE_T: tl.constexpr, SPLIT_K: tl.constexpr,
     FUSE_GRAD_B: tl.constexpr, BIAS_GRAD: tl.constexpr, SPLIT_XA: tl.constexpr, USE_TMA: tl.constexpr,
     W_TRANS: tl.constexpr, R_PAD: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, LOW_RANK_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP32_ADAPTERS: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     HALF_N: tl.constexpr = BLOCK_N // 2
@@ -361,11 +367,13 @@ def _lora_gemm_kernel(
                     acc0, t, lb_ptr, bias_ptr, out_dst, off_m, off_n, M, N, R,
                     stride_lbr, stride_lbn, stride_om, stride_on, dropout_p, seed, row0,
                     HAS_BIAS, DROPOUT, USE_TMA, R_PAD, LOW_RANK_PRECISION, BLOCK_M, HALF_N,
+                    col_scale_ptr, HAS_COL_SCALE,
                 )  # fmt: skip
                 _epilogue_half(
                     acc1, t, lb_ptr, bias_ptr, out_dst, off_m, off_n + HALF_N, M, N, R,
                     stride_lbr, stride_lbn, stride_om, stride_on, dropout_p, seed, row0,
                     HAS_BIAS, DROPOUT, USE_TMA, R_PAD, LOW_RANK_PRECISION, BLOCK_M, HALF_N,
+                    col_scale_ptr, HAS_COL_SCALE,
                 )  # fmt: skip
 
 
@@ -374,12 +382,13 @@ def _split_k_reduce_kernel(
     part_ptr, t_part_ptr, lb_ptr, bias_ptr, out_ptr, t_ptr,
     M, N, R, SPLITS,
     stride_lbr, stride_lbn, stride_om, stride_on, stride_tm, stride_tr,
-    scaling,
+    scaling, col_scale_ptr,
     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, LOW_RANK_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Decode's second pass: ``out = Σ_s part[s] + scaling·t·lb + bias`` and ``t = Σ_s t_part[s]``,
-    for contiguous fp32 partials ``part [S, M, N]``, ``t_part [S, M, R]``, summed in split order."""
+    for contiguous fp32 partials ``part [S, M, N]``, ``t_part [S, M, R]``, summed in split order;
+    with ``HAS_COL_SCALE``, ``out = col_scale ⊙ (Σ_s part[s] + scaling·t·lb) + bias`` (fp32 ``[N]``)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -397,6 +406,8 @@ def _split_k_reduce_kernel(
     lb_ptrs = lb_ptr + offs_r[:, None] * stride_lbr + offs_n[None, :] * stride_lbn
     lb = tl.load(lb_ptrs, mask=(offs_r < R)[:, None] & (offs_n < N)[None, :], other=0.0).to(tl.float32)
     acc = _dot(t * scaling, lb, acc, LOW_RANK_PRECISION, False)
+    if HAS_COL_SCALE:
+        acc *= tl.load(col_scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on

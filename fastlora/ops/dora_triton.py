@@ -89,7 +89,15 @@ def dora_grad_prologue(gy: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, w
 def launch_for_inspection(
     M: int, K: int, N: int, r: int, dtype: torch.dtype, adapter_dtype: torch.dtype, dropout: bool, backward: bool
 ) -> None:
-    """Run the launcher on CPU tensors of one problem as DoRA's backward launches it (with a bias,
-    so with the column sums), for ``fastlora inspect`` to intercept; nothing without ``backward``."""
+    """Run the launchers on CPU tensors of one problem as DoRA launches them, for ``fastlora
+    inspect`` to intercept: the forward with the column factor in its epilogue
+    (``HAS_COL_SCALE``; without dropout, the only way DoRA runs it: with dropout in training DoRA is
+    an autograd composition), and with ``backward`` the backward prologue (with a bias, so with the
+    column sums)."""
+    from .triton_lora import triton_forward_scaled
+
+    x, weight, bias = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+    lora_A, lora_B = torch.randn(r, K, dtype=adapter_dtype), torch.randn(N, r, dtype=adapter_dtype)
+    triton_forward_scaled(x, weight, bias, lora_A, lora_B, 1.0, 0.0, None, torch.rand(N) + 0.5)
     if backward:
         dora_grad_prologue(torch.randn(M, N, dtype=dtype), torch.randn(M, N, dtype=dtype), torch.rand(N), True)

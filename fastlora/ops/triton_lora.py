@@ -25,6 +25,8 @@ a later program). The flags are the only atomics: the arithmetic has none, and a
 not depend on which program computes it (deterministic).
 The epilogue adds the low-rank term straight into the accumulator, ``acc = tl.dot(s·t, lb, acc)``,
 on two ``BLOCK_N/2`` halves of the tile (fewer live registers), then the bias, and stores once.
+DoRA's forward (``triton_forward_scaled``) multiplies the accumulator by its per-column factor
+``m/n`` there, before the bias (``HAS_COL_SCALE``; in ``_split_k_reduce_kernel`` for decode).
 
 Operands: where the architecture has TMA (``_device.arch_rules``: sm_90, sm_100, sm_120), with 2-D
 row-major operands whose base and row strides are 16-byte aligned, ``a``, ``w`` and ``out`` go
@@ -155,13 +157,16 @@ def _grad_b_block_m(M: int, R: int, device: torch.device, dtype: torch.dtype) ->
 def _launch_gemm(
     a, w, w_trans: bool, la, lb, bias, out, t, scaling: float, dropout: _Dropout, dropout_site,
     xa=None, grad_b_ws=None, bias_ws=None, block_m_fixed: int = 0, decode: bool = False, row0: int = 0,
+    col_scale=None,
 ) -> None:  # fmt: skip
     """``out = a·w + scaling·D(a·la)·lb + bias`` and ``t = D(a·la)`` (fp32), for logical 2-D views
     ``a [M, K]``, ``w [K, N]`` (``w_trans``: ``w`` is the transpose of a row-major ``W [N, K]``),
     ``la [K, R]``, ``lb [R, N]``. ``out`` or ``t`` may be None (not written); ``grad_b_ws`` /
     ``bias_ws`` (with ``xa``) receive the fused grad_B / bias partials of ``aᵀ·xa`` / ``Σ a``;
     ``decode`` allows the split-K path for short ``a`` (the forward's dropout site only); ``a`` holds
-    rows ``row0…`` of the whole input (the dropout counter's row)."""
+    rows ``row0…`` of the whole input (the dropout counter's row). ``col_scale`` (fp32 ``[N]``,
+    contiguous; DoRA's ``m/n``) makes it ``out = col_scale ⊙ (a·w + scaling·D(a·la)·lb) + bias``, on
+    the fp32 accumulator before the one store (in ``_split_k_reduce_kernel`` for split-K decode)."""
     M, K = a.shape
     N = w.shape[1]
     R = la.shape[1]
@@ -204,6 +209,8 @@ def _launch_gemm(
             *(grad_b_ws.stride()[:2] if grad_b_ws is not None else (0, 0)),
             bias_ws.stride(0) if bias_ws is not None else 0,
             scaling, dropout.p, dropout.scale, dropout.seed, _SPIN_LIMIT,
+            col_scale if col_scale is not None and not split_k else dummy,
+            HAS_COL_SCALE=col_scale is not None and not split_k,
             HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=store_t, SPLIT_K=split_k,
             FUSE_GRAD_B=grad_b_ws is not None, BIAS_GRAD=bias_ws is not None, SPLIT_XA=a.dtype != torch.float32,
             USE_TMA=use_tma, W_TRANS=w_trans,
@@ -217,21 +224,43 @@ def _launch_gemm(
             _split_k_reduce_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
                 partials, t_partials, lb, bias if bias is not None else dummy, out, t,
                 M, N, R, splits, *lb.stride(), *out.stride(), *t.stride(), scaling,
+                col_scale if col_scale is not None else dummy,
                 HAS_BIAS=bias is not None, R_PAD=_padded_rank(R), LOW_RANK_PRECISION=low_rank_precision,
-                BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_M=block_m, BLOCK_N=block_n, HAS_COL_SCALE=col_scale is not None,
             )  # fmt: skip
 
 
 def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, None)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale):
+    """``triton_forward``, with DoRA's column factor in the epilogue where ``col_scale`` is given."""
     M = x.shape[0]
     y = _triton_common._empty((M, weight.shape[0]), x.dtype, x.device)
     xa = _triton_common._empty((M, lora_A.shape[0]), torch.float32, x.device)
     if M:
         dropout = _dropout(dropout_p, seed)
         _launch_gemm(
-            x, weight.t(), True, lora_A.t(), lora_B.t(), bias, y, xa, scaling, dropout, DROPOUT_ON_INPUT, decode=True
-        )
+            x, weight.t(), True, lora_A.t(), lora_B.t(), bias, y, xa, scaling, dropout, DROPOUT_ON_INPUT, decode=True,
+            col_scale=col_scale,
+        )  # fmt: skip
     return y, xa
+
+
+def triton_forward_scaled(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale):
+    """``(y, xa)`` with ``y = col_scale ⊙ (x Wᵀ + scaling·D(x) Aᵀ Bᵀ) + bias`` (DoRA's forward,
+    ``col_scale = m/n`` ``[N]``) in one pass: the factor is applied to the fp32 accumulator in the
+    epilogue (the split-K reduce for decode) and y rounded once; ``xa = D(x) Aᵀ`` as in
+    ``triton_forward``. ``col_scale`` is read as contiguous fp32 (cast here if it is not)."""
+    N = weight.shape[0]
+    if not isinstance(col_scale, torch.Tensor) or col_scale.shape != (N,) or col_scale.device != x.device:
+        got = (tuple(col_scale.shape), col_scale.device) if isinstance(col_scale, torch.Tensor) else type(col_scale).__name__
+        raise ValueError(f"triton_forward_scaled: col_scale must be a [{N}] tensor on {x.device}, got {got}")
+    if not col_scale.is_floating_point():
+        raise TypeError(f"triton_forward_scaled: col_scale must be floating point, got {col_scale.dtype}")
+    col_scale = col_scale.to(torch.float32).contiguous()
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale)
 
 
 def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
