@@ -11,8 +11,9 @@ nearest on both (the interpreter ignores ``input_precision``; the tensor cores t
 ``_reduce_over_m`` (kernel ``_lora_reduce_kernel``): ``scaling·lhsᵀ·D(rhs)`` over the long M axis,
 the adapter gradients' reduction, optionally with ``Σ_m lhs`` (the bias gradient). M is split across
 programs (about two an SM) writing fp32 partials (``_reduce_partials``) that ``torch.sum`` adds in a
-fixed order (the dense backward: ``_triton_finalize``'s kernel): deterministic, no atomics. Its products run on the tensor cores in the low-rank precision (TF32
-for half inputs, whose 11 significant bits hold them exactly).
+fixed order (in the dense backward, ``_triton_finalize``'s kernel does): deterministic, no atomics.
+Its products run on the tensor cores in the low-rank precision (TF32 for half inputs, whose 11
+significant bits hold them exactly).
 
 Not an op module: it defines no ``launch_for_inspection``; ``fastlora inspect`` sees its kernel
 through the op modules' launches.
