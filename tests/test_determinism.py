@@ -3,7 +3,7 @@ bit-identical outputs and gradients on every backend.
 
 The Triton kernels are deterministic by construction: every output tile of ``_lora_gemm_kernel``
 is computed by one program whatever program that is, and the adapter gradients are fp32 partials
-(per row block or split of M) that ``sum(0)`` adds up in a fixed order afterwards; nothing is
+(per row block or split of M) that one finalize kernel sums in a fixed order afterwards; nothing is
 accumulated with atomics (the only atomics are the flags that publish ``x Aᵀ`` to consumer tiles).
 (Bit-equality holds within a process: on a GPU the autotuner may pick another tile shape in another
 process.)

@@ -10,9 +10,10 @@ there (the interpreter's bf16 dot is wrong), and fp32 operands of "tf32" dots ro
 nearest on both (the interpreter ignores ``input_precision``; the tensor cores truncate).
 ``_reduce_over_m`` (kernel ``_lora_reduce_kernel``): ``scaling·lhsᵀ·D(rhs)`` over the long M axis,
 the adapter gradients' reduction, optionally with ``Σ_m lhs`` (the bias gradient). M is split across
-programs (about two an SM) writing fp32 partials that ``torch.sum`` adds in a fixed order:
-deterministic, no atomics. Its products run on the tensor cores in the low-rank precision (TF32
-for half inputs, whose 11 significant bits hold them exactly).
+programs (about two an SM) writing fp32 partials (``_reduce_partials``) that ``torch.sum`` adds in a
+fixed order (in the dense backward, ``_triton_finalize``'s kernel does): deterministic, no atomics.
+Its products run on the tensor cores in the low-rank precision (TF32 for half inputs, whose 11
+significant bits hold them exactly).
 
 Not an op module: it defines no ``launch_for_inspection``; ``fastlora inspect`` sees its kernel
 through the op modules' launches.
@@ -351,12 +352,25 @@ def _reduce_over_m(
     lhs, rhs, scaling: float, out_dtype: torch.dtype, rhs_dropout: _Dropout = _NO_DROPOUT, col_sum: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(scaling·lhsᵀ·D(rhs) [P, Q] in out_dtype, Σ_m lhs [P] fp32 if col_sum else None)`` for
-    ``lhs [M, P]``, ``rhs [M, Q]``; ``D`` is LoRA dropout, the identity by default."""
+    ``lhs [M, P]``, ``rhs [M, Q]``; ``D`` is LoRA dropout, the identity by default. The partials of
+    ``_reduce_partials`` summed by ``torch.sum`` (the dense backward sums them in its finalize launch)."""
     M, P = lhs.shape
     Q = rhs.shape[1]
     if M == 0:
         sums = torch.zeros(P, dtype=torch.float32, device=lhs.device) if col_sum else None
         return torch.zeros((P, Q), dtype=out_dtype, device=lhs.device), sums
+    ws, sums = _reduce_partials(lhs, rhs, scaling, rhs_dropout, col_sum)
+    return ws.sum(0).to(out_dtype), (sums.sum(0) if col_sum else None)
+
+
+def _reduce_partials(
+    lhs, rhs, scaling: float, rhs_dropout: _Dropout = _NO_DROPOUT, col_sum: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One launch of ``_lora_reduce_kernel`` for ``lhs [M, P]``, ``rhs [M, Q]``, M > 0: the fp32
+    partials ``ws [S, P, Q]`` (``Σ_s ws[s] = scaling·lhsᵀ·D(rhs)``, each ``ws[s]`` contiguous) and, if
+    ``col_sum``, ``sums [S, P]`` (``Σ_s sums[s] = Σ_m lhs``; else None), S splits of M."""
+    M, P = lhs.shape
+    Q = rhs.shape[1]
     _, precision = _precisions(rhs.dtype)
     # Compiled for sm_90a and sm_80 (fastlora inspect), 4 warps and 64-row steps spilled in two ways.
     # fp32 products on the CUDA cores ("ieee", torch's default fp32 matmul precision) keep a row slice
@@ -383,4 +397,4 @@ def _reduce_over_m(
             COL_SUM=col_sum, RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=precision,
             BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=num_warps,
         )  # fmt: skip
-    return ws.sum(0).to(out_dtype), (sums.sum(0) if col_sum else None)
+    return ws, (sums if col_sum else None)

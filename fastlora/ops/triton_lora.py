@@ -38,9 +38,12 @@ grad_x also yields ``grad_B = scaling·gyᵀ xa`` and the bias gradient ``Σ_m g
 ``gy`` (``FUSE_GRAD_B``): the K steps of row block ``pid_m`` are dealt out among its consumer tiles
 (a grad_B-only tile is added where the grid has a single column), and the tile owning step ``k``
 writes ``gy[rows, k]ᵀ·xa[rows]`` and ``Σ_rows gy[rows, k]`` as fp32 partials ``[num_m, N, R]`` /
-``[num_m, N]`` that ``torch.sum`` adds over row blocks (``num_m`` fixed before the launch). ``grad_A =
-scaling·(gy B)ᵀ D(x)`` is ``_lora_reduce_kernel``: M split across programs, fp32 partials summed in
-order. So ``gy`` and ``x`` are each read once by the backward; nothing is accumulated with atomics.
+``[num_m, N]`` (``num_m`` fixed before the launch). ``grad_A = scaling·(gy B)ᵀ D(x)`` is
+``_lora_reduce_kernel``: M split across programs writing fp32 partials. One ``_finalize_kernel``
+(``_triton_finalize``) then sums all three partial buffers over their leading axis in a fixed order,
+scales and casts them into grad_A, grad_B and grad_bias: the backward is 3 launches, no memset and no
+other ATen op (``triton_backward`` says what several row slices add). So ``gy`` and ``x`` are each read
+once by the backward; nothing is accumulated with atomics.
 
 LoRA dropout (``D``) never stores a mask: each element's keep bit is ``tl.rand(seed, m·K + k) ≥ p``,
 a counter-based draw that the backward regenerates. Its sites are ``DROPOUT_ON_INPUT`` (the forward's
@@ -73,8 +76,9 @@ from ._contract import register_backend
 from ._device import arch_rules, device_limits
 from ._triton_common import (
     INTERPRET, INTERPRETER_CONFIGS, _Dropout, _dropout, _flag_dummy, _flag_workspace, _padded_rank, _precisions,
-    _reduce_over_m, on_device,
+    _reduce_partials, on_device,
 )  # fmt: skip
+from ._triton_finalize import finalize_sums
 from ._triton_lora_configs import (  # noqa: F401  (GPU_CONFIGS, GRAD_X_CONFIGS, prune_gemm_configs: the tests' and inspect's)
     _DECODE_MAX_M, _MAX_ACC_REGISTERS, GPU_CONFIGS, GRAD_X_CONFIGS, _acc_registers, _autotuned, _cuda_core_dots,
     _shared_bytes, prune_gemm_configs,
@@ -264,6 +268,13 @@ def triton_forward_scaled(x, weight, bias, lora_A, lora_B, scaling, dropout_p, s
 
 
 def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
+    """Launches (no memset, no ATen op but allocations): the gy pass (grad_x, ``t = gy B`` and the fused
+    grad_B / bias partials), ``_lora_reduce_kernel`` (grad_A's split-M partials) and one
+    ``_finalize_kernel`` that sums every partial buffer, scales and casts into grad_A, grad_B and
+    grad_bias: 3 while the grad_B partials of all M rows fit ``_MAX_PARTIAL_BYTES`` (one row slice;
+    M = 8192 at K = N = 4096, r = 16), fewer for fewer gradients. With S row slices, ``2·S + 1``: each
+    slice but the last is followed by a finalize launch that adds its partials to fp32 running sums
+    (slice order, then row-block order: deterministic), which the last one reads."""
     M, N = gy.shape
     R = lora_A.shape[0]
     dropout = _dropout(dropout_p, seed)
@@ -283,8 +294,15 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     row_blocks = triton.cdiv(min(rows, M), block_m) if block_m else 0
     grad_b_ws = _triton_common._empty((row_blocks, N, R), torch.float32, x.device) if block_m else None
     bias_ws = _triton_common._empty((row_blocks, N), torch.float32, x.device) if need_bias else None
-    grad_b_sum = torch.zeros((N, R), dtype=torch.float32, device=x.device) if need_B else None
-    bias_sum = torch.zeros((N,), dtype=torch.float32, device=x.device) if need_bias else None
+    if need_B:
+        grad_B = _triton_common._empty(lora_B.shape, lora_B.dtype, x.device)
+    if need_bias:
+        grad_bias = _triton_common._empty((N,), gy.dtype, x.device)
+    several = rows < M
+    # fp32 running sums of the slices before the last (only with several slices).
+    run_B = _triton_common._empty((N, R), torch.float32, x.device) if several and need_B else None
+    run_bias = _triton_common._empty((N,), torch.float32, x.device) if several and need_bias else None
+    jobs = []
     for m0 in range(0, M, rows):
         m1 = min(m0 + rows, M)
         blocks = triton.cdiv(m1 - m0, block_m) if block_m else 0
@@ -293,16 +311,20 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
             g_xa[m0:m1] if g_xa is not None else None, scaling, dropout, DROPOUT_ON_LOW_RANK,
             xa=xa[m0:m1], grad_b_ws=grad_b_ws, bias_ws=bias_ws, block_m_fixed=block_m, row0=m0,
         )  # fmt: skip
-        if need_B:  # summed over row blocks in order, then launches in order: deterministic
-            grad_b_sum += grad_b_ws[:blocks].sum(0)
+        last = m1 == M
+        jobs = []  # (partials, out, scale, running sums to add or None): see _triton_finalize
+        if need_B:
+            out_B = grad_B if last else run_B
+            jobs.append((grad_b_ws[:blocks], out_B, scaling if last else 1.0, run_B if m0 else None))
         if need_bias:
-            bias_sum += bias_ws[:blocks].sum(0)
-    if need_A:
-        grad_A = _reduce_over_m(g_xa, x, scaling, lora_A.dtype, rhs_dropout=dropout)[0]
-    if need_B:
-        grad_B = (grad_b_sum * scaling).to(lora_B.dtype)
-    if need_bias:
-        grad_bias = bias_sum.to(gy.dtype)
+            out_bias = grad_bias if last else run_bias
+            jobs.append((bias_ws[:blocks], out_bias, 1.0, run_bias if m0 else None))
+        if not last:  # grad_b_ws / bias_ws are refilled by the next slice
+            finalize_sums(jobs)
+    if need_A:  # (the partials carry the scaling)
+        grad_A = _triton_common._empty(lora_A.shape, lora_A.dtype, x.device)
+        jobs.append((_reduce_partials(g_xa, x, scaling, dropout)[0], grad_A, 1.0, None))
+    finalize_sums(jobs)
     return grad_x, grad_A, grad_B, grad_bias
 
 
