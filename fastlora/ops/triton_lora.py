@@ -88,8 +88,10 @@ from ._triton_lora_kernels import (  # noqa: F401  (_lora_gemm_kernel: the tests
 )  # fmt: skip
 
 # Bytes of fused grad_B partials one launch of the gy pass may write (see triton_backward), unless
-# that leaves it fewer row blocks than this (very wide layers at high rank).
-_MAX_PARTIAL_BYTES = 16 << 20
+# that leaves it fewer row blocks than this (very wide layers at high rank). 32 MiB keeps the anchor
+# layer (M = 8192, K = N = 4096, r = 16) in one slice, so 3 launches, on sm_80 too (64-row blocks:
+# 32 MiB of partials; with 16 MiB it took 2 slices, 5 launches): half the bytes of that layer's gy.
+_MAX_PARTIAL_BYTES = 32 << 20
 _MIN_PARTIAL_BLOCKS = 16
 
 # Checks of its flag a consumer makes before it computes its row block's t itself. At about 0.5-1 µs
