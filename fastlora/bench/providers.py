@@ -122,26 +122,32 @@ def _addmm(inp: LoRAInputs) -> Layer:
     return Layer(forward, inp.lora_A, inp.lora_B)
 
 
+def _peft_layer(inp: LoRAInputs, adapter_dtype: torch.dtype, use_dora: bool = False):
+    """PEFT's ``lora.Linear`` over an ``nn.Linear`` sharing ``W`` (frozen), the adapters copied from
+    the inputs in ``adapter_dtype``, scaling ``lora_alpha / r`` equal to the inputs': ``(layer,
+    lora_A, lora_B)``."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLoRALinear
+
+    N, K = inp.weight.shape
+    r = inp.lora_A.shape[0]
+    base = nn.Linear(K, N, bias=inp.bias is not None, device="meta")
+    base.weight = nn.Parameter(inp.weight, requires_grad=False)
+    if inp.bias is not None:
+        base.bias = nn.Parameter(inp.bias, requires_grad=False)
+    config = LoraConfig(r=r, lora_alpha=inp.scaling * r, use_dora=use_dora)
+    layer = PeftLoRALinear(base, "default", config=config, r=r, lora_alpha=inp.scaling * r)
+    lora_A = layer.lora_A["default"].weight = nn.Parameter(inp.lora_A.detach().to(adapter_dtype, copy=True))
+    lora_B = layer.lora_B["default"].weight = nn.Parameter(inp.lora_B.detach().to(adapter_dtype, copy=True))
+    return layer, lora_A, lora_B
+
+
 def _peft_builder(adapter_dtype: torch.dtype | None) -> Callable[[LoRAInputs], Layer]:
-    """PEFT's ``lora.Linear`` over an ``nn.Linear`` sharing ``W``; adapters in ``adapter_dtype``,
-    or in the activation dtype when None; scaling ``lora_alpha / r`` equal to the inputs'."""
+    """PEFT's ``lora.Linear`` (``_peft_layer``); adapters in ``adapter_dtype``, or in the activation
+    dtype when None."""
 
     def build(inp: LoRAInputs) -> Layer:
-        from peft import LoraConfig
-        from peft.tuners.lora.layer import Linear as PeftLoRALinear
-
-        N, K = inp.weight.shape
-        r = inp.lora_A.shape[0]
-        base = nn.Linear(K, N, bias=inp.bias is not None, device="meta")
-        base.weight = nn.Parameter(inp.weight, requires_grad=False)
-        if inp.bias is not None:
-            base.bias = nn.Parameter(inp.bias, requires_grad=False)
-        config = LoraConfig(r=r, lora_alpha=inp.scaling * r)
-        layer = PeftLoRALinear(base, "default", config=config, r=r, lora_alpha=inp.scaling * r)
-        dtype = adapter_dtype or inp.x.dtype
-        lora_A = layer.lora_A["default"].weight = nn.Parameter(inp.lora_A.detach().to(dtype, copy=True))
-        lora_B = layer.lora_B["default"].weight = nn.Parameter(inp.lora_B.detach().to(dtype, copy=True))
-        return Layer(layer, lora_A, lora_B)
+        return Layer(*_peft_layer(inp, adapter_dtype or inp.x.dtype))
 
     return build
 
@@ -166,21 +172,8 @@ def _initial_magnitude(inp: LoRAInputs, dtype: torch.dtype) -> torch.Tensor:
 
 def _peft_dora(inp: LoRAInputs) -> Layer:
     """PEFT's DoRA ``lora.Linear`` sharing ``W``, adapters (and m) in the activation dtype."""
-    from peft import LoraConfig
-    from peft.tuners.lora.layer import Linear as PeftLoRALinear
-
-    N, K = inp.weight.shape
-    r = inp.lora_A.shape[0]
-    base = nn.Linear(K, N, bias=inp.bias is not None, device="meta")
-    base.weight = nn.Parameter(inp.weight, requires_grad=False)
-    if inp.bias is not None:
-        base.bias = nn.Parameter(inp.bias, requires_grad=False)
-    config = LoraConfig(r=r, lora_alpha=inp.scaling * r, use_dora=True)
-    layer = PeftLoRALinear(base, "default", config=config, r=r, lora_alpha=inp.scaling * r)
-    dtype = inp.x.dtype
-    lora_A = layer.lora_A["default"].weight = nn.Parameter(inp.lora_A.detach().to(dtype, copy=True))
-    lora_B = layer.lora_B["default"].weight = nn.Parameter(inp.lora_B.detach().to(dtype, copy=True))
-    magnitude = layer.lora_magnitude_vector["default"].weight = _initial_magnitude(inp, dtype)
+    layer, lora_A, lora_B = _peft_layer(inp, inp.x.dtype, use_dora=True)
+    magnitude = layer.lora_magnitude_vector["default"].weight = _initial_magnitude(inp, inp.x.dtype)
     return Layer(layer, lora_A, lora_B, magnitude=magnitude)
 
 

@@ -15,6 +15,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from ..inspect.problems import Problem  # one problem type for inspect and the census
+
 # The census problems: Llama-3-8B's q/o projection at decode and training M, r = 16, bf16 with bf16
 # or fp32 (PEFT's default) adapters, LoRA dropout off and on.
 DTYPES = {"bf16": (torch.bfloat16, torch.bfloat16), "bf16+fp32": (torch.bfloat16, torch.float32),
@@ -32,17 +34,6 @@ SUBJECTS = ("torch", "triton", "cuda", "auto", "auto->triton", "peft", "peft+pat
 OPS = ("forward", "backward", "decode")
 
 
-class Problem(NamedTuple):
-    M: int
-    K: int
-    N: int
-    r: int
-    dtype: str
-    dropout: float
-
-    @property
-    def label(self) -> str:
-        return f"M{self.M} K{self.K} N{self.N} r{self.r} {self.dtype} p{self.dropout:g}"
 
 
 def default_problems() -> list[Problem]:

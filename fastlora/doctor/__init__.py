@@ -23,8 +23,6 @@ same environment key as ``auto``'s measurements (GPU, driver, torch, triton, fas
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch
 from ..ops.autotune_cache import DOCTOR_FORMAT as CACHE_FORMAT
 from ..ops.autotune_cache import doctor_path as cache_file
 from ..ops.autotune_cache import read_doctor as _read
+from ..ops.autotune_cache import write_environments
 
 _write_lock = threading.Lock()
 
@@ -61,13 +60,9 @@ def store_verdicts(device: torch.device, verdicts: dict[str, dict], date: str) -
     with _write_lock:
         environments = _read(path)
         environments[environment_key(device)] = {"date": date, "verdicts": kept}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.{os.getpid()}")
-            temporary.write_text(json.dumps({"format": CACHE_FORMAT, "environments": environments}, indent=1, sort_keys=True))
-            os.replace(temporary, path)  # atomic: a reader sees the old file or the new one
-        except OSError as err:
-            return f"could not write {path}: {err}"
+        problem = write_environments(path, CACHE_FORMAT, environments)
+    if problem is not None:
+        return problem
     return path
 
 

@@ -87,17 +87,26 @@ def read_disk(path: Path, *, warn: bool) -> dict:
     return {}
 
 
+def write_environments(path: Path, file_format: str, environments: dict) -> str | None:
+    """Write ``{"format": file_format, "environments": environments}`` to ``path`` atomically (a
+    reader sees the old file or the new one); None, or why it could not be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        temporary.write_text(json.dumps({"format": file_format, "environments": environments}, indent=1, sort_keys=True))
+        os.replace(temporary, path)
+    except OSError as err:
+        return f"could not write {path}: {err}"
+    return None
+
+
 def write_disk(path: Path, env: str, key: str, entry: dict) -> None:
     """Add ``entry`` under ``env`` / ``key``, keeping what other processes wrote meanwhile."""
     environments = read_disk(path, warn=False)
     environments.setdefault(env, {})[key] = entry
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-        temporary.write_text(json.dumps({"format": CACHE_FORMAT, "environments": environments}, indent=1, sort_keys=True))
-        os.replace(temporary, path)  # atomic: a reader sees the old file or the new one
-    except OSError as err:
-        warnings.warn(f"fastlora: could not write the autotune cache {path}: {err}", RuntimeWarning, stacklevel=6)
+    problem = write_environments(path, CACHE_FORMAT, environments)
+    if problem is not None:
+        warnings.warn(f"fastlora: autotune cache: {problem}", RuntimeWarning, stacklevel=6)
 
 
 DOCTOR_FORMAT = "fastlora-doctor/1"
