@@ -35,23 +35,6 @@ class FakeTimer:
         return self.ms[name]
 
 
-@pytest.fixture
-def timed_cpu(monkeypatch, tmp_path):
-    """Timing enabled for CPU tensors with fake runnable fused backends, an empty cache directory,
-    no pin; everything restored afterwards."""
-    monkeypatch.setenv("FASTLORA_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("FASTLORA_BACKEND", raising=False)
-    monkeypatch.setattr(auto, "TIMED_DEVICE_TYPES", ("cpu",))
-    stand_in = registry.backend_ops("torch")._replace(runs_on=("cpu",))
-    for name in ("triton", "cuda"):
-        monkeypatch.setitem(registry._loaded, name, stand_in)
-    auto.clear_memory()
-    yield tmp_path / "autotune.json"
-    auto.set_timer(None)
-    auto.set_default_backend(None)
-    auto.clear_memory()
-
-
 def use_timer(ms: dict) -> FakeTimer:
     timer = FakeTimer(ms)
     auto.set_timer(timer)

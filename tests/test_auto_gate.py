@@ -45,20 +45,6 @@ def corrupted(transform):
     return base._replace(runs_on=("cpu",), function=function)
 
 
-@pytest.fixture
-def timed_cpu(monkeypatch, tmp_path):
-    monkeypatch.setenv("FASTLORA_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("FASTLORA_BACKEND", raising=False)
-    monkeypatch.setattr(auto, "TIMED_DEVICE_TYPES", ("cpu",))
-    stand_in = registry.backend_ops("torch")._replace(runs_on=("cpu",))
-    for name in ("triton", "cuda"):
-        monkeypatch.setitem(registry._loaded, name, stand_in)
-    auto.clear_memory()
-    yield tmp_path / "autotune.json"
-    auto.set_timer(None)
-    auto.clear_memory()
-
-
 def finish_within(fn, seconds=HANG_S):
     """``fn()``'s result, run in a thread; fails (instead of hanging) if it does not finish in time."""
     result, errors = [], []
