@@ -5,7 +5,18 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_backend, check_dropout, check_lora_inputs
-from .ops.dispatch import backend_ops, resolve_backend
+from .ops.registry import backend_ops
+
+
+def resolve_backend(*args):
+    """``fastlora.ops.auto.resolve_backend``, imported on the first call (this stub then replaces
+    itself with it, so later calls pay nothing): ``import fastlora`` loads the backend table only,
+    not ``auto``'s measuring machinery (issue 21: the registry is importable without the resolver)."""
+    global resolve_backend
+    from .ops.auto import resolve_backend as resolve
+
+    resolve_backend = resolve
+    return resolve(*args)
 
 # Seeds are drawn below 2³¹ so that every backend's RNG takes them as they are.
 _SEED_BOUND = 2**31 - 1

@@ -154,3 +154,19 @@ def test_no_module_level_import_circle_through_the_backend_resolution():
     for name in ("registry", "auto", "dispatch", "gate", "autotune_cache", "candidates", "auto_4bit"):
         assert not reaches(name, name), f"fastlora/ops/{name}.py imports itself back through {graph[name]}"
     assert not reaches("registry", "auto") and not reaches("registry", "dispatch")
+
+
+def test_importing_the_registry_or_fastlora_does_not_import_auto():
+    """As a user checks it: ``import fastlora.ops.registry`` (which imports the ``fastlora`` package
+    first) leaves ``fastlora.ops.auto`` out of ``sys.modules``; the first ``lora_linear`` or
+    ``fastlora.explain_backend`` loads it."""
+    code = (
+        "import sys, torch, fastlora.ops.registry\n"
+        "assert 'fastlora.ops.auto' not in sys.modules, sorted(m for m in sys.modules if m.startswith('fastlora'))\n"
+        "import fastlora\n"
+        "assert 'fastlora.ops.auto' not in sys.modules\n"
+        "y = fastlora.lora_linear(torch.randn(3, 8), torch.randn(5, 8), None, torch.randn(2, 8), torch.randn(5, 2), 1.0)\n"
+        "assert y.shape == (3, 5) and 'fastlora.ops.auto' in sys.modules\n"
+        "assert callable(fastlora.explain_backend) and callable(fastlora.set_default_backend)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
