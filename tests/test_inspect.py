@@ -193,7 +193,9 @@ def test_the_formula_pruning_stays_when_the_compilers_is_off(monkeypatch, prunin
     args = {"a_ptr": torch.empty(1, dtype=torch.bfloat16), "la_ptr": torch.empty(1, dtype=torch.bfloat16),
             "out_ptr": torch.empty(1, dtype=torch.bfloat16), "M_BUCKET": 8192, "BLOCK_M_FIXED": 0, "PRECISION": "tf32"}  # fmt: skip
     with _triton_compile_limits((8, 0)):
-        monkeypatch.setattr(triton_lora, "drop_spilling", lambda kernel, configs, named_args, **kw: list(configs))
+        from fastlora.ops import _triton_lora_configs  # where the GEMM's pruner looks drop_spilling up
+
+        monkeypatch.setattr(_triton_lora_configs, "drop_spilling", lambda kernel, configs, named_args, **kw: list(configs))
         formula = triton_lora.prune_gemm_configs(triton_lora.GPU_CONFIGS, args, R_PAD=16)
         monkeypatch.undo()
         monkeypatch.setattr(_triton_compile, "INTERPRET", False)
