@@ -116,3 +116,48 @@ def train_losses(model, batches) -> torch.Tensor:
         opt.step()
         curve.append(loss.item())
     return torch.tensor(curve)
+
+
+def spy_on_launches(monkeypatch, during_launch=None) -> list[str]:
+    """The names of the Triton kernels launched from now on (under ``TRITON_INTERPRET=1``); a launch
+    made outside ``_triton_common.on_device`` fails its test. Every fastlora module holding
+    ``on_device`` gets a wrapper that marks the block, and the interpreter's ``run`` checks the mark.
+    ``during_launch``: a ``threading.local`` whose ``depth`` is raised while a kernel runs (so that a
+    dispatch counter can leave the interpreted kernel's own torch ops out)."""
+    import contextlib
+    import sys
+    import threading
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fastlora.ops import _triton_common
+
+    guard, launches = threading.local(), []
+    original_on_device, original_run = _triton_common.on_device, InterpretedFunction.run
+
+    @contextlib.contextmanager
+    def marking_on_device(device):
+        with original_on_device(device):
+            guard.depth = getattr(guard, "depth", 0) + 1
+            try:
+                yield
+            finally:
+                guard.depth -= 1
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("fastlora.") and getattr(module, "on_device", None) is original_on_device:
+            monkeypatch.setattr(module, "on_device", marking_on_device)
+
+    def checked_run(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        assert getattr(guard, "depth", 0) > 0, f"{self.fn.__name__} was launched outside on_device"
+        if during_launch is None:
+            return original_run(self, *args, **kwargs)
+        during_launch.depth = getattr(during_launch, "depth", 0) + 1
+        try:
+            return original_run(self, *args, **kwargs)
+        finally:
+            during_launch.depth -= 1
+
+    monkeypatch.setattr(InterpretedFunction, "run", checked_run)
+    return launches

@@ -8,12 +8,11 @@ outside the guard, for the dense forward, backward and decode paths and the 4-bi
 """
 
 import contextlib
-import sys
 import threading
 
 import pytest
 import torch
-from helpers import rel_error, tolerance
+from helpers import rel_error, spy_on_launches, tolerance
 
 triton = pytest.importorskip("triton")
 from fastlora.ops import _triton_common  # noqa: E402
@@ -98,38 +97,8 @@ def test_on_device_is_a_no_op_for_cpu_tensors():
 
 @pytest.fixture
 def launch_spy(monkeypatch):
-    """Counts interpreted launches and fails one made outside ``on_device``: every fastlora module
-    that holds ``on_device`` gets a wrapper that marks the block, and the interpreter's ``run``
-    checks the mark."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    state = threading.local()
-    launches = []
-    original_on_device = _triton_common.on_device
-
-    @contextlib.contextmanager
-    def marking_on_device(device):
-        with original_on_device(device):
-            depth = getattr(state, "depth", 0)
-            state.depth = depth + 1
-            try:
-                yield
-            finally:
-                state.depth = depth
-
-    for name, module in list(sys.modules.items()):
-        if name.startswith("fastlora.") and getattr(module, "on_device", None) is original_on_device:
-            monkeypatch.setattr(module, "on_device", marking_on_device)
-
-    original_run = InterpretedFunction.run
-
-    def checked_run(self, *args, **kwargs):
-        launches.append(self.fn.__name__)
-        assert getattr(state, "depth", 0) > 0, f"{self.fn.__name__} was launched outside on_device"
-        return original_run(self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", checked_run)
-    return launches
+    """The kernels launched during the test; a launch outside ``on_device`` fails it."""
+    return spy_on_launches(monkeypatch)
 
 
 def _dense_case(M, K, N, r, dtype=torch.float32):

@@ -9,13 +9,11 @@ float64 reference on odd shapes with every buffer poisoned (NaN) first, and the 
 (sums over many partial rows, running sums, mixed dtypes, bit-identical reruns).
 """
 
-import contextlib
-import sys
 import threading
 
 import pytest
 import torch
-from helpers import check_against_reference, make_inputs, poisoned, rel_error, tolerance  # noqa: F401
+from helpers import check_against_reference, make_inputs, poisoned, rel_error, spy_on_launches, tolerance  # noqa: F401
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastlora.census.counting import op_kind
@@ -52,35 +50,8 @@ def counted(monkeypatch):
     ``_Census`` that does not see the kernels' own ops."""
     if not triton_lora.INTERPRET:
         pytest.skip("the launch spy needs TRITON_INTERPRET=1")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    state, guard, launches = threading.local(), threading.local(), []
-    original_on_device = _triton_common.on_device
-
-    @contextlib.contextmanager
-    def marking_on_device(device):
-        with original_on_device(device):
-            guard.depth = getattr(guard, "depth", 0) + 1
-            try:
-                yield
-            finally:
-                guard.depth -= 1
-
-    for name, module in list(sys.modules.items()):
-        if name.startswith("fastlora.") and getattr(module, "on_device", None) is original_on_device:
-            monkeypatch.setattr(module, "on_device", marking_on_device)
-    original_run = InterpretedFunction.run
-
-    def spied_run(self, *args, **kwargs):
-        launches.append(self.fn.__name__)
-        assert getattr(guard, "depth", 0) > 0, f"{self.fn.__name__} was launched outside on_device"
-        state.depth = getattr(state, "depth", 0) + 1
-        try:
-            return original_run(self, *args, **kwargs)
-        finally:
-            state.depth -= 1
-
-    monkeypatch.setattr(InterpretedFunction, "run", spied_run)
+    state = threading.local()
+    launches = spy_on_launches(monkeypatch, during_launch=state)
     return launches, _Census(state)
 
 
