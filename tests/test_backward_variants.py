@@ -304,3 +304,17 @@ def test_auto_times_both_and_returns_what_one_call_returns(monkeypatch):
     monkeypatch.setenv(ENV, "split")
     for g, a, s in zip(got, again, triton_lora.triton_backward(*args), strict=True):
         assert torch.equal(g, s) and torch.equal(a, s)
+
+
+def test_auto_does_not_time_in_deterministic_mode(monkeypatch):
+    monkeypatch.setattr(variants, "TIMED_DEVICE_TYPES", (torch.device(DEVICE).type,))
+    monkeypatch.setattr(variants, "_time_variant", lambda call: pytest.fail("timed in deterministic mode"))
+    x, w, b, A, B, gy = _problem(5, 16, 16, 2, torch.float32)
+    _, xa = triton_lora.triton_forward(x, w, b, A, B, SCALING, 0.0, None)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        triton_lora.triton_backward(gy, x, xa, w, A, B, SCALING, 0.0, None, True, True, True, True)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert variants.chosen() == {}

@@ -22,7 +22,9 @@ synchronise the device), as the autotuners do: run the step once eagerly before 
 
 ``FASTLORA_TRITON_BACKWARD`` (read at every backward that has a choice to make): ``fused``,
 ``split`` or ``auto`` (the default: measured on a GPU; ``fused`` under ``TRITON_INTERPRET=1``, where
-nothing can be timed, so the CPU suite and the launch census see the fused variant unless told).
+nothing can be timed, so the CPU suite and the launch census see the fused variant unless told, and
+under ``torch.use_deterministic_algorithms(True)``, since the variants round differently and a
+measured choice could differ between processes).
 The choice is in-process only (not written to ``autotune_cache``'s file).
 """
 

@@ -285,8 +285,9 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     interpreter, ``FASTLORA_TRITON_BACKWARD`` overriding. The two differ only in where grad_B and the
     bias gradient are reduced, so there is a choice only when one of them is needed (and M > 0)."""
     M = gy.shape[0]
-    # (Checked without a Python call: CPU tensors reach here only under the interpreter, or in the
-    # census's stubbed launches, which count the default variant's host path.)
+    # (Checked without a Python call: CPU tensors reach here only under the interpreter, or with the
+    # launches stubbed (the census, which counts the default variant's host path; fastlora inspect,
+    # which runs both variants itself).)
     if M and (need_B or need_bias) and (x.is_cuda or INTERPRET):
         args = (gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias)
         if _backward_variant(args) == "split":
@@ -300,8 +301,10 @@ def _backward_variant(args) -> str:
     if mode != "auto":
         return mode
     gy, x, _, _, lora_A, lora_B, _, dropout_p, _, need_x, need_A, need_B, need_bias = args
-    if x.device.type not in _variants.TIMED_DEVICE_TYPES:
-        return _variants.UNTIMED_DEFAULT  # the interpreter: nothing to time
+    if x.device.type not in _variants.TIMED_DEVICE_TYPES or torch.are_deterministic_algorithms_enabled():
+        # The interpreter: nothing to time. Deterministic mode: the variants round differently, and a
+        # measured choice could differ between processes (``"auto"`` picks torch there for the same reason).
+        return _variants.UNTIMED_DEFAULT
     M, N = gy.shape
     # What the variants' speeds depend on: the autotuners' keys (M's power-of-two bucket, ...) and the
     # device (its index: one GPU model, one SM count).
