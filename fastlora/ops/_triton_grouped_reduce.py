@@ -20,7 +20,9 @@ the low-rank precision allows, on the CUDA cores ("ieee") in short row steps and
 For half ``gy`` (``SPLIT_RHS``) the fp32 ``xa`` is split ``hi + lo``, each rounded to TF32, so that
 ``gyᵀ·xa`` keeps about 22 significant bits of ``xa`` (two TF32 products; ``gy`` itself is exact in TF32)
 where one TF32 product keeps 11: the fused variant splits ``xa`` the same way in its grad_B partials.
-All offsets are int64 (``M·K`` may exceed 2³¹).
+All offsets are int64 (``M·K`` may exceed 2³¹). Compiled (``fastlora inspect``, K = N = 4096, r = 16,
+bf16 and bf16+fp32, M 64 / 8192): 176 registers on sm_90a, 168 on sm_80, 255 with dropout on both
+(``_lora_reduce_kernel`` alone: 255 too), no stack.
 """
 
 from __future__ import annotations
