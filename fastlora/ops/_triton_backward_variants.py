@@ -105,7 +105,8 @@ def choose(key: tuple, device, run) -> str:
         if not timed:
             raise RuntimeError(f"fastlora: every Triton backward variant failed for {key}: {times}")
         if len(timed) < len(times):
-            warnings.warn(f"fastlora: Triton backward variants left out for {key}: {times}", RuntimeWarning, stacklevel=3)
+            message = f"fastlora: Triton backward variants left out for {key}: {times}"
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
         winner = min(timed, key=timed.get)  # on a tie the first of VARIANTS ("fused")
         _times[key] = times
         _chosen[key] = winner

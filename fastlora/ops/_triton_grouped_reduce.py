@@ -88,7 +88,8 @@ def _reduce_tile(
         if COL_SUM:
             col_sum += tl.sum(lhs.to(tl.float32), axis=0)
 
-    ws_ptrs = ws_ptr + split.to(tl.int64) * stride_ws_split + offs_p[:, None] * stride_ws_p + offs_q[None, :] * stride_ws_q
+    ws_ptrs = ws_ptr + split.to(tl.int64) * stride_ws_split + offs_p[:, None] * stride_ws_p
+    ws_ptrs += offs_q[None, :] * stride_ws_q
     tl.store(ws_ptrs, acc * scaling, mask=mask_p[:, None] & mask_q[None, :])
     if COL_SUM:
         if pid_q == 0:

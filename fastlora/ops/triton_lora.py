@@ -292,7 +292,9 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
         args = (gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias)
         if _backward_variant(args) == "split":
             return _split_backward(*args)
-    return _fused_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias)
+    return _fused_backward(
+        gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias
+    )
 
 
 def _backward_variant(args) -> str:
@@ -306,12 +308,13 @@ def _backward_variant(args) -> str:
         # measured choice could differ between processes (``"auto"`` picks torch there for the same reason).
         return _variants.UNTIMED_DEFAULT
     M, N = gy.shape
-    # What the variants' speeds depend on: the autotuners' keys (M's power-of-two bucket, ...) and the
+    # What the variants' speeds depend on: the autotuners' keys (M's power-of-two bucket, R_PAD, ...;
+    # computed inline, no triton.next_power_of_2 wrappers on a path every backward takes) and the
     # device (its index: one GPU model, one SM count).
+    r_pad = max(16, 1 << (lora_A.shape[0] - 1).bit_length())
     key = (
-        (M - 1).bit_length(), N, x.shape[1], _padded_rank(lora_A.shape[0]), x.dtype, gy.dtype, lora_A.dtype,
-        lora_B.dtype, bool(dropout_p), need_x, need_A, need_B, need_bias, torch.get_float32_matmul_precision(),
-        x.get_device(),
+        (M - 1).bit_length(), N, x.shape[1], r_pad, x.dtype, gy.dtype, lora_A.dtype, lora_B.dtype, bool(dropout_p),
+        need_x, need_A, need_B, need_bias, torch.get_float32_matmul_precision(), x.get_device(),
     )  # fmt: skip
     return _variants.choose(key, x.device, lambda variant: _BACKWARDS[variant](*args))
 
