@@ -298,7 +298,7 @@ def test_every_kernel_and_pickable_config_compiles_without_spills(tmp_path):
     spilling = [(r["kernel"], r["arch"], r["config"], r["stack_bytes"]) for r in rows if r["pickable"] and r["spills"]]
     assert not spilling
     kernels = {r["kernel"] for r in rows}
-    assert {"_lora_gemm_kernel", "_lora_reduce_kernel", "_qlora_matmul_kernel"} <= kernels
+    assert {"_lora_gemm_kernel", "_lora_reduce_kernel", "_grouped_reduce_kernel", "_qlora_matmul_kernel"} <= kernels
     for kernel in kernels:
         assert {r["arch"] for r in rows if r["kernel"] == kernel and r["pickable"]} == {"90a", "80"}, kernel
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

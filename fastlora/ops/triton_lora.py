@@ -42,8 +42,16 @@ writes ``gy[rows, k]ᵀ·xa[rows]`` and ``Σ_rows gy[rows, k]`` as fp32 partials
 ``_lora_reduce_kernel``: M split across programs writing fp32 partials. One ``_finalize_kernel``
 (``_triton_finalize``) then sums all three partial buffers over their leading axis in a fixed order,
 scales and casts them into grad_A, grad_B and grad_bias: the backward is 3 launches, no memset and no
-other ATen op (``triton_backward`` says what several row slices add). So ``gy`` and ``x`` are each read
+other ATen op (``_fused_backward`` says what several row slices add). So ``gy`` and ``x`` are each read
 once by the backward; nothing is accumulated with atomics.
+
+That fusion holds grad_x to small tiles (``GRAD_X_CONFIGS``: larger ones spilled), so there is a second
+backward, ``"split"`` (``_split_backward``): the gy pass without ``FUSE_GRAD_B`` at the forward's
+full tiles, then one ``_grouped_reduce_kernel`` launch (``_triton_grouped_reduce``) for the split-M
+partials of grad_A, ``grad_B = scaling·gyᵀ·xa`` and ``Σ_m gy`` together, then the same finalize: 3
+launches too, gy read twice. Which one runs is measured per problem on a GPU (both autotuned, then
+both timed once, the faster kept for the process); under the interpreter it is ``"fused"``, and
+``FASTLORA_TRITON_BACKWARD=fused|split|auto`` overrides (``_triton_backward_variants``).
 
 LoRA dropout (``D``) never stores a mask: each element's keep bit is ``tl.rand(seed, m·K + k) ≥ p``,
 a counter-based draw that the backward regenerates. Its sites are ``DROPOUT_ON_INPUT`` (the forward's
@@ -78,7 +86,9 @@ from ._triton_common import (
     INTERPRET, INTERPRETER_CONFIGS, _Dropout, _dropout, _flag_dummy, _flag_workspace, _padded_rank, _precisions,
     _reduce_partials, on_device,
 )  # fmt: skip
+from . import _triton_backward_variants as _variants
 from ._triton_finalize import finalize_sums
+from ._triton_grouped_reduce import grouped_reduce_partials
 from ._triton_lora_configs import (  # noqa: F401  (GPU_CONFIGS, GRAD_X_CONFIGS, prune_gemm_configs: the tests' and inspect's)
     _DECODE_MAX_M, _MAX_ACC_REGISTERS, GPU_CONFIGS, GRAD_X_CONFIGS, _acc_registers, _autotuned, _cuda_core_dots,
     _shared_bytes, prune_gemm_configs,
@@ -270,13 +280,53 @@ def triton_forward_scaled(x, weight, bias, lora_A, lora_B, scaling, dropout_p, s
 
 
 def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
-    """Launches (no memset, no ATen op but allocations): the gy pass (grad_x, ``t = gy B`` and the fused
-    grad_B / bias partials), ``_lora_reduce_kernel`` (grad_A's split-M partials) and one
-    ``_finalize_kernel`` that sums every partial buffer, scales and casts into grad_A, grad_B and
-    grad_bias: 3 while the grad_B partials of all M rows fit ``_MAX_PARTIAL_BYTES`` (one row slice;
-    M = 8192 at K = N = 4096, r = 16), fewer for fewer gradients. With S row slices, ``2·S + 1``: each
-    slice but the last is followed by a finalize launch that adds its partials to fp32 running sums
-    (slice order, then row-block order: deterministic), which the last one reads."""
+    """The backward, in the variant ``_triton_backward_variants`` picks for the problem ("fused" or
+    "split", see ``_fused_backward`` / ``_split_backward``): measured on a GPU, ``fused`` under the
+    interpreter, ``FASTLORA_TRITON_BACKWARD`` overriding. The two differ only in where grad_B and the
+    bias gradient are reduced, so there is a choice only when one of them is needed (and M > 0)."""
+    M = gy.shape[0]
+    # (Checked without a Python call: CPU tensors reach here only under the interpreter, or with the
+    # launches stubbed (the census, which counts the default variant's host path; fastlora inspect,
+    # which runs both variants itself).)
+    if M and (need_B or need_bias) and (x.is_cuda or INTERPRET):
+        args = (gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias)
+        if _backward_variant(args) == "split":
+            return _split_backward(*args)
+    return _fused_backward(
+        gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias
+    )
+
+
+def _backward_variant(args) -> str:
+    """``"fused"`` or ``"split"`` for one backward (``_triton_backward_variants``' module doc)."""
+    mode = _variants.requested()
+    if mode != "auto":
+        return mode
+    gy, x, _, _, lora_A, lora_B, _, dropout_p, _, need_x, need_A, need_B, need_bias = args
+    if x.device.type not in _variants.TIMED_DEVICE_TYPES or torch.are_deterministic_algorithms_enabled():
+        # The interpreter: nothing to time. Deterministic mode: the variants round differently, and a
+        # measured choice could differ between processes (``"auto"`` picks torch there for the same reason).
+        return _variants.UNTIMED_DEFAULT
+    M, N = gy.shape
+    # What the variants' speeds depend on: the autotuners' keys (M's power-of-two bucket, R_PAD, ...;
+    # computed inline, no triton.next_power_of_2 wrappers on a path every backward takes) and the
+    # device (its index: one GPU model, one SM count).
+    r_pad = max(16, 1 << (lora_A.shape[0] - 1).bit_length())
+    key = (
+        (M - 1).bit_length(), N, x.shape[1], r_pad, x.dtype, gy.dtype, lora_A.dtype, lora_B.dtype, bool(dropout_p),
+        need_x, need_A, need_B, need_bias, torch.get_float32_matmul_precision(), x.get_device(),
+    )  # fmt: skip
+    return _variants.choose(key, x.device, lambda variant: _BACKWARDS[variant](*args))
+
+
+def _fused_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
+    """The "fused" variant. Launches (no memset, no ATen op but allocations): the gy pass (grad_x,
+    ``t = gy B`` and the fused grad_B / bias partials), ``_lora_reduce_kernel`` (grad_A's split-M
+    partials) and one ``_finalize_kernel`` that sums every partial buffer, scales and casts into grad_A,
+    grad_B and grad_bias: 3 while the grad_B partials of all M rows fit ``_MAX_PARTIAL_BYTES`` (one row
+    slice; M = 8192 at K = N = 4096, r = 16), fewer for fewer gradients. With S row slices, ``2·S + 1``:
+    each slice but the last is followed by a finalize launch that adds its partials to fp32 running
+    sums (slice order, then row-block order: deterministic), which the last one reads."""
     M, N = gy.shape
     R = lora_A.shape[0]
     dropout = _dropout(dropout_p, seed)
@@ -293,7 +343,7 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     # The grad_B partials take cdiv(rows, block_m)·N·R fp32: rows go in launches that keep them within
     # _MAX_PARTIAL_BYTES (at r = 64, 64-row blocks, all of M = 8192 at once would take 128 MiB).
     rows = max(_MIN_PARTIAL_BLOCKS, _MAX_PARTIAL_BYTES // (4 * N * R)) * block_m if block_m else M
-    row_blocks = triton.cdiv(min(rows, M), block_m) if block_m else 0
+    row_blocks = -(-min(rows, M) // block_m) if block_m else 0  # (cdiv inline: the census counts calls)
     grad_b_ws = _triton_common._empty((row_blocks, N, R), torch.float32, x.device) if block_m else None
     bias_ws = _triton_common._empty((row_blocks, N), torch.float32, x.device) if need_bias else None
     if need_B:
@@ -307,7 +357,7 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     jobs = []
     for m0 in range(0, M, rows):
         m1 = min(m0 + rows, M)
-        blocks = triton.cdiv(m1 - m0, block_m) if block_m else 0
+        blocks = -(-(m1 - m0) // block_m) if block_m else 0
         _launch_gemm(
             gy[m0:m1], weight, False, lora_B, lora_A, None, grad_x[m0:m1] if need_x else None,
             g_xa[m0:m1] if g_xa is not None else None, scaling, dropout, DROPOUT_ON_LOW_RANK,
@@ -330,11 +380,47 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     return grad_x, grad_A, grad_B, grad_bias
 
 
+def _split_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
+    """The "split" variant, for M > 0 with grad_B or the bias gradient needed. Launches (no memset, no
+    ATen op but allocations): the gy pass without the fused partials (grad_x and ``t = gy B`` at the
+    forward's full tiles, ``GPU_CONFIGS`` pruned as for the forward; skipped when neither grad_x nor
+    grad_A is needed), ``_grouped_reduce_kernel`` (the split-M partials of grad_A, grad_B and the bias
+    in one grid) and one ``_finalize_kernel``: 3. No row slices: the partials take a few split rows."""
+    M, N = gy.shape
+    R = lora_A.shape[0]
+    dropout = _dropout(dropout_p, seed)
+    grad_x = _triton_common._empty(x.shape, x.dtype, x.device) if need_x else x.new_empty((0,))
+    g_xa = _triton_common._empty((M, R), torch.float32, x.device) if need_A or need_x else None
+    if g_xa is not None:
+        _launch_gemm(
+            gy, weight, False, lora_B, lora_A, None, grad_x if need_x else None, g_xa, scaling, dropout,
+            DROPOUT_ON_LOW_RANK,
+        )  # fmt: skip
+    ws_A, ws_B, sums = grouped_reduce_partials(g_xa, x, gy, xa, scaling, dropout, need_A, need_B, need_bias)
+    grad_A, grad_B, grad_bias = lora_A.new_empty((0,)), lora_B.new_empty((0,)), gy.new_empty((0,))
+    jobs = []  # (partials, out, scale, running sums or None): the partials carry the scalings
+    if need_A:
+        grad_A = _triton_common._empty(lora_A.shape, lora_A.dtype, x.device)
+        jobs.append((ws_A, grad_A, 1.0, None))
+    if need_B:
+        grad_B = _triton_common._empty(lora_B.shape, lora_B.dtype, x.device)
+        jobs.append((ws_B, grad_B, 1.0, None))
+    if need_bias:
+        grad_bias = _triton_common._empty((N,), gy.dtype, x.device)
+        jobs.append((sums, grad_bias, 1.0, None))
+    finalize_sums(jobs)
+    return grad_x, grad_A, grad_B, grad_bias
+
+
+_BACKWARDS = {"fused": _fused_backward, "split": _split_backward}
+
+
 def launch_for_inspection(
     M: int, K: int, N: int, r: int, dtype: torch.dtype, adapter_dtype: torch.dtype, dropout: bool, backward: bool
 ) -> None:
     """Run the launchers on CPU tensors of one problem, exactly as a real call launches them (the
-    forward, and the backward too if ``backward``), for ``fastlora inspect`` to intercept."""
+    forward, and if ``backward`` both variants of the backward, which a GPU times against each
+    other), for ``fastlora inspect`` to intercept."""
     x = torch.randn(M, K, dtype=dtype)
     weight = torch.randn(N, K, dtype=dtype)
     bias = torch.randn(N, dtype=dtype)
@@ -343,7 +429,9 @@ def launch_for_inspection(
     p, seed = (0.1, torch.tensor(0)) if dropout else (0.0, None)
     y, xa = triton_forward(x, weight, bias, lora_A, lora_B, 1.0, p, seed)
     if backward:
-        triton_backward(torch.randn_like(y), x, xa, weight, lora_A, lora_B, 1.0, p, seed, True, True, True, True)
+        gy = torch.randn_like(y)
+        for backward_variant in _BACKWARDS.values():
+            backward_variant(gy, x, xa, weight, lora_A, lora_B, 1.0, p, seed, True, True, True, True)
 
 
 TRITON_OPS = register_backend(
