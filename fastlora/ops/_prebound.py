@@ -133,25 +133,30 @@ def _nospec(jit) -> frozenset:
 
 
 class _Plan:
-    """One signature's launch: the compiled kernel, its grid and the constexpr tail of the arguments."""
+    """One signature's launch: the compiled kernel's C launcher, its grid and the constexpr tail of
+    the arguments. Holds the compiled kernel, so its module stays loaded."""
 
-    __slots__ = ("kernel", "grid", "tail", "get_stream", "device_index", "runtime")
+    __slots__ = ("kernel", "launcher", "function", "packed", "grid", "tail", "get_stream", "device_index", "runtime")
 
     def __init__(self, kernel, grid, tail, get_stream, device_index):
         from triton import knobs
 
+        if hasattr(kernel, "_init_handles"):
+            kernel._init_handles()  # loads the module on the device (done already: Triton launched it)
         self.kernel, self.grid, self.tail = kernel, grid, tail
+        # CompiledKernel.run is a property that re-checks the handles: read once.
+        self.launcher, self.function, self.packed = kernel.run, kernel.function, kernel.packed_metadata
         self.get_stream, self.device_index = get_stream, device_index
         self.runtime = knobs.runtime  # its hooks are read per call (a profiler may attach later)
 
     def __call__(self, args):
-        kernel, (g0, g1, g2), runtime = self.kernel, self.grid, self.runtime
+        (g0, g1, g2), runtime = self.grid, self.runtime
         stream = self.get_stream(self.device_index)
         full = (*args, *self.tail)
         enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-        metadata = kernel.launch_metadata(self.grid, stream, *full) if enter is not None else None
-        kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, metadata, enter, leave, *full)
-        return kernel
+        metadata = self.kernel.launch_metadata(self.grid, stream, *full) if enter is not None else None
+        self.launcher(g0, g1, g2, stream, self.function, self.packed, metadata, enter, leave, *full)
+        return self.kernel
 
 
 def _bound_as_triton(jit, args, call_kwargs, full) -> bool:
@@ -190,8 +195,7 @@ current_stream_getter = _current_stream_getter
 
 def _make_plan(launcher, jit, kernel, grid, args, kwargs, device):
     """A ``_Plan`` for the launch Triton just made (``kernel`` is what it returned), or None."""
-    run = getattr(kernel, "run", None)
-    if run is None or not hasattr(kernel, "packed_metadata"):
+    if not (hasattr(kernel, "run") and hasattr(kernel, "packed_metadata") and hasattr(kernel, "function")):
         return None  # the interpreter, or an unknown launch protocol
     config = getattr(launcher, "best_config", None) if launcher is not jit else None
     call_kwargs = {**kwargs, **(config.all_kwargs() if config is not None else {})}
@@ -214,8 +218,6 @@ def _make_plan(launcher, jit, kernel, grid, args, kwargs, device):
     if callable(grid):
         grid = grid(dict(zip(names, full)))
     grid = tuple(grid) + (1,) * (3 - len(grid))
-    if hasattr(kernel, "_init_handles"):
-        kernel._init_handles()
     get_stream, index = current_stream_getter(device)
     return _Plan(kernel, grid, tuple(tail), get_stream, index)
 
