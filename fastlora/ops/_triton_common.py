@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._tolerance import matmul_precision
 from . import _prebound
 from ._device import device_limits
 
@@ -63,12 +64,30 @@ def _ensure_allocator() -> None:
     launch, on the launching thread (a ContextVar read, well under a microsecond). An allocator the
     user (or torch.compile) set in this context is kept: any working allocator serves our kernels.
     """
-    from triton.runtime import _allocation
-
-    current = getattr(_allocation, "_allocator", None)
+    allocation = _allocation_module()
+    current = getattr(allocation, "_allocator", None)
     get = getattr(current, "get", None)
-    if get is None or isinstance(get(), _allocation.NullAllocator):
+    if get is None or isinstance(get(), allocation.NullAllocator):
         triton.set_allocator(_tma_allocator)
+
+
+_allocation: list = []
+
+
+def _allocation_module():
+    """``triton.runtime._allocation``, imported once (an import statement per launch cost ~0.5 µs)."""
+    if not _allocation:
+        from triton.runtime import _allocation as module
+
+        _allocation.append(module)
+    return _allocation[0]
+
+
+# The device guard of ``on_device``: what ``torch.cuda.device`` does on enter and exit, without
+# building the context object and normalising the device per launch (about 1 µs of Python each time);
+# torch.cuda.device itself where a torch lacks the two functions.
+_exchange_device = getattr(torch.cuda, "_exchange_device", None)
+_maybe_exchange_device = getattr(torch.cuda, "_maybe_exchange_device", None)
 
 
 class CaptureAutotuneError(RuntimeError):
@@ -104,10 +123,10 @@ def autotune_bench(kernel_call, quantiles):
 class _Launch:
     """``on_device``'s context: the launch lock, then (CUDA) the allocator and the device guard."""
 
-    __slots__ = ("_device", "_guard", "_outer_capturing")
+    __slots__ = ("_device", "_guard", "_previous", "_outer_capturing")
 
     def __init__(self, device: torch.device):
-        self._device, self._guard, self._outer_capturing = device, None, False
+        self._device, self._guard, self._previous, self._outer_capturing = device, None, None, False
 
     def __enter__(self):
         _LAUNCH_LOCK.acquire()
@@ -115,22 +134,33 @@ class _Launch:
             self._outer_capturing = getattr(_launch_state, "capturing", False)
             if self._device.type == "cuda":
                 _ensure_allocator()
-                guard = torch.cuda.device(self._device)
-                guard.__enter__()
-                self._guard = guard
+                if _exchange_device is not None and _maybe_exchange_device is not None:
+                    index = self._device.index
+                    self._previous = _exchange_device(torch.cuda.current_device() if index is None else index)
+                else:
+                    guard = torch.cuda.device(self._device)
+                    guard.__enter__()
+                    self._guard = guard
                 # (CUDA tensors exist, so CUDA is initialised; the check keeps a stray call cheap and safe)
                 _launch_state.capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
         except BaseException:
+            self._restore_device()
             _LAUNCH_LOCK.release()
             raise
         return None
 
+    def _restore_device(self):
+        if self._previous is not None:
+            previous, self._previous = self._previous, None
+            _maybe_exchange_device(previous)
+        elif self._guard is not None:
+            guard, self._guard = self._guard, None
+            guard.__exit__(None, None, None)
+
     def __exit__(self, *exc):
         try:
-            if self._guard is not None:
-                self._guard.__exit__(*exc)
+            self._restore_device()
         finally:
-            self._guard = None
             _launch_state.capturing = self._outer_capturing
             _LAUNCH_LOCK.release()
         return False
@@ -157,11 +187,16 @@ def on_device(device: torch.device) -> _Launch:
 _workspaces = threading.local()
 
 
+# The current stream's handle without building a torch.cuda.Stream (what Triton's driver reads too).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream_key(device: torch.device):
     if device.type != "cuda":
         return (device.type, None)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return (index, torch.cuda.current_stream(index).cuda_stream)
+    stream = _raw_stream(index) if _raw_stream is not None else torch.cuda.current_stream(index).cuda_stream
+    return (index, stream)
 
 
 def _flag_workspace(device: torch.device, size: int) -> torch.Tensor:
@@ -270,7 +305,7 @@ def _padded_rank(size: int) -> int:
 
 def _precisions(dtype: torch.dtype) -> tuple[str, str]:
     """``tl.dot`` input precision of the main loop and of the fp32 low-rank products."""
-    fp32 = "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
+    fp32 = "tf32" if matmul_precision() != "highest" else "ieee"
     return fp32, ("tf32" if dtype in (torch.float16, torch.bfloat16) else fp32)
 
 
@@ -413,5 +448,5 @@ def _reduce_partials(
     )  # fmt: skip
     grid = (cdiv(P, block_p), cdiv(Q, block_q), splits)
     with on_device(lhs.device):
-        _prebound.launch(_lora_reduce_kernel, grid, args, kwargs, lhs.device, None)
+        _prebound.launch(_lora_reduce_kernel, grid, args, kwargs, lhs.device, free=("M", "rows_per_split"))
     return ws, (sums if col_sum else None)

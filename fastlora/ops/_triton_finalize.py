@@ -96,4 +96,8 @@ def finalize_sums(jobs) -> None:
         BLOCK=_BLOCK, CHUNK=_CHUNK, num_warps=4,
     )  # fmt: skip
     with on_device(first.device):
-        _prebound.launch(_finalize_kernel, (programs,), tuple(args), kwargs, first.device, None)
+        # The partials' row-block counts change with the batch: keyed by their specialisation only.
+        _prebound.launch(_finalize_kernel, (programs,), tuple(args), kwargs, first.device, free=_FREE)
+
+
+_FREE = ("splits0", "splits1", "splits2")

@@ -75,7 +75,7 @@ from ._contract import register_backend
 from ._device import arch_rules, device_limits
 from ._triton_common import (
     INTERPRET, INTERPRETER_CONFIGS, _Dropout, _dropout, _flag_dummy, _flag_workspace, _padded_rank, _precisions,
-    _reduce_partials, cdiv, next_pow2, on_device,
+    _reduce_partials, cdiv, matmul_precision, next_pow2, on_device,
 )  # fmt: skip
 from ._triton_finalize import finalize_sums
 from ._triton_lora_configs import (  # noqa: F401  (GPU_CONFIGS, GRAD_X_CONFIGS, prune_gemm_configs: the tests' and inspect's)
@@ -196,23 +196,17 @@ def _launch_gemm(
     t_strides = (*t_buf.stride()[-2:], t_buf.stride(0) if split_k else 0) if t_buf is not None else (0, 0, 0)
     launcher = _lora_gemm_grad_x if grad_b_ws is not None else _lora_gemm
     # What the constexprs and the grid depend on beside the arguments' signature (see setup()).
-    matmul_precision = torch.get_float32_matmul_precision()
+    precision_setting = matmul_precision()
     dropout_kind = dropout_site.value if dropout.p else NO_DROPOUT.value
     setup_key = (w_trans, dropout_kind, write_out, store_t, split_k, grad_b_ws is not None, bias_ws is not None,
-                 bias is not None, col_scale is not None, matmul_precision)  # fmt: skip
+                 bias is not None, col_scale is not None, precision_setting, limits)  # fmt: skip
 
     def setup():
-        """The grid and constexprs: functions of the arguments' shapes, strides, dtypes and
-        alignments, ``setup_key`` and ``limits`` only (``_prebound.launch_lazy`` runs this once a
-        signature)."""
+        """The constexprs: functions of the arguments' shapes (but M's), strides, dtypes and
+        alignments and of ``setup_key`` only (``_prebound.launch_lazy`` runs this once a signature)."""
         precision, low_rank_precision = _precisions(a.dtype)
         use_tma = _use_tma(device, a, w.t() if w_trans else w, None if split_k else out)
-
-        def num_tiles(meta):
-            num_n = cdiv(N, meta["BLOCK_N"]) if write_out else 1
-            return cdiv(M, meta["BLOCK_M"]) * num_n * splits
-
-        kwargs = dict(
+        return dict(
             HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=store_t, SPLIT_K=split_k,
             FUSE_GRAD_B=grad_b_ws is not None, BIAS_GRAD=bias_ws is not None, SPLIT_XA=a.dtype != torch.float32,
             USE_TMA=use_tma, W_TRANS=w_trans, R_PAD=_padded_rank(R), DROPOUT=dropout_kind,
@@ -221,7 +215,10 @@ def _launch_gemm(
             FP32_ADAPTERS=la.dtype == torch.float32 and a.dtype != torch.float32,
             HAS_COL_SCALE=col_scale is not None and not split_k,
         )  # fmt: skip
-        return _grid(num_tiles, device), kwargs
+
+    def num_tiles(meta):
+        num_n = cdiv(N, meta["BLOCK_N"]) if write_out else 1
+        return cdiv(M, meta["BLOCK_M"]) * num_n * splits
 
     with on_device(device):
         # A pair of int32 a row block (of 16 rows at least), zero before and after every launch.
@@ -238,25 +235,31 @@ def _launch_gemm(
             float(scaling), float(dropout.p), float(dropout.scale), dropout.seed, _SPIN_LIMIT,
             col_scale if col_scale is not None and not split_k else dummy,
         )  # fmt: skip
-        _prebound.launch_lazy(launcher, args, setup_key, setup, device, limits)
+        # M and row0 change with the batch: keyed by their specialisation only (the grid reads them).
+        _prebound.launch_lazy(launcher, _grid(num_tiles, device), args, setup_key, setup, device, free=_FREE_ROWS)
         if split_k:
             args = (
                 partials, t_partials, lb, bias if bias is not None else dummy, out, t,
                 M, N, R, splits, *lb.stride(), *out.stride(), *t.stride(), float(scaling),
                 col_scale if col_scale is not None else dummy,
             )  # fmt: skip
-            setup_k = lambda: _split_k_setup(M, N, R, col_scale is not None, bias is not None, a.dtype)  # noqa: E731
-            _prebound.launch_lazy(_split_k_reduce_kernel, args, setup_key, setup_k, device, limits)
+            setup_k = lambda: _split_k_setup(R, col_scale is not None, bias is not None, a.dtype)  # noqa: E731
+            grid = (cdiv(M, _SPLIT_K_BLOCK[0]), cdiv(N, _SPLIT_K_BLOCK[1]))
+            _prebound.launch_lazy(
+                _split_k_reduce_kernel, grid, args, (setup_key, a.dtype), setup_k, device, free=("M",)
+            )  # fmt: skip
 
 
-def _split_k_setup(M, N, R, has_col_scale, has_bias, dtype):
-    """Grid and constexprs of ``_split_k_reduce_kernel`` (see ``_launch_gemm``'s ``setup``)."""
-    block_m, block_n = 16, 64
-    kwargs = dict(
+_FREE_ROWS = ("M", "row0")
+_SPLIT_K_BLOCK = (16, 64)
+
+
+def _split_k_setup(R, has_col_scale, has_bias, dtype):
+    """Constexprs of ``_split_k_reduce_kernel`` (see ``_launch_gemm``'s ``setup``)."""
+    return dict(
         HAS_BIAS=has_bias, R_PAD=_padded_rank(R), LOW_RANK_PRECISION=_precisions(dtype)[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_COL_SCALE=has_col_scale,
+        BLOCK_M=_SPLIT_K_BLOCK[0], BLOCK_N=_SPLIT_K_BLOCK[1], HAS_COL_SCALE=has_col_scale,
     )  # fmt: skip
-    return (cdiv(M, block_m), cdiv(N, block_n)), kwargs
 
 
 def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):

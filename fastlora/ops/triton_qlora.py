@@ -21,7 +21,6 @@ import torch
 
 from . import _prebound, _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
 from ._contract import autograd_pair, fake_grads
-from ._device import device_limits
 from ._qlora_configs import (  # noqa: F401  (GPU_CONFIGS ... re-exported: tests and tools look here)
     GPU_CONFIGS, LOW_RANK_GPU_CONFIGS, _qlora_low_rank, _qlora_matmul, prune_configs, prune_low_rank_configs,
 )  # fmt: skip
@@ -71,7 +70,7 @@ def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb,
         FP32_ADAPTERS=la.dtype == torch.float32 and a.dtype != torch.float32,
     )  # fmt: skip
     with _triton_common.on_device(a.device):
-        _prebound.launch(_qlora_matmul, grid, args, kwargs, a.device, device_limits(a.device))
+        _prebound.launch(_qlora_matmul, grid, args, kwargs, a.device, free=("M",))
 
 
 def _launch_low_rank(x, la, t, dropout: _Dropout) -> None:
@@ -94,7 +93,7 @@ def _launch_low_rank(x, la, t, dropout: _Dropout) -> None:
         FP32_ADAPTERS=la.dtype == torch.float32 and x.dtype != torch.float32,
     )  # fmt: skip
     with _triton_common.on_device(x.device):
-        _prebound.launch(_qlora_low_rank, grid, args, kwargs, x.device, device_limits(x.device))
+        _prebound.launch(_qlora_low_rank, grid, args, kwargs, x.device, free=("M",))
 
 
 def _quant(packed, absmax, code, absmax2, code2, offset, out_features, blocksize, blocksize2) -> Quant4bit:
