@@ -497,3 +497,34 @@ def test_gpu_host_time_per_forward(monkeypatch, capsys):
 for _name in [n for n in list(globals()) if n.startswith("test_gpu_")]:
     for _mark in GPU:
         globals()[_name] = _mark(globals()[_name])
+
+
+def test_matmul_precision_survives_torchs_per_backend_api():
+    """After ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` (the new API) torch's legacy getter
+    raises; the launchers' and the tolerance table's ``matmul_precision`` reads the new setting. In a
+    subprocess: the setting is process-wide."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from fastlora._tolerance import matmul_precision, tolerance
+        from fastlora.ops._triton_common import _precisions
+        assert matmul_precision() == "highest"
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        try:
+            torch.get_float32_matmul_precision()
+            mixed = False
+        except RuntimeError:
+            mixed = True
+        print(mixed, matmul_precision(), _precisions(torch.float32)[0], tolerance(torch.float32, "cuda"))
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        print(matmul_precision(), _precisions(torch.float32)[0])
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = out.stdout.split("\n")[-3:-1]
+    mixed, precision, dot, tol = first.split()
+    assert (precision, dot, float(tol)) == ("high", "tf32", 5e-4), first
+    assert second.split() == ["highest", "ieee"], second
+    assert mixed in ("True", "False")  # the torch here raises (2.14); an older one may not
