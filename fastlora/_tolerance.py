@@ -15,9 +15,20 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, tor
 TF32_TOLERANCE = 5e-4
 
 
+def matmul_precision() -> str:
+    """``torch.get_float32_matmul_precision()``, also once the per-backend API has been used
+    (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, torch ≥ 2.9), where that getter raises
+    ("you have used mix of the legacy and new APIs", torch 2.14): then ``"high"`` for TF32 and
+    ``"highest"`` otherwise, as cuBLAS then computes torch's own fp32 matmuls."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "high" if getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "tf32" else "highest"
+
+
 def tolerance(dtype: torch.dtype, device: str | torch.device) -> float:
     """The largest relative error accepted for a computation in ``dtype`` on ``device``."""
-    tf32 = torch.device(device).type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+    tf32 = torch.device(device).type == "cuda" and matmul_precision() != "highest"
     return TF32_TOLERANCE if dtype == torch.float32 and tf32 else TOLERANCE[dtype]
 
 

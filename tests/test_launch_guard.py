@@ -69,8 +69,34 @@ def test_ensure_allocator_keeps_an_allocator_already_set():
 
 
 def test_on_device_guards_the_tensors_device_and_sets_the_allocator(monkeypatch):
-    """For a CUDA device, ``on_device`` enters ``torch.cuda.device(<that device>)`` (not the current
-    one) after setting the allocator, on whatever thread launches."""
+    """For a CUDA device, ``on_device`` makes that device current (not the current one) after setting
+    the allocator, on whatever thread launches, and restores the previous device on exit, also when
+    the block raises: as ``torch.cuda.device`` does, through the same two functions."""
+    from triton.runtime import _allocation
+
+    calls = []
+
+    def exchange(index):
+        calls.append(("exchange", index, _allocation._allocator.get()))
+        return 0  # the device current before
+
+    monkeypatch.setattr(_triton_common, "_exchange_device", exchange)
+    monkeypatch.setattr(_triton_common, "_maybe_exchange_device", lambda index: calls.append(("restore", index)))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+
+    def launch():
+        with _triton_common.on_device(torch.device("cuda", 1)):
+            calls.append("inside")
+        with pytest.raises(ValueError), _triton_common.on_device(torch.device("cuda", 1)):
+            raise ValueError("in the block")
+
+    _allocator_in_fresh_thread(launch)
+    entered = ("exchange", 1, _triton_common._tma_allocator)
+    assert calls == [entered, "inside", ("restore", 0), entered, ("restore", 0)]
+
+
+def test_on_device_falls_back_to_torch_cuda_device(monkeypatch):
+    """Where torch lacks the two private functions, the guard is ``torch.cuda.device(<that device>)``."""
     entered = []
 
     @contextlib.contextmanager
@@ -79,15 +105,18 @@ def test_on_device_guards_the_tensors_device_and_sets_the_allocator(monkeypatch)
 
         entered.append((torch.device(device), _allocation._allocator.get()))
         yield
+        entered.append("exit")
 
     monkeypatch.setattr(torch.cuda, "device", fake_cuda_device)
+    monkeypatch.setattr(_triton_common, "_exchange_device", None)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
 
     def launch():
         with _triton_common.on_device(torch.device("cuda", 1)):
             pass
 
     _allocator_in_fresh_thread(launch)
-    assert entered == [(torch.device("cuda", 1), _triton_common._tma_allocator)]
+    assert entered == [(torch.device("cuda", 1), _triton_common._tma_allocator), "exit"]
 
 
 def test_on_device_is_a_no_op_for_cpu_tensors():

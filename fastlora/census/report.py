@@ -176,7 +176,8 @@ def render_markdown(data: dict) -> str:
         "Each call runs on CPU tensors of the full problem with the target GPU's limits standing in "
         f"({', '.join('sm_' + a for a in data['archs'])}); no kernel runs and no ATen op computes (outputs are "
         "uninitialised tensors of the right shapes). launches: Triton kernel launches (an autotuned launch "
-        "is one, its config cached; Triton's own launcher is not run). memsets: zeros/fill_/zero_-style ATen "
+        "is one, its config cached; after a call's warm-up every launch goes through its pre-bound plan, "
+        "`fastlora/ops/_prebound.py`, to a stand-in of the compiled kernel's C launcher). memsets: zeros/fill_/zero_-style ATen "
         "ops; allocs: empty*; other ATen: every other op that is a kernel on a GPU (copies, casts, GEMMs, "
         "sums); 0-d ops: ATen ops on 0-d tensors only (the dropout seed, drawn on the CPU on a GPU run too); "
         "GPU kernels: launches + memsets + other ATen, what the call puts on a GPU's stream "
@@ -197,18 +198,19 @@ def render_markdown(data: dict) -> str:
             f"## Host µs per call ({host['problem']}, torch threads {host['threads']}, min of "
             f"{host['reps']}×{host['rounds']} calls)",
             "",
-            "Tiny real tensors, so the time is the Python and dispatch path; Triton launches stubbed (its "
-            "launcher not included). step: forward + backward. This machine is shared with other sessions "
-            "(see the load above): treat differences of a few µs as noise.",
+            "Tiny real tensors, so the time is the Python and dispatch path. Triton launches go through "
+            "fastlora's pre-bound plans (the signature and the plan's call included) to a stand-in of the "
+            "compiled kernel's C launcher (the driver's launch itself not included). step: forward + "
+            "backward. Read the figures beside the load above: on a loaded machine a few µs are noise.",
             "",
             *_host_table(host),
         ]
         binder = host.get("triton_binder")
         if binder:
-            out += ["", f"Triton's own floor, not in the triton rows above: its binder (JITFunction.run's specialisation of "
-                    f"the {binder['arguments']} arguments of one {binder['kernel']} launch, timed on the CPU for sm_90a) takes "
-                    f"{binder['us']:.1f} µs a launch; the autotuner's key and cache look-up and the driver's launch come on "
-                    "top. A pre-bound launcher would skip it."]  # fmt: skip
+            out += ["", f"What Triton's own launch path would add to each launch of the triton rows, and the plans skip "
+                    f"after a signature's first call: its binder (JITFunction.run's specialisation of the "
+                    f"{binder['arguments']} arguments of one {binder['kernel']} launch, timed on the CPU for sm_90a), "
+                    f"{binder['us']:.1f} µs, and the autotuner's key and cache look-up on top."]  # fmt: skip
     return "\n".join(out) + "\n"
 
 

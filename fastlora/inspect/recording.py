@@ -90,20 +90,64 @@ def stubbed_launches(launches: list):
     """Within the block, each Triton launch appends its kernel's name to ``launches`` and runs
     nothing (``fastlora census``). Unlike ``intercepted_launches`` an autotuned launch is one launch,
     as after its first call, whose configs are not expanded; Triton's own launch path (the
-    autotuner's key and cache, the binder, the driver) is not run, so it is not in what is counted."""
+    autotuner's key and cache, the binder, the driver) is not run, so it is not in what is counted.
+
+    A stubbed launch returns a stand-in compiled kernel (``_StubKernel``), so that fastlora's
+    pre-bound launches (``ops._prebound``) plan on it as on a GPU: a signature's later calls go
+    through the plan and the stand-in's C launcher records them, so the census counts and times the
+    path a GPU runs after the first call. Plans are checked against Triton's real binder built for
+    sm_90a on the CPU (the GPU path checks against its device's binder). They live in a table of
+    their own (``_STUB_PLANS``), in place of the real one only within the block: kept from one block
+    to the next (the census warms a call up in one block and counts it in another), never seen by a
+    launch outside one."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
+    from ..ops import _prebound
+    from ..ops._triton_compile import _binder, target_of
+
     def record(self, *args, **kwargs):
         fn = self
+        if isinstance(self, Autotuner):  # as its run would: the config the launch runs with
+            self.best_config = self.configs[0]
         while hasattr(fn, "fn"):  # Autotuner → JITFunction → the Python function
             fn = fn.fn
-        launches.append(getattr(fn, "__name__", type(self).__name__))
+        name = getattr(fn, "__name__", type(self).__name__)
+        launches.append(name)
+        return _StubKernel(name)
 
     saved = JITFunction.run, Autotuner.run, InterpretedFunction.run
+    saved_prebound = _prebound.binder_of, _prebound.current_stream_getter, _prebound._plans, _recording[0]
     JITFunction.run = Autotuner.run = InterpretedFunction.run = record
+    _prebound.binder_of = lambda jit: _binder(jit, target_of((9, 0)))[1]
+    _prebound.current_stream_getter = lambda device: (_no_stream, None)
+    _prebound._plans, _recording[0] = _STUB_PLANS, launches
     try:
         yield launches
     finally:
         JITFunction.run, Autotuner.run, InterpretedFunction.run = saved
+        _prebound.binder_of, _prebound.current_stream_getter, _prebound._plans, _recording[0] = saved_prebound
+
+
+_STUB_PLANS: dict = {}  # stubbed_launches' plans (their kernels are _StubKernel)
+_recording: list = [None]  # the innermost stubbed_launches block's record
+
+
+def _no_stream(index) -> int:
+    return 0
+
+
+class _StubKernel:
+    """A compiled kernel's stand-in for ``stubbed_launches``: its launcher records the launch."""
+
+    packed_metadata = function = None
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        _recording[0].append(self.name)

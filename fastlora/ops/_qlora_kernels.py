@@ -91,7 +91,8 @@ def _dequantize(
     return tl.where(mask, value * scale, 0.0)
 
 
-@triton.jit
+# seed: a new value every call; specialising on it would compile for seed == 1 and % 16.
+@triton.jit(do_not_specialize=["seed"])
 def _qlora_matmul_kernel(
     a_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     la_ptr, lb_ptr, bias_ptr, out_ptr, t_ptr,
@@ -183,7 +184,8 @@ def _qlora_matmul_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+# seed: a new value every call; specialising on it would compile for seed == 1 and % 16.
+@triton.jit(do_not_specialize=["seed"])
 def _qlora_low_rank_kernel(
     x_ptr, la_ptr, t_ptr,
     M, K, R, M_BUCKET,

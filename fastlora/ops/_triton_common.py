@@ -30,9 +30,23 @@ import torch
 import triton
 import triton.language as tl
 
+from .._tolerance import matmul_precision
+from . import _prebound
 from ._device import device_limits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Host-side integer helpers. ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr-function
+# wrappers in triton 3.8 (argument unwrapping on every call): 2-3 µs each, and a training step
+# called them 20 times (about a fifth of its host path, census host table, 2026-12-02).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The least power of two ≥ ``n`` (0 for 0, as ``triton.next_power_of_2``)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def _tma_allocator(size: int, alignment: int, stream) -> torch.Tensor:
@@ -50,12 +64,30 @@ def _ensure_allocator() -> None:
     launch, on the launching thread (a ContextVar read, well under a microsecond). An allocator the
     user (or torch.compile) set in this context is kept: any working allocator serves our kernels.
     """
-    from triton.runtime import _allocation
-
-    current = getattr(_allocation, "_allocator", None)
+    allocation = _allocation_module()
+    current = getattr(allocation, "_allocator", None)
     get = getattr(current, "get", None)
-    if get is None or isinstance(get(), _allocation.NullAllocator):
+    if get is None or isinstance(get(), allocation.NullAllocator):
         triton.set_allocator(_tma_allocator)
+
+
+_allocation: list = []
+
+
+def _allocation_module():
+    """``triton.runtime._allocation``, imported once (an import statement per launch cost ~0.5 µs)."""
+    if not _allocation:
+        from triton.runtime import _allocation as module
+
+        _allocation.append(module)
+    return _allocation[0]
+
+
+# The device guard of ``on_device``: what ``torch.cuda.device`` does on enter and exit, without
+# building the context object and normalising the device per launch (about 1 µs of Python each time);
+# torch.cuda.device itself where a torch lacks the two functions.
+_exchange_device = getattr(torch.cuda, "_exchange_device", None)
+_maybe_exchange_device = getattr(torch.cuda, "_maybe_exchange_device", None)
 
 
 class CaptureAutotuneError(RuntimeError):
@@ -91,10 +123,10 @@ def autotune_bench(kernel_call, quantiles):
 class _Launch:
     """``on_device``'s context: the launch lock, then (CUDA) the allocator and the device guard."""
 
-    __slots__ = ("_device", "_guard", "_outer_capturing")
+    __slots__ = ("_device", "_guard", "_previous", "_outer_capturing")
 
     def __init__(self, device: torch.device):
-        self._device, self._guard, self._outer_capturing = device, None, False
+        self._device, self._guard, self._previous, self._outer_capturing = device, None, None, False
 
     def __enter__(self):
         _LAUNCH_LOCK.acquire()
@@ -102,22 +134,33 @@ class _Launch:
             self._outer_capturing = getattr(_launch_state, "capturing", False)
             if self._device.type == "cuda":
                 _ensure_allocator()
-                guard = torch.cuda.device(self._device)
-                guard.__enter__()
-                self._guard = guard
+                if _exchange_device is not None and _maybe_exchange_device is not None:
+                    index = self._device.index
+                    self._previous = _exchange_device(torch.cuda.current_device() if index is None else index)
+                else:
+                    guard = torch.cuda.device(self._device)
+                    guard.__enter__()
+                    self._guard = guard
                 # (CUDA tensors exist, so CUDA is initialised; the check keeps a stray call cheap and safe)
                 _launch_state.capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
         except BaseException:
+            self._restore_device()
             _LAUNCH_LOCK.release()
             raise
         return None
 
+    def _restore_device(self):
+        if self._previous is not None:
+            previous, self._previous = self._previous, None
+            _maybe_exchange_device(previous)
+        elif self._guard is not None:
+            guard, self._guard = self._guard, None
+            guard.__exit__(None, None, None)
+
     def __exit__(self, *exc):
         try:
-            if self._guard is not None:
-                self._guard.__exit__(*exc)
+            self._restore_device()
         finally:
-            self._guard = None
             _launch_state.capturing = self._outer_capturing
             _LAUNCH_LOCK.release()
         return False
@@ -144,11 +187,16 @@ def on_device(device: torch.device) -> _Launch:
 _workspaces = threading.local()
 
 
+# The current stream's handle without building a torch.cuda.Stream (what Triton's driver reads too).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream_key(device: torch.device):
     if device.type != "cuda":
         return (device.type, None)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return (index, torch.cuda.current_stream(index).cuda_stream)
+    stream = _raw_stream(index) if _raw_stream is not None else torch.cuda.current_stream(index).cuda_stream
+    return (index, stream)
 
 
 def _flag_workspace(device: torch.device, size: int) -> torch.Tensor:
@@ -164,7 +212,7 @@ def _flag_workspace(device: torch.device, size: int) -> torch.Tensor:
     buf = cache.get(key)
     if buf is None or buf.numel() < size:
         # Grown by powers of two: a memset only when a call needs more rows than any before it.
-        buf = cache[key] = torch.zeros(max(64, triton.next_power_of_2(size)), dtype=torch.int32, device=device)
+        buf = cache[key] = torch.zeros(max(64, next_pow2(size)), dtype=torch.int32, device=device)
     return buf
 
 
@@ -252,12 +300,12 @@ INTERPRETER_CONFIGS = _configs([(64, 64, 64, 4, 1)])
 
 
 def _padded_rank(size: int) -> int:
-    return max(16, triton.next_power_of_2(size))  # tl.dot needs every dimension >= 16
+    return max(16, next_pow2(size))  # tl.dot needs every dimension >= 16
 
 
 def _precisions(dtype: torch.dtype) -> tuple[str, str]:
     """``tl.dot`` input precision of the main loop and of the fp32 low-rank products."""
-    fp32 = "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
+    fp32 = "tf32" if matmul_precision() != "highest" else "ieee"
     return fp32, ("tf32" if dtype in (torch.float16, torch.bfloat16) else fp32)
 
 
@@ -279,7 +327,8 @@ def _dropout(dropout_p: float, seed) -> _Dropout:
     return _Dropout(dropout_p, int(seed)) if dropout_p else _NO_DROPOUT
 
 
-@triton.jit
+# seed: a new value every call; specialising on it would compile for seed == 1 and % 16.
+@triton.jit(do_not_specialize=["seed"])
 def _lora_reduce_kernel(
     lhs_ptr, rhs_ptr, ws_ptr, col_sum_ptr,
     M, P, Q, rows_per_split,
@@ -382,19 +431,22 @@ def _reduce_partials(
     block_m = 32 if fma else 64
     block_p, block_q = _reduce_blocks(P, Q, 2048 if fma else 8192)
     num_warps = 8 if not fma and block_p * block_q > 4096 else 4
-    tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
-    row_blocks = triton.cdiv(M, block_m)
-    rows_per_split = triton.cdiv(row_blocks, _split_count(lhs.device, tiles, row_blocks)) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    tiles = cdiv(P, block_p) * cdiv(Q, block_q)
+    row_blocks = cdiv(M, block_m)
+    rows_per_split = cdiv(row_blocks, _split_count(lhs.device, tiles, row_blocks)) * block_m
+    splits = cdiv(M, rows_per_split)
     ws = _empty((splits, P, Q), torch.float32, lhs.device)
     sums = _empty((splits, P), torch.float32, lhs.device) if col_sum else ws  # ws: a pointer never written
+    args = (
+        lhs, rhs, ws, sums, M, P, Q, rows_per_split,
+        *lhs.stride(), *rhs.stride(), *ws.stride(), sums.stride(0),
+        float(scaling * rhs_dropout.scale), float(rhs_dropout.p), rhs_dropout.seed,
+    )  # fmt: skip
+    kwargs = dict(
+        COL_SUM=col_sum, RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=num_warps,
+    )  # fmt: skip
+    grid = (cdiv(P, block_p), cdiv(Q, block_q), splits)
     with on_device(lhs.device):
-        _lora_reduce_kernel[(triton.cdiv(P, block_p), triton.cdiv(Q, block_q), splits)](
-            lhs, rhs, ws, sums,
-            M, P, Q, rows_per_split,
-            *lhs.stride(), *rhs.stride(), *ws.stride(), sums.stride(0),
-            scaling * rhs_dropout.scale, rhs_dropout.p, rhs_dropout.seed,
-            COL_SUM=col_sum, RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=num_warps,
-        )  # fmt: skip
+        _prebound.launch(_lora_reduce_kernel, grid, args, kwargs, lhs.device, free=("M", "rows_per_split"))
     return ws, (sums if col_sum else None)

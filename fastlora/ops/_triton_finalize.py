@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _prebound
 from ._triton_common import on_device
 
 # 512 fp32 a program (4 contiguous a thread at 4 warps: 16-byte loads), 8 partial rows a step: about
@@ -87,11 +88,16 @@ def finalize_sums(jobs) -> None:
             splits, stride = parts.shape[0], parts.stride(0)
         else:  # an absent output: no program reads these pointers
             parts, out, scale, running, numel, splits, stride = first, first, 1.0, None, 0, 0, 0
-        args += (parts, running if running is not None else out, out, numel, splits, stride, scale)
+        args += (parts, running if running is not None else out, out, numel, splits, stride, float(scale))
         running_flags.append(running is not None)
         programs += -(-numel // _BLOCK)
+    kwargs = dict(
+        RUNNING0=running_flags[0], RUNNING1=running_flags[1], RUNNING2=running_flags[2],
+        BLOCK=_BLOCK, CHUNK=_CHUNK, num_warps=4,
+    )  # fmt: skip
     with on_device(first.device):
-        _finalize_kernel[(programs,)](
-            *args, RUNNING0=running_flags[0], RUNNING1=running_flags[1], RUNNING2=running_flags[2],
-            BLOCK=_BLOCK, CHUNK=_CHUNK, num_warps=4,
-        )  # fmt: skip
+        # The partials' row-block counts change with the batch: keyed by their specialisation only.
+        _prebound.launch(_finalize_kernel, (programs,), tuple(args), kwargs, first.device, free=_FREE)
+
+
+_FREE = ("splits0", "splits1", "splits2")

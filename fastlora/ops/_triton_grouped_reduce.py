@@ -31,9 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
+from . import _prebound, _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
 from ._triton_common import (
-    _NO_DROPOUT, _Dropout, _dot, _dot_tf32_exact_a, _precisions, _reduce_blocks, _round_tf32, _split_count, on_device,
+    _NO_DROPOUT, _Dropout, _dot, _dot_tf32_exact_a, _precisions, _reduce_blocks, _round_tf32, _split_count, cdiv,
+    on_device,
 )  # fmt: skip
 
 
@@ -96,7 +97,8 @@ def _reduce_tile(
             tl.store(col_sum_ptr + split.to(tl.int64) * stride_cs_split + offs_p, col_sum, mask=mask_p)
 
 
-@triton.jit
+# seeds: a new value every call; specialising on them would compile for seed == 1 and % 16.
+@triton.jit(do_not_specialize=["seed0", "seed1"])
 def _grouped_reduce_kernel(
     lhs0, rhs0, ws0, cs0, programs0, M0, P0, Q0, rows0,
     slm0, slp0, srm0, srq0, sws0, swp0, swq0, scs0, scaling0, dropout_p0, seed0,
@@ -138,10 +140,10 @@ class _Plan:
         fma = precision == "ieee"
         block_m = 32 if fma else 64
         block_p, block_q = _reduce_blocks(P, Q, 2048 if fma else 8192)
-        tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
-        row_blocks = triton.cdiv(M, block_m)
-        rows_per_split = triton.cdiv(row_blocks, _split_count(lhs.device, tiles, row_blocks)) * block_m
-        splits = triton.cdiv(M, rows_per_split)
+        tiles = cdiv(P, block_p) * cdiv(Q, block_q)
+        row_blocks = cdiv(M, block_m)
+        rows_per_split = cdiv(row_blocks, _split_count(lhs.device, tiles, row_blocks)) * block_m
+        splits = cdiv(M, rows_per_split)
         self.ws = _triton_common._empty((splits, P, Q), torch.float32, lhs.device)
         self.sums = _triton_common._empty((splits, P), torch.float32, lhs.device) if col_sum else None
         cs = self.sums if col_sum else self.ws  # ws: a pointer never written
@@ -149,7 +151,7 @@ class _Plan:
         self.tensor_cores_wide = not fma and block_p * block_q > 4096
         self.args = [
             lhs, rhs, self.ws, cs, M, P, Q, rows_per_split, *lhs.stride(), *rhs.stride(), *self.ws.stride(),
-            cs.stride(0), scaling * dropout.scale, dropout.p, dropout.seed,
+            cs.stride(0), float(scaling * dropout.scale), float(dropout.p), dropout.seed,
         ]  # fmt: skip
         self.consts = (col_sum, bool(dropout.p), split_rhs, precision, block_m, block_p, block_q)
 
@@ -185,9 +187,16 @@ def grouped_reduce_partials(g_xa, x, gy, xa, scaling: float, dropout: _Dropout, 
     # One warp count for both problems: 8 where either one's tile needs it on the tensor cores.
     num_warps = 8 if any(p.tensor_cores_wide for p in present) else 4
     with on_device(gy.device):
-        _grouped_reduce_kernel[(sum(p.programs for p in present),)](*args, **consts, num_warps=num_warps)
+        # The row counts change with the batch: keyed by their specialisation only (_prebound).
+        _prebound.launch(
+            _grouped_reduce_kernel, (sum(p.programs for p in present),), tuple(args), {**consts, "num_warps": num_warps},
+            gy.device, free=_FREE,
+        )  # fmt: skip
     return (
         plans[0].ws if plans[0] is not None else None,
         plans[1].ws if plans[1] is not None and need_B else None,
         plans[1].sums if plans[1] is not None else None,
     )
+
+
+_FREE = ("programs0", "M0", "rows0", "M1", "rows1")

@@ -225,7 +225,8 @@ def _arrive(flags_ptr, pid_m, participants):
         tl.atomic_xchg(flags_ptr + 2 * pid_m + 1, 0, sem="relaxed")
 
 
-@triton.jit
+# seed: a new value every call; specialising on it would compile for seed == 1 and % 16.
+@triton.jit(do_not_specialize=["seed"])
 def _lora_gemm_kernel(
     a_ptr, w_ptr, la_ptr, lb_ptr, bias_ptr, out_ptr, t_ptr, flags_ptr, xa_ptr, gb_ws_ptr, bias_ws_ptr,
     M, N, K, R, M_BUCKET, BLOCK_M_FIXED, SPLITS, row0,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _triton_common
-from ._triton_common import INTERPRET, _split_count, on_device
+from ._triton_common import INTERPRET, _split_count, cdiv, on_device
 
 
 @triton.jit
@@ -71,9 +71,9 @@ def dora_grad_prologue(gy: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, w
         return gys, zeros, (zeros.clone() if with_sum else None)
     scale = scale.to(torch.float32).contiguous()
     block_m, block_n = (32, 64) if INTERPRET else (32, 128)
-    col_tiles, row_blocks = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
-    rows_per_split = triton.cdiv(row_blocks, _split_count(device, col_tiles, row_blocks)) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    col_tiles, row_blocks = cdiv(N, block_n), cdiv(M, block_m)
+    rows_per_split = cdiv(row_blocks, _split_count(device, col_tiles, row_blocks)) * block_m
+    splits = cdiv(M, rows_per_split)
     dots = _triton_common._empty((splits, N), torch.float32, device)
     sums = _triton_common._empty((splits, N), torch.float32, device) if with_sum else dots  # dots: never written
     with on_device(device):

@@ -77,14 +77,13 @@ exact product is the GPU's.
 from __future__ import annotations
 
 import torch
-import triton
 
-from . import _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
+from . import _prebound, _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
 from ._contract import register_backend
 from ._device import arch_rules, device_limits
 from ._triton_common import (
     INTERPRET, INTERPRETER_CONFIGS, _Dropout, _dropout, _flag_dummy, _flag_workspace, _padded_rank, _precisions,
-    _reduce_partials, on_device,
+    _reduce_partials, cdiv, matmul_precision, next_pow2, on_device,
 )  # fmt: skip
 from . import _triton_backward_variants as _variants
 from ._triton_finalize import finalize_sums
@@ -140,7 +139,7 @@ def _use_tma(device: torch.device, *operands) -> bool:
 def _decode_splits(device: torch.device, M: int, N: int, K: int) -> int:
     """K splits that give every SM a share of w when the output alone has too few tiles (counting
     64-wide column blocks), with at least 512 columns of K a split."""
-    tiles = triton.cdiv(N, 64) * triton.cdiv(M, 64)
+    tiles = cdiv(N, 64) * cdiv(M, 64)
     return max(1, min(device_limits(device).sm_count // tiles, K // 512, 16))
 
 
@@ -164,10 +163,10 @@ def _grad_b_block_m(M: int, R: int, device: torch.device, dtype: torch.dtype) ->
     if INTERPRET:
         return INTERPRETER_CONFIGS[0].kwargs["BLOCK_M"]
     if _cuda_core_dots(dtype, _precisions(dtype)[0]):  # only 32-row tiles kept off the stack there
-        return min(32, max(16, triton.next_power_of_2(M)))
+        return min(32, max(16, next_pow2(M)))
     wide, narrow = arch_rules(device_limits(device).capability).grad_b_rows
     most = wide if _padded_rank(R) <= 32 else narrow
-    return min(most, max(16, triton.next_power_of_2(M)))
+    return min(most, max(16, next_pow2(M)))
 
 
 def _launch_gemm(
@@ -187,12 +186,11 @@ def _launch_gemm(
     N = w.shape[1]
     R = la.shape[1]
     device = a.device
-    precision, low_rank_precision = _precisions(a.dtype)
+    limits = device_limits(device)
     write_out, store_t = out is not None, t is not None
     split_k = decode and M <= _DECODE_MAX_M
     splits = _decode_splits(device, M, N, K) if split_k else 1
     split_k = splits > 1
-    use_tma = _use_tma(device, a, w.t() if w_trans else w, None if split_k else out)
     dummy = a  # a pointer argument the kernel never dereferences (flags excepted, see _flag_dummy)
     partials = t_partials = None
     if split_k:
@@ -201,49 +199,77 @@ def _launch_gemm(
     with_flags = write_out and store_t and not split_k
     out_buf = partials if split_k else out
     t_buf = t_partials if split_k else t
+    if out_buf is None:
+        out_strides = (0, 0, 0)
+    else:  # rows, columns, splits
+        out_strides = (*out_buf.stride()[-2:], out_buf.stride(0) if split_k else 0)
+    t_strides = (*t_buf.stride()[-2:], t_buf.stride(0) if split_k else 0) if t_buf is not None else (0, 0, 0)
+    launcher = _lora_gemm_grad_x if grad_b_ws is not None else _lora_gemm
+    # What the constexprs and the grid depend on beside the arguments' signature (see setup()).
+    precision_setting = matmul_precision()
+    dropout_kind = dropout_site.value if dropout.p else NO_DROPOUT.value
+    setup_key = (w_trans, dropout_kind, write_out, store_t, split_k, grad_b_ws is not None, bias_ws is not None,
+                 bias is not None, col_scale is not None, precision_setting, limits)  # fmt: skip
+
+    def setup():
+        """The constexprs: functions of the arguments' shapes (but M's), strides, dtypes and
+        alignments and of ``setup_key`` only (``_prebound.launch_lazy`` runs this once a signature)."""
+        precision, low_rank_precision = _precisions(a.dtype)
+        use_tma = _use_tma(device, a, w.t() if w_trans else w, None if split_k else out)
+        return dict(
+            HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=store_t, SPLIT_K=split_k,
+            FUSE_GRAD_B=grad_b_ws is not None, BIAS_GRAD=bias_ws is not None, SPLIT_XA=a.dtype != torch.float32,
+            USE_TMA=use_tma, W_TRANS=w_trans, R_PAD=_padded_rank(R), DROPOUT=dropout_kind,
+            PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
+            UPCAST=INTERPRET and a.dtype == torch.bfloat16,
+            FP32_ADAPTERS=la.dtype == torch.float32 and a.dtype != torch.float32,
+            HAS_COL_SCALE=col_scale is not None and not split_k,
+        )  # fmt: skip
 
     def num_tiles(meta):
-        num_n = triton.cdiv(N, meta["BLOCK_N"]) if write_out else 1
-        return triton.cdiv(M, meta["BLOCK_M"]) * num_n * splits
+        num_n = cdiv(N, meta["BLOCK_N"]) if write_out else 1
+        return cdiv(M, meta["BLOCK_M"]) * num_n * splits
 
-    grid = _grid(num_tiles, device)
-    def strides(buf):  # rows, columns, splits
-        return (buf.stride(-2), buf.stride(-1), buf.stride(0) if split_k else 0) if buf is not None else (0, 0, 0)
-
-    out_strides, t_strides = strides(out_buf), strides(t_buf)
-    launcher = _lora_gemm_grad_x if grad_b_ws is not None else _lora_gemm
     with on_device(device):
         # A pair of int32 a row block (of 16 rows at least), zero before and after every launch.
-        flags = _flag_workspace(device, 2 * triton.cdiv(M, 16)) if with_flags else _flag_dummy(device)
-        launcher[grid](
+        flags = _flag_workspace(device, 2 * cdiv(M, 16)) if with_flags else _flag_dummy(device)
+        args = (
             a, w, la, lb, bias if bias is not None else dummy, out_buf if write_out else dummy,
             t_buf if store_t else dummy, flags, xa if xa is not None else dummy,
             grad_b_ws if grad_b_ws is not None else dummy, bias_ws if bias_ws is not None else dummy,
-            M, N, K, R, triton.next_power_of_2(M), block_m_fixed, splits, row0,
+            M, N, K, R, next_pow2(M), block_m_fixed, splits, row0,
             *a.stride(), *w.stride(), *la.stride(), *lb.stride(), *out_strides, *t_strides,
             *(xa.stride() if xa is not None else (0, 0)),
             *(grad_b_ws.stride()[:2] if grad_b_ws is not None else (0, 0)),
             bias_ws.stride(0) if bias_ws is not None else 0,
-            scaling, dropout.p, dropout.scale, dropout.seed, _SPIN_LIMIT,
+            float(scaling), float(dropout.p), float(dropout.scale), dropout.seed, _SPIN_LIMIT,
             col_scale if col_scale is not None and not split_k else dummy,
-            HAS_COL_SCALE=col_scale is not None and not split_k,
-            HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=store_t, SPLIT_K=split_k,
-            FUSE_GRAD_B=grad_b_ws is not None, BIAS_GRAD=bias_ws is not None, SPLIT_XA=a.dtype != torch.float32,
-            USE_TMA=use_tma, W_TRANS=w_trans,
-            R_PAD=_padded_rank(R), DROPOUT=dropout_site.value if dropout.p else NO_DROPOUT.value,
-            PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
-            UPCAST=INTERPRET and a.dtype == torch.bfloat16,
-            FP32_ADAPTERS=la.dtype == torch.float32 and a.dtype != torch.float32,
         )  # fmt: skip
+        # M and row0 change with the batch: keyed by their specialisation only (the grid reads them).
+        _prebound.launch_lazy(launcher, _grid(num_tiles, device), args, setup_key, setup, device, free=_FREE_ROWS)
         if split_k:
-            block_m, block_n = 16, 64
-            _split_k_reduce_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+            args = (
                 partials, t_partials, lb, bias if bias is not None else dummy, out, t,
-                M, N, R, splits, *lb.stride(), *out.stride(), *t.stride(), scaling,
+                M, N, R, splits, *lb.stride(), *out.stride(), *t.stride(), float(scaling),
                 col_scale if col_scale is not None else dummy,
-                HAS_BIAS=bias is not None, R_PAD=_padded_rank(R), LOW_RANK_PRECISION=low_rank_precision,
-                BLOCK_M=block_m, BLOCK_N=block_n, HAS_COL_SCALE=col_scale is not None,
             )  # fmt: skip
+            setup_k = lambda: _split_k_setup(R, col_scale is not None, bias is not None, a.dtype)  # noqa: E731
+            grid = (cdiv(M, _SPLIT_K_BLOCK[0]), cdiv(N, _SPLIT_K_BLOCK[1]))
+            _prebound.launch_lazy(
+                _split_k_reduce_kernel, grid, args, (setup_key, a.dtype), setup_k, device, free=("M",)
+            )  # fmt: skip
+
+
+_FREE_ROWS = ("M", "row0")
+_SPLIT_K_BLOCK = (16, 64)
+
+
+def _split_k_setup(R, has_col_scale, has_bias, dtype):
+    """Constexprs of ``_split_k_reduce_kernel`` (see ``_launch_gemm``'s ``setup``)."""
+    return dict(
+        HAS_BIAS=has_bias, R_PAD=_padded_rank(R), LOW_RANK_PRECISION=_precisions(dtype)[1],
+        BLOCK_M=_SPLIT_K_BLOCK[0], BLOCK_N=_SPLIT_K_BLOCK[1], HAS_COL_SCALE=has_col_scale,
+    )  # fmt: skip
 
 
 def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -314,7 +340,7 @@ def _backward_variant(args) -> str:
     r_pad = max(16, 1 << (lora_A.shape[0] - 1).bit_length())
     key = (
         (M - 1).bit_length(), N, x.shape[1], r_pad, x.dtype, gy.dtype, lora_A.dtype, lora_B.dtype, bool(dropout_p),
-        need_x, need_A, need_B, need_bias, torch.get_float32_matmul_precision(), x.get_device(),
+        need_x, need_A, need_B, need_bias, matmul_precision(), x.get_device(),
     )  # fmt: skip
     return _variants.choose(key, x.device, lambda variant: _BACKWARDS[variant](*args))
 
@@ -343,7 +369,7 @@ def _fused_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     # The grad_B partials take cdiv(rows, block_m)·N·R fp32: rows go in launches that keep them within
     # _MAX_PARTIAL_BYTES (at r = 64, 64-row blocks, all of M = 8192 at once would take 128 MiB).
     rows = max(_MIN_PARTIAL_BLOCKS, _MAX_PARTIAL_BYTES // (4 * N * R)) * block_m if block_m else M
-    row_blocks = -(-min(rows, M) // block_m) if block_m else 0  # (cdiv inline: the census counts calls)
+    row_blocks = cdiv(min(rows, M), block_m) if block_m else 0
     grad_b_ws = _triton_common._empty((row_blocks, N, R), torch.float32, x.device) if block_m else None
     bias_ws = _triton_common._empty((row_blocks, N), torch.float32, x.device) if need_bias else None
     if need_B:
@@ -357,7 +383,7 @@ def _fused_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     jobs = []
     for m0 in range(0, M, rows):
         m1 = min(m0 + rows, M)
-        blocks = -(-(m1 - m0) // block_m) if block_m else 0
+        blocks = cdiv(m1 - m0, block_m) if block_m else 0
         _launch_gemm(
             gy[m0:m1], weight, False, lora_B, lora_A, None, grad_x[m0:m1] if need_x else None,
             g_xa[m0:m1] if g_xa is not None else None, scaling, dropout, DROPOUT_ON_LOW_RANK,

@@ -18,15 +18,16 @@ W is not involved.
 from __future__ import annotations
 
 import torch
-import triton
 
-from . import _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
+from . import _prebound, _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
 from ._contract import autograd_pair, fake_grads
 from ._qlora_configs import (  # noqa: F401  (GPU_CONFIGS ... re-exported: tests and tools look here)
     GPU_CONFIGS, LOW_RANK_GPU_CONFIGS, _qlora_low_rank, _qlora_matmul, prune_configs, prune_low_rank_configs,
 )  # fmt: skip
 from ._quant4bit import HALF_DTYPES, Quant4bit, code_table
-from ._triton_common import _NO_DROPOUT, INTERPRET, _Dropout, _dropout, _padded_rank, _precisions, _reduce_over_m
+from ._triton_common import (
+    _NO_DROPOUT, INTERPRET, _Dropout, _dropout, _padded_rank, _precisions, _reduce_over_m, cdiv, next_pow2,
+)  # fmt: skip
 
 
 def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb, bias, out, t, scaling,
@@ -49,24 +50,27 @@ def _launch_matmul(a, q: Quant4bit, in_features: int, transpose_w: bool, la, lb,
         raise ValueError(f"in_features={in_features} is too large for the 4-bit kernels (at most {(2**31 - 4096) // 256})")
 
     def grid(meta):
-        num_n = triton.cdiv(N, meta["BLOCK_N"]) if write_out else 1
-        return (triton.cdiv(M, meta["BLOCK_M"]) * num_n,)
+        num_n = cdiv(N, meta["BLOCK_N"]) if write_out else 1
+        return (cdiv(M, meta["BLOCK_M"]) * num_n,)
 
+    args = (
+        a, q.packed, q.absmax, q.code, q.absmax2 if nested else q.absmax, q.code2 if nested else q.code,
+        q.offset if nested else q.code,
+        la, lb, bias if bias is not None else out_or_t, out_or_t, t if t is not None else out_or_t,
+        M, N, K, R, next_pow2(M),
+        *a.stride(), stride_wk, stride_wn, *la.stride(), *lb.stride(), *out_or_t.stride(), *t_strides,
+        float(scaling), float(out_dropout.p), float(out_dropout.scale), out_dropout.seed,
+    )  # fmt: skip
+    kwargs = dict(
+        QBLOCK=q.blocksize, QBLOCK2=q.blocksize2 if nested else 1, NESTED=nested,
+        ROWS_ALIGNED=in_features % q.blocksize == 0, TRANSPOSED_W=transpose_w,
+        HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=t is not None and not t_given, T_GIVEN=t_given,
+        R_PAD=_padded_rank(R), DROPOUT_OUT=bool(out_dropout.p), PRECISION=precision,
+        LOW_RANK_PRECISION=low_rank_precision, UPCAST=INTERPRET and a.dtype == torch.bfloat16,
+        FP32_ADAPTERS=la.dtype == torch.float32 and a.dtype != torch.float32,
+    )  # fmt: skip
     with _triton_common.on_device(a.device):
-        _qlora_matmul[grid](
-            a, q.packed, q.absmax, q.code, q.absmax2 if nested else q.absmax, q.code2 if nested else q.code,
-            q.offset if nested else q.code,
-            la, lb, bias if bias is not None else out_or_t, out_or_t, t if t is not None else out_or_t,
-            M, N, K, R, triton.next_power_of_2(M),
-            *a.stride(), stride_wk, stride_wn, *la.stride(), *lb.stride(), *out_or_t.stride(), *t_strides,
-            scaling, out_dropout.p, out_dropout.scale, out_dropout.seed,
-            QBLOCK=q.blocksize, QBLOCK2=q.blocksize2 if nested else 1, NESTED=nested,
-            ROWS_ALIGNED=in_features % q.blocksize == 0, TRANSPOSED_W=transpose_w,
-            HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=t is not None and not t_given, T_GIVEN=t_given,
-            R_PAD=_padded_rank(R), DROPOUT_OUT=bool(out_dropout.p), PRECISION=precision,
-            LOW_RANK_PRECISION=low_rank_precision, UPCAST=INTERPRET and a.dtype == torch.bfloat16,
-            FP32_ADAPTERS=la.dtype == torch.float32 and a.dtype != torch.float32,
-        )  # fmt: skip
+        _prebound.launch(_qlora_matmul, grid, args, kwargs, a.device, free=("M",))
 
 
 def _launch_low_rank(x, la, t, dropout: _Dropout) -> None:
@@ -77,17 +81,19 @@ def _launch_low_rank(x, la, t, dropout: _Dropout) -> None:
     precision, low_rank_precision = _precisions(x.dtype)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]),)
+        return (cdiv(M, meta["BLOCK_M"]),)
 
+    args = (
+        x, la, t, M, K, R, next_pow2(M), *x.stride(), *la.stride(), *t.stride(),
+        float(dropout.p), float(dropout.scale), dropout.seed,
+    )  # fmt: skip
+    kwargs = dict(
+        R_PAD=_padded_rank(R), PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16,
+        FP32_ADAPTERS=la.dtype == torch.float32 and x.dtype != torch.float32,
+    )  # fmt: skip
     with _triton_common.on_device(x.device):
-        _qlora_low_rank[grid](
-            x, la, t, M, K, R, triton.next_power_of_2(M),
-            *x.stride(), *la.stride(), *t.stride(),
-            dropout.p, dropout.scale, dropout.seed,
-            R_PAD=_padded_rank(R), PRECISION=precision, LOW_RANK_PRECISION=low_rank_precision,
-            UPCAST=INTERPRET and x.dtype == torch.bfloat16,
-            FP32_ADAPTERS=la.dtype == torch.float32 and x.dtype != torch.float32,
-        )  # fmt: skip
+        _prebound.launch(_qlora_low_rank, grid, args, kwargs, x.device, free=("M",))
 
 
 def _quant(packed, absmax, code, absmax2, code2, offset, out_features, blocksize, blocksize2) -> Quant4bit:
@@ -205,12 +211,12 @@ def launch_for_inspection(M, K, N, r, dtype, adapter_dtype, dropout, backward) -
     Other input dtypes never reach these kernels (``qlora.py`` runs them dequantized): nothing to launch."""
     if dtype not in HALF_DTYPES:
         return
-    blocks = triton.cdiv(N * K, 64)
+    blocks = cdiv(N * K, 64)
     q = Quant4bit(
-        packed=torch.randint(0, 256, (triton.cdiv(N * K, 2), 1), dtype=torch.uint8),
+        packed=torch.randint(0, 256, (cdiv(N * K, 2), 1), dtype=torch.uint8),
         absmax=torch.randint(0, 256, (blocks,), dtype=torch.uint8),
         code=code_table("nf4", "cpu"),
-        absmax2=torch.rand(triton.cdiv(blocks, 256)),
+        absmax2=torch.rand(cdiv(blocks, 256)),
         code2=torch.linspace(-1, 1, 256),
         offset=torch.tensor(0.5),
         out_features=N,
