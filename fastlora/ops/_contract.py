@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 # The schemas every backend implements; csrc/lora_ops.cpp only implements ops defined with them here.
 FORWARD_SCHEMA = (
@@ -49,7 +50,10 @@ class LoRAOps(NamedTuple):
 
     Calling it gives ``y``. Under ``torch.compile`` the call goes through the ops, which the compiler
     traces; in eager mode through the Function, which skips the ops' Python dispatch (about 40 µs a
-    call on the CPU, comparable to a small layer's whole GPU time).
+    call on the CPU, comparable to a small layer's whole GPU time). With grad mode off (no_grad,
+    inference_mode: decoding) ``eager_forward``, the Function's own forward, runs without the
+    Function, whose node and context cost about 3 µs a call and would record nothing; not under a
+    transform that needs the Function (forward-mode AD, functorch, ``torch.jit.trace``).
     """
 
     forward: Callable
@@ -57,10 +61,16 @@ class LoRAOps(NamedTuple):
     function: type[torch.autograd.Function]
     runs_on: tuple[str, ...] | None = None
     device_unsupported: Callable[[torch.device], str | None] | None = None
+    eager_forward: Callable | None = None  # ``(inputs) -> (y, xa)``; None: always the Function
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+        if (
+            not torch.is_grad_enabled() and self.eager_forward is not None and _forward_ad._current_level < 0
+            and not torch._C._are_functorch_transforms_active() and torch._C._get_tracing_state() is None
+        ):  # fmt: skip
+            return self.eager_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
         return self.function.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -169,7 +179,7 @@ def attach_autograd(
         "LoRAFunction", forward_op, backward_op, forward_impl or forward_op, backward_impl or backward_op,
         _save_for_backward, _input_grads,
     )  # fmt: skip
-    return LoRAOps(forward_op, backward_op, function, runs_on, device_unsupported)
+    return LoRAOps(forward_op, backward_op, function, runs_on, device_unsupported, forward_impl or forward_op)
 
 
 def define_ops(namespace: str, name: str) -> tuple:

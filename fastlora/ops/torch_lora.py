@@ -40,46 +40,65 @@ def _dropout_scale(x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> tor
 
 
 def torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    wide = wide_dtype(x.dtype)
-    x_wide = _as(x, wide)
-    x_low_rank = x_wide * _dropout_scale(x_wide, dropout_p, seed) if dropout_p else x_wide
-    xa = F.linear(x_low_rank, _as(lora_A, wide))  # = mm(x, Aᵀ), with the transpose in C++ (0.5 µs)
-    y = F.linear(x_wide, _as(weight, wide), None if bias is None else _as(bias, wide))
-    y.addmm_(xa, _as(lora_B, wide).t(), alpha=scaling)
-    return _as(y, x.dtype), xa
+    dtype = x.dtype
+    wide = wide_dtype(dtype)
+    if dtype != wide or lora_A.dtype != wide:  # weight and bias are in x's dtype, lora_B in lora_A's
+        x, weight, lora_A, lora_B = _as(x, wide), _as(weight, wide), _as(lora_A, wide), _as(lora_B, wide)
+        bias = None if bias is None else _as(bias, wide)
+    x_low_rank = x * _dropout_scale(x, dropout_p, seed) if dropout_p else x
+    xa = F.linear(x_low_rank, lora_A)  # = mm(x, Aᵀ), with the transpose in C++ (0.5 µs)
+    y = F.linear(x, weight, bias)
+    y.addmm_(xa, lora_B.t(), alpha=scaling)
+    return _as(y, dtype), xa
 
 
 def _grads(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
     """``torch_backward``'s gradients, None where not needed (the eager Function's backward: an
-    empty tensor for each would be an allocation, ≈1 µs, that the Function drops).
+    empty tensor for each would be an allocation, ≈1 µs, that the Function drops). Inputs in
+    fp32/fp64 throughout (the usual CPU call) go straight to ``_wide_grads``: the casts' checks
+    are a dozen Python calls, ≈1 µs."""
+    wide = xa.dtype
+    if gy.dtype == wide and x.dtype == wide and lora_A.dtype == wide:  # weight in x's, lora_B in lora_A's dtype
+        return _wide_grads(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias)
+    need_low_rank = need_x or need_A
+    grad_x, grad_A, grad_B, grad_bias = _wide_grads(
+        _as(gy, wide), _as(x, wide) if need_low_rank else x, xa, _as(weight, wide) if need_x else weight,
+        _as(lora_A, wide) if need_low_rank else lora_A, _as(lora_B, wide) if (need_low_rank or need_B) else lora_B,
+        scaling, dropout_p, seed, need_x, need_A, need_B, need_bias,
+    )  # fmt: skip
+    return (
+        None if grad_x is None else _as(grad_x, x.dtype),
+        None if grad_A is None else _as(grad_A, lora_A.dtype),
+        None if grad_B is None else _as(grad_B, lora_B.dtype),
+        None if grad_bias is None else _as(grad_bias, gy.dtype),
+    )
+
+
+def _wide_grads(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
+    """``_grads`` with every tensor it reads in ``xa``'s dtype.
 
     ``scaling`` rides on GEMMs as ``addmm(t, a, b, beta=0, alpha=scaling)``, which is
     ``scaling·(a b)`` in one op (torch.addmm's documented beta=0: ``t`` only gives the shape, dtype
     and device, and is not read), where ``mm(a, b).mul_(scaling)`` is two: each saves ≈2 µs of a
     CPU call and one kernel launch on a GPU. ``t`` is a tensor at hand of the output's shape and
-    dtype: ``xa`` [M, r] for ``g_xa``, ``lora_B`` in the wide dtype for ``grad_B``. ``g_xa`` carries
-    the scaling once for both ``grad_x`` and ``grad_A``."""
-    wide = xa.dtype
-    gy_wide, x_wide = _as(gy, wide), _as(x, wide)
-    B_wide = _as(lora_B, wide) if (need_x or need_A or need_B) else None
+    dtype: ``xa`` [M, r] for ``g_xa``, ``lora_B`` for ``grad_B``. ``g_xa`` carries the scaling
+    once for both ``grad_x`` and ``grad_A``."""
     grad_x = grad_A = grad_B = grad_bias = None
     if need_x or need_A:
-        dropout_scale = _dropout_scale(x_wide, dropout_p, seed) if dropout_p else None
-        g_xa = torch.addmm(xa, gy_wide, B_wide, beta=0, alpha=scaling)  # scaling·(gy B)
-        A_wide = _as(lora_A, wide)
+        dropout_scale = _dropout_scale(x, dropout_p, seed) if dropout_p else None
+        g_xa = torch.addmm(xa, gy, lora_B, beta=0, alpha=scaling)  # scaling·(gy B)
         if need_x:
-            grad_x = gy_wide.mm(_as(weight, wide))
+            grad_x = gy.mm(weight)
             if dropout_scale is None:
-                grad_x = _as(grad_x.addmm_(g_xa, A_wide), x.dtype)
+                grad_x.addmm_(g_xa, lora_A)
             else:
-                grad_x = _as(grad_x.addcmul_(torch.mm(g_xa, A_wide), dropout_scale), x.dtype)
+                grad_x.addcmul_(torch.mm(g_xa, lora_A), dropout_scale)
         if need_A:
-            x_low_rank = x_wide * dropout_scale if dropout_scale is not None else x_wide
-            grad_A = _as(torch.mm(g_xa.t(), x_low_rank), lora_A.dtype)
+            grad_A = torch.mm(g_xa.t(), x if dropout_scale is None else x * dropout_scale)
     if need_B:
-        grad_B = _as(torch.addmm(B_wide, gy_wide.t(), xa, beta=0, alpha=scaling), lora_B.dtype)
+        grad_B = torch.addmm(lora_B, gy.t(), xa, beta=0, alpha=scaling)
     if need_bias:
-        grad_bias = _as(gy_wide.sum(0), gy.dtype)
+        grad_bias = gy.sum(0)
     return grad_x, grad_A, grad_B, grad_bias
 
 
