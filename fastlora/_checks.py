@@ -141,7 +141,7 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling) -> float:
 
 def _valid_lora_inputs(x, weight, bias, lora_A, lora_B, scaling) -> bool:
     """Whether every check of ``_check_lora_inputs`` passes, with ``scaling`` a float already: the
-    path of every valid call, reading each attribute once (1.2 µs against the checks' 3.9 µs, each
+    path of every valid call, reading each attribute once (1.6 µs against the checks' 3.9 µs, each
     of which builds its own shapes, devices and messages' arguments). False sends the call to
     ``_check_lora_inputs``, which raises the error naming the problem (or converts ``scaling``)."""
     Tensor = torch.Tensor
