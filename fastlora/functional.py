@@ -61,8 +61,12 @@ def lora_linear(
     ``"auto"``, the default, is explained in ``fastlora.ops.auto`` and by ``fastlora.explain_backend``).
     Under ``torch.autocast`` the inputs are cast as autocast casts ``F.linear``'s.
     """
-    # float64 is left alone, as autocast leaves it.
-    if isinstance(x, torch.Tensor) and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+    # float64 is left alone, as autocast leaves it. _is_any_autocast_enabled (one C call, no device
+    # object) first: it is False on nearly every call, and dynamo folds it as it folds the rest.
+    if (
+        torch._C._is_any_autocast_enabled() and isinstance(x, torch.Tensor) and x.dtype != torch.float64
+        and torch.is_autocast_enabled(x.device.type)
+    ):  # fmt: skip
         device_type = x.device.type
         # Autocast does not reach inside custom ops: cast here as it casts F.linear's arguments (fp32
         # adapters stay fp32, PEFT's default), then run with it off so the ops see consistent dtypes.
@@ -76,7 +80,7 @@ def lora_linear(
     scaling = check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling)
     dropout = check_dropout(dropout)
     ops = backend_ops(resolve_backend(check_backend(backend), x, weight, bias, lora_A, lora_B, dropout))
-    seed = draw_seed(dropout)
+    seed = draw_seed(dropout) if dropout else None
     if x.dim() == 2:  # skips two views and their autograd nodes: a few µs of a small layer's call
         return ops(x, weight, bias, lora_A, lora_B, scaling, dropout, seed)
     y = ops(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout, seed)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_dropout, check_dtype, check_layer_args, check_target_modules
+from .functional import lora_linear
 from .qlora import base_weight, check_4bit, compute_dtype_of, is_4bit
 
 
@@ -203,8 +204,17 @@ class FusedLoRALinear(nn.Module):
                 x, self.weight, self.bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
                 dropout=dropout, backend=self.backend, cache=self._dora_cache,
             )  # fmt: skip
-        base = base_weight(self.weight, self.compute_dtype)
-        return base.lora_linear(x, self.bias, self.lora_A, self.lora_B, self.scaling, dropout, self.backend)
+        # The Parameters from _parameters: each self.<parameter> is a Python call to
+        # nn.Module.__getattr__ (0.3 µs, 1.2 of a call's host time for the four). A name that is
+        # not a registered Parameter there (FSDP swaps in plain tensors) is read as an attribute.
+        params = self._parameters
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        lora_A = params["lora_A"] if "lora_A" in params else self.lora_A
+        lora_B = params["lora_B"] if "lora_B" in params else self.lora_B
+        if self.compute_dtype is None and not is_4bit(weight):  # base_weight's DenseWeight, without building it
+            return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, dropout=dropout, backend=self.backend)
+        return base_weight(weight, self.compute_dtype).lora_linear(x, bias, lora_A, lora_B, self.scaling, dropout, self.backend)
 
     def extra_repr(self) -> str:
         return (

@@ -111,6 +111,19 @@ def test_nan_and_inf_propagate_like_the_reference(backend, device):
     assert torch.allclose(out[finite], ref[finite], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_grad_mode_off_gives_the_same_y_without_a_graph(backend, device, mode):
+    # With grad mode off the call runs the backend's forward without the autograd Function
+    # (LoRAOps.__call__): the same values as the Function computes, and nothing recorded.
+    x, w, b, A, B = make_inputs(9, 16, 8, 2, torch.float32, device)
+    expected = fastlora.lora_linear(x, w, b, A, B, 1.5, backend=backend)
+    with getattr(torch, mode)():
+        out = fastlora.lora_linear(x, w, b, A, B, 1.5, backend=backend)
+    assert out.grad_fn is None and not out.requires_grad
+    assert torch.equal(out, expected.detach())
+
+
 @pytest.mark.gpu  # LLM-sized shapes
 @pytest.mark.parametrize("backend", [b for b, d in ((p.values) for p in BACKEND_DEVICE) if d == "cuda"])
 @pytest.mark.parametrize("dtype", HALVES, ids=str)

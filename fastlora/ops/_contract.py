@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 # The schemas every backend implements; csrc/lora_ops.cpp only implements ops defined with them here.
 FORWARD_SCHEMA = (
@@ -49,7 +50,10 @@ class LoRAOps(NamedTuple):
 
     Calling it gives ``y``. Under ``torch.compile`` the call goes through the ops, which the compiler
     traces; in eager mode through the Function, which skips the ops' Python dispatch (about 40 µs a
-    call on the CPU, comparable to a small layer's whole GPU time).
+    call on the CPU, comparable to a small layer's whole GPU time). With grad mode off (no_grad,
+    inference_mode: decoding) ``eager_forward``, the Function's own forward, runs without the
+    Function, whose node and context cost about 3 µs a call and would record nothing; not under a
+    transform that needs the Function (forward-mode AD, functorch, ``torch.jit.trace``).
     """
 
     forward: Callable
@@ -57,10 +61,16 @@ class LoRAOps(NamedTuple):
     function: type[torch.autograd.Function]
     runs_on: tuple[str, ...] | None = None
     device_unsupported: Callable[[torch.device], str | None] | None = None
+    eager_forward: Callable | None = None  # ``(inputs) -> (y, xa)``; None: always the Function
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+        if (
+            not torch.is_grad_enabled() and self.eager_forward is not None and _forward_ad._current_level < 0
+            and not torch._C._are_functorch_transforms_active() and torch._C._get_tracing_state() is None
+        ):  # fmt: skip
+            return self.eager_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
         return self.function.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -104,12 +114,17 @@ def _input_grads(ctx, backward: Callable, gy: torch.Tensor) -> tuple:
     """The gradients of the forward's eight inputs, from the saved tensors and ``backward``."""
     x, xa, weight, lora_A, lora_B = ctx.saved_tensors
     need_x, need_w, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+    args = (gy, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, need_x, need_A, need_B, need_bias)
     # A backward called inside torch.autocast runs under it too; the forward ran with it off
-    # (functional.lora_linear casts first), and the backward must see the same dtypes.
-    with torch.autocast(gy.device.type, enabled=False):
-        grad_x, grad_A, grad_B, grad_bias = backward(
-            gy, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, need_x, need_A, need_B, need_bias
-        )
+    # (functional.lora_linear casts first), and the backward must see the same dtypes. Entering
+    # torch.autocast(enabled=False) costs 3-4 µs (about 15 µs of a CPU step, measured with the
+    # engine around it), so it is entered only when some autocast is on (one C call, 0.2 µs).
+    if torch._C._is_any_autocast_enabled():
+        with torch.autocast(gy.device.type, enabled=False):
+            grad_x, grad_A, grad_B, grad_bias = backward(*args)
+            grad_w = gy.t().mm(x) if need_w else None
+    else:
+        grad_x, grad_A, grad_B, grad_bias = backward(*args)
         grad_w = gy.t().mm(x) if need_w else None
     return (
         grad_x if need_x else None,
@@ -164,7 +179,7 @@ def attach_autograd(
         "LoRAFunction", forward_op, backward_op, forward_impl or forward_op, backward_impl or backward_op,
         _save_for_backward, _input_grads,
     )  # fmt: skip
-    return LoRAOps(forward_op, backward_op, function, runs_on, device_unsupported)
+    return LoRAOps(forward_op, backward_op, function, runs_on, device_unsupported, forward_impl or forward_op)
 
 
 def define_ops(namespace: str, name: str) -> tuple:
@@ -181,8 +196,13 @@ def define_ops(namespace: str, name: str) -> tuple:
 _LIBRARIES: list[torch.library.Library] = []
 
 
-def register_backend(name: str, forward: Callable, backward: Callable, runs_on: tuple[str, ...] | None = None) -> LoRAOps:
-    """Define ``fastlora::<name>_forward`` / ``_backward`` from Python functions and attach autograd."""
+def register_backend(
+    name: str, forward: Callable, backward: Callable, runs_on: tuple[str, ...] | None = None, *, eager_backward=None
+) -> LoRAOps:
+    """Define ``fastlora::<name>_forward`` / ``_backward`` from Python functions and attach autograd.
+    ``eager_backward`` (default: ``backward``) is what the eager Function's backward calls: it may
+    return None for a gradient it was not asked for (the Function drops those), where the op
+    must return a tensor."""
     forward_op = torch.library.custom_op(f"fastlora::{name}_forward", forward, mutates_args=(), schema=FORWARD_SCHEMA)
     backward_op = torch.library.custom_op(f"fastlora::{name}_backward", backward, mutates_args=(), schema=BACKWARD_SCHEMA)
-    return attach_autograd(forward_op, backward_op, runs_on, forward_impl=forward, backward_impl=backward)
+    return attach_autograd(forward_op, backward_op, runs_on, forward_impl=forward, backward_impl=eager_backward or backward)

@@ -103,11 +103,11 @@ def _cuda_limits(index: int) -> DeviceLimits:
 def device_limits(device: torch.device) -> DeviceLimits:
     """The limits of ``device`` (a CUDA device, or the CPU under the interpreter), or of the target
     that ``target_limits`` stands in."""
-    if _override and device.type != "cuda":  # a real GPU launch on another thread keeps its own limits
-        return _override[-1]
+    # Called several times a launch: device.type and device.index are read once each.
     if device.type != "cuda":
-        return _CPU_LIMITS
-    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
+        return _override[-1] if _override else _CPU_LIMITS  # a real GPU launch on another thread keeps its own limits
+    index = device.index
+    return _cuda_limits(index if index is not None else torch.cuda.current_device())
 
 
 @contextlib.contextmanager

@@ -279,6 +279,8 @@ def resolve_backend(
             if choice is not None:
                 return choice["backend"]
         return choose(x, weight, bias, lora_A, lora_B, dropout, requires_grad)["backend"]
+    if name == "torch":  # loaded at import and runs every call (cannot_run's answer, without asking it)
+        return name
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     problem = cannot_run(name, x, lora_A.shape[0])
