@@ -359,11 +359,10 @@ def _fused_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     grad_x = _triton_common._empty(x.shape, x.dtype, x.device) if need_x else x.new_empty((0,))
     # gy B feeds grad_A, and grad_x's epilogue: its consumers read it from this buffer.
     g_xa = _triton_common._empty((M, R), torch.float32, x.device) if need_A or need_x else None
-    grad_A, grad_B, grad_bias = lora_A.new_empty((0,)), lora_B.new_empty((0,)), gy.new_empty((0,))
     if M == 0:
-        grad_A = torch.zeros_like(lora_A) if need_A else grad_A
-        grad_B = torch.zeros_like(lora_B) if need_B else grad_B
-        grad_bias = gy.new_zeros((N,)) if need_bias else grad_bias
+        grad_A = torch.zeros_like(lora_A) if need_A else lora_A.new_empty((0,))
+        grad_B = torch.zeros_like(lora_B) if need_B else lora_B.new_empty((0,))
+        grad_bias = gy.new_zeros((N,)) if need_bias else gy.new_empty((0,))
         return grad_x, grad_A, grad_B, grad_bias
     block_m = _grad_b_block_m(M, R, x.device, x.dtype) if need_B or need_bias else 0
     # The grad_B partials take cdiv(rows, block_m)·N·R fp32: rows go in launches that keep them within
@@ -372,10 +371,9 @@ def _fused_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     row_blocks = cdiv(min(rows, M), block_m) if block_m else 0
     grad_b_ws = _triton_common._empty((row_blocks, N, R), torch.float32, x.device) if block_m else None
     bias_ws = _triton_common._empty((row_blocks, N), torch.float32, x.device) if need_bias else None
-    if need_B:
-        grad_B = _triton_common._empty(lora_B.shape, lora_B.dtype, x.device)
-    if need_bias:
-        grad_bias = _triton_common._empty((N,), gy.dtype, x.device)
+    # (Placeholders only for the gradients not asked for: an allocation is ~1 µs of host time.)
+    grad_B = _triton_common._empty(lora_B.shape, lora_B.dtype, x.device) if need_B else lora_B.new_empty((0,))
+    grad_bias = _triton_common._empty((N,), gy.dtype, x.device) if need_bias else gy.new_empty((0,))
     several = rows < M
     # fp32 running sums of the slices before the last (only with several slices).
     run_B = _triton_common._empty((N, R), torch.float32, x.device) if several and need_B else None
@@ -384,21 +382,25 @@ def _fused_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     for m0 in range(0, M, rows):
         m1 = min(m0 + rows, M)
         blocks = cdiv(m1 - m0, block_m) if block_m else 0
+        # Row slices only with several (a view is ~1 µs of host time, and one slice is the usual case).
+        cut = (lambda t: t[m0:m1]) if several else (lambda t: t)  # noqa: E731
         _launch_gemm(
-            gy[m0:m1], weight, False, lora_B, lora_A, None, grad_x[m0:m1] if need_x else None,
-            g_xa[m0:m1] if g_xa is not None else None, scaling, dropout, DROPOUT_ON_LOW_RANK,
-            xa=xa[m0:m1], grad_b_ws=grad_b_ws, bias_ws=bias_ws, block_m_fixed=block_m, row0=m0,
+            cut(gy), weight, False, lora_B, lora_A, None, cut(grad_x) if need_x else None,
+            cut(g_xa) if g_xa is not None else None, scaling, dropout, DROPOUT_ON_LOW_RANK,
+            xa=cut(xa), grad_b_ws=grad_b_ws, bias_ws=bias_ws, block_m_fixed=block_m, row0=m0,
         )  # fmt: skip
         last = m1 == M
         jobs = []  # (partials, out, scale, running sums to add or None): see _triton_finalize
         if need_B:
             out_B = grad_B if last else run_B
-            jobs.append((grad_b_ws[:blocks], out_B, scaling if last else 1.0, run_B if m0 else None))
+            parts = grad_b_ws[:blocks] if several else grad_b_ws
+            jobs.append((parts, out_B, scaling if last else 1.0, run_B if m0 else None))
         if need_bias:
             out_bias = grad_bias if last else run_bias
-            jobs.append((bias_ws[:blocks], out_bias, 1.0, run_bias if m0 else None))
+            jobs.append((bias_ws[:blocks] if several else bias_ws, out_bias, 1.0, run_bias if m0 else None))
         if not last:  # grad_b_ws / bias_ws are refilled by the next slice
             finalize_sums(jobs)
+    grad_A = lora_A.new_empty((0,))
     if need_A:  # (the partials carry the scaling)
         grad_A = _triton_common._empty(lora_A.shape, lora_A.dtype, x.device)
         jobs.append((_reduce_partials(g_xa, x, scaling, dropout)[0], grad_A, 1.0, None))
