@@ -138,9 +138,11 @@ def test_fp16_grad_b_partials_scale_large_xa():
 
 def test_launch_for_inspection_runs_the_launchers(launches):
     triton_lora.launch_for_inspection(20, 64, 48, 4, torch.bfloat16, torch.float32, dropout=True, backward=True)
-    assert [launch["W_TRANS"] for launch in launches] == [True, False]
+    # The forward, then the gy pass of each backward variant (fused, then split: both compiled by inspect).
+    assert [launch["W_TRANS"] for launch in launches] == [True, False, False]
+    assert [launch["FUSE_GRAD_B"] for launch in launches] == [False, True, False]
     assert launches[0]["DROPOUT"] == triton_lora.DROPOUT_ON_INPUT.value
-    assert launches[1]["DROPOUT"] == triton_lora.DROPOUT_ON_LOW_RANK.value
+    assert launches[1]["DROPOUT"] == launches[2]["DROPOUT"] == triton_lora.DROPOUT_ON_LOW_RANK.value
 
 
 @pytest.mark.parametrize("p", [0.0, 0.4])
