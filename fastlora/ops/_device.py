@@ -46,8 +46,13 @@ class ArchRules(NamedTuple):
     group for wgmma, tcgen05's M is 64 or 128; mma.sync is fine with 32). ``max_k_step``: the longest
     K step worth timing (mma.sync holds a K step's operands in registers: on sm_80 every K step of
     64 spilled; None: no limit). ``small_tiles_when_busy``: at r ≥ 64 or with a busy main loop only
-    tiles of at most 64×64 (sm_80: 64×128 and 128×128 spilled 40-120 bytes). ``grad_b_rows``: the
-    row block of the grad_x pass with fused grad_B partials at ``(r ≤ 32, r > 32)``."""
+    tiles of at most 64×64 (sm_80: 64×128 and 128×128 spilled 40-120 bytes).
+
+    ``grad_b_rows``: the (wide, narrow) row block of the grad_x pass with fused grad_B partials, and
+    ``grad_b_wide_ranks`` the largest padded rank that takes the wide one (without, with LoRA dropout,
+    whose epilogue draws a random number per output element beside the partials' operands); see
+    ``grad_b_block``. ``reduce_rows``: the row step (its dot's K) of the split-M reduce's 4-warp
+    tensor-core programs (``_triton_common._reduce_config``)."""
 
     mma: str
     tma: bool
@@ -55,29 +60,58 @@ class ArchRules(NamedTuple):
     max_k_step: int | None
     small_tiles_when_busy: bool
     grad_b_rows: tuple[int, int]
+    grad_b_wide_ranks: tuple[int, int]
+    reduce_rows: int
 
     @property
     def has_wgmma(self) -> bool:
         return self.mma == "wgmma"
 
+    def grad_b_block(self, rank_pad: int, dropout: bool) -> int:
+        """The row block of grad_x with fused grad_B partials at padded rank ``rank_pad``."""
+        wide, narrow = self.grad_b_rows
+        return wide if rank_pad <= self.grad_b_wide_ranks[dropout] else narrow
 
-_MMA_SYNC = ArchRules("mma.sync", tma=False, min_rows=32, max_k_step=32, small_tiles_when_busy=True, grad_b_rows=(64, 32))
+
+# Each arch's grad_x row blocks and reduce step, compiled by `fastlora inspect` (triton 3.8, M = 8192,
+# 4096², bf16 x, bf16 or fp32 adapters; grad_x configs of GRAD_X_CONFIGS, stack bytes a thread):
+# - mma.sync (sm_80): every 128-row grad_x spilled (112-168), 64 rows at r ≤ 32 did not, with dropout
+#   too (r = 32: 64×64×32/4 warps/2 stages 255 registers, none); at r ≥ 64 64×64×32 spilled 8-40.
+#   sm_120 alike: 64 rows, r = 32 with dropout, 190-242 registers, none.
+# - wgmma (sm_90a): 128 rows clean at r ≤ 32 without dropout (r = 32: 128×64×32/8 warps 244-254
+#   registers) and at r = 16 with it (234-248), not at r = 32 with dropout (every 128-row config
+#   spilled 8-120; 64 rows 250-255 registers, none but with fp32 adapters 64×64×32/4 warps/2 stages
+#   only, the others 8-72 and dropped by the compiler check); at r = 64 every 128-row config spilled
+#   (16-232).
+# - tcgen05 (sm_100a): 128 rows clean without dropout at r ≤ 32 (r = 16: 190-249 registers; r = 32:
+#   128×64×64 217-236, while 128×64×32 spilled 24 and the compiler check drops it), but with
+#   dropout every 128-row config spilled at r = 16 (8 bytes bf16 and 64-112 fp32 adapters) and r = 32
+#   (32-88); 64 rows compiled clean there (178-229 registers). The reduce's 16×128 tile (r = 16, 4 warps)
+#   in 64-row steps: 128 registers and 24 bytes of stack on sm_100a (none on sm_80/90a/120: 96-136
+#   registers); 32-row steps 78, none (r = 32: 151); 8 warps 119, but 16 bytes with dropout.
+_MMA_SYNC = ArchRules("mma.sync", tma=False, min_rows=32, max_k_step=32, small_tiles_when_busy=True,
+                      grad_b_rows=(64, 32), grad_b_wide_ranks=(32, 32), reduce_rows=64)  # fmt: skip
 _RULES = {
     8: _MMA_SYNC,  # sm_80-89 (Ampere, Ada)
-    9: ArchRules("wgmma", tma=True, min_rows=64, max_k_step=None, small_tiles_when_busy=False, grad_b_rows=(128, 64)),
-    # Accumulators in tensor memory leave the registers to the operands: the Hopper shapes, until
-    # `fastlora inspect --arch 100a` says otherwise.
-    10: ArchRules("tcgen05", tma=True, min_rows=64, max_k_step=None, small_tiles_when_busy=False, grad_b_rows=(128, 64)),
-    # Consumer Blackwell: no wgmma or tcgen05, mma.sync as on sm_80 (and ~99 KiB of shared memory a
-    # block, which KNOWN_LIMITS carries), but TMA.
+    9: ArchRules("wgmma", tma=True, min_rows=64, max_k_step=None, small_tiles_when_busy=False,
+                 grad_b_rows=(128, 64), grad_b_wide_ranks=(32, 16), reduce_rows=64),  # fmt: skip
+    # Accumulators in tensor memory leave the registers to the operands: the Hopper tile shapes, but
+    # not the 128-row grad_x with dropout, nor the reduce's 64-row steps (see above).
+    10: ArchRules("tcgen05", tma=True, min_rows=64, max_k_step=None, small_tiles_when_busy=False,
+                  grad_b_rows=(128, 64), grad_b_wide_ranks=(32, 0), reduce_rows=32),  # fmt: skip
+    # Consumer Blackwell (sm_120, sm_121): no wgmma or tcgen05, mma.sync as on sm_80 (and ~99 KiB of
+    # shared memory a block, which KNOWN_LIMITS carries), but TMA.
     12: _MMA_SYNC._replace(tma=True),
 }
 
 
 def arch_rules(capability: tuple[int, int]) -> ArchRules:
     """The rules of compute capability ``capability``; an architecture not listed (older than
-    sm_80, or newer than this table) gets sm_80's, which assume the least."""
+    sm_80, newer than this table, or sm_110, whose Triton support is not checked here) gets sm_80's,
+    which assume the least: no TMA, mma.sync's short K steps, small tiles and row blocks."""
     return _RULES.get(capability[0], _MMA_SYNC)
+
+
 # CPU tensors (the Triton interpreter): a few programs, so that the tests exercise splitting and
 # persistent tile loops, with Hopper's shared memory so that every config is considered.
 _CPU_LIMITS = DeviceLimits(sm_count=4, max_shared_bytes=227 * 1024, capability=(9, 0))

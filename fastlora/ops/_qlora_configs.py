@@ -22,7 +22,7 @@ from ._triton_compile import drop_spilling
 GPU_CONFIGS = _configs(
     [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
         (128, 64, 64, 8, 2),
-        (64, 128, 32, 8, 2),  # sm_90 only, as the next
+        (64, 128, 32, 8, 2),  # wgmma/tcgen05 only (sm_90, sm_100), as the next
         (64, 64, 32, 4, 2),
         (32, 64, 32, 8, 2),  # r = 256 (fp32 Aᵀ tile: 32 KiB a stage)
         (16, 64, 32, 4, 2),  # decode
@@ -34,8 +34,10 @@ GPU_CONFIGS = _configs(
 _MAX_W_PER_THREAD = 16
 _MAX_ACC_PER_THREAD = 72
 # Compiled for sm_80 (mma.sync keeps more in registers than Hopper's wgmma), these two spilled 8-24
-# bytes in grad_x (r = 16 and 64, fp32 adapters) where they had none for sm_90a.
-_HOPPER_ONLY = {(64, 128, 32, 8), (64, 64, 32, 4)}
+# bytes in grad_x (r = 16 and 64, fp32 adapters) where they had none for sm_90a; none for sm_100a
+# (tcgen05) either (r = 16, bf16 and fp32 adapters, with and without dropout: 91-150 registers). So
+# they are for the archs whose ``arch_rules().mma`` is not mma.sync (sm_120, consumer Blackwell, is).
+_WIDE_MMA_ONLY = {(64, 128, 32, 8), (64, 64, 32, 4)}
 _GATHER_BYTES = 6  # staged per W element: packed byte, absmax code byte, nested absmax (fp32)
 
 
@@ -60,7 +62,7 @@ def prune_configs(configs, named_args, **kwargs):
     limits = device_limits(args["a_ptr"].device)
     # (mma.sync archs: sm_80-89 and sm_120, where the census compiled four of these spilling 16-104 B)
     wide_mma = arch_rules(limits.capability).mma != "mma.sync"
-    candidates = [c for c in configs if wide_mma or _shape(c) not in _HOPPER_ONLY] or configs
+    candidates = [c for c in configs if wide_mma or _shape(c) not in _WIDE_MMA_ONLY] or configs
 
     def accumulators(c):
         bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))

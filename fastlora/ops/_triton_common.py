@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .._tolerance import matmul_precision
 from . import _prebound
-from ._device import device_limits
+from ._device import arch_rules, device_limits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -397,6 +397,39 @@ def _reduce_blocks(P: int, Q: int, max_accumulators: int = 8192) -> tuple[int, i
     return block_p, block_q
 
 
+# Random numbers a thread draws a row step for the rhs dropout mask: at 64 per thread (16×128 and
+# 32×128 tiles, 4 warps, 64-row steps) r = 32 spilled 312-488 bytes on sm_90a, sm_100a and sm_120
+# (sm_80 none, at 254 registers), and r = 16 sat at 255 registers everywhere; 32-row steps (32 a
+# thread) compiled clean on all four (128-167 registers). 8-warp tiles draw 16-32 a thread.
+_MAX_REDUCE_DRAWS = 32
+
+
+def _reduce_config(P: int, Q: int, precision: str, dropout: bool, device: torch.device) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_P, BLOCK_Q, num_warps)`` of ``_lora_reduce_kernel`` for ``lhs [M, P]``, ``rhs [M, Q]``.
+
+    Compiled for sm_90a and sm_80 (fastlora inspect), 4 warps and 64-row steps spilled in two ways.
+    fp32 products on the CUDA cores ("ieee", torch's default fp32 matmul precision) keep a row slice
+    of both operands per thread beside the accumulators: a 128×64 tile spilled 1.7 KiB, 128×16 with
+    the column sums 448-496 bytes, 64×64 in 32-row steps 72-400; 32-row steps on tiles of at most
+    2048 accumulators did not (56-207 registers). On the tensor cores, 64×128 tiles spilled 8-216
+    bytes with 4 warps and none with 8. The 4-warp tensor-core tiles step by the arch's
+    ``reduce_rows`` (sm_100a: 32, see ``_device``), and by fewer rows where the dropout mask would
+    draw more than ``_MAX_REDUCE_DRAWS`` a thread.
+    """
+    fma = precision == "ieee"
+    block_p, block_q = _reduce_blocks(P, Q, 2048 if fma else 8192)
+    num_warps = 8 if not fma and block_p * block_q > 4096 else 4
+    if fma:
+        block_m = 32
+    elif num_warps == 8:
+        block_m = 64
+    else:
+        block_m = arch_rules(device_limits(device).capability).reduce_rows
+    while dropout and block_m > 16 and block_m * block_q > _MAX_REDUCE_DRAWS * 32 * num_warps:
+        block_m //= 2
+    return block_m, block_p, block_q, num_warps
+
+
 def _reduce_over_m(
     lhs, rhs, scaling: float, out_dtype: torch.dtype, rhs_dropout: _Dropout = _NO_DROPOUT, col_sum: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -421,16 +454,7 @@ def _reduce_partials(
     M, P = lhs.shape
     Q = rhs.shape[1]
     _, precision = _precisions(rhs.dtype)
-    # Compiled for sm_90a and sm_80 (fastlora inspect), 4 warps and 64-row steps spilled in two ways.
-    # fp32 products on the CUDA cores ("ieee", torch's default fp32 matmul precision) keep a row slice
-    # of both operands per thread beside the accumulators: a 128×64 tile spilled 1.7 KiB, 128×16 with
-    # the column sums 448-496 bytes, 64×64 in 32-row steps 72-400; 32-row steps on tiles of at most
-    # 2048 accumulators did not (56-207 registers). On the tensor cores, 64×128 tiles spilled 8-216
-    # bytes with 4 warps and none with 8.
-    fma = precision == "ieee"
-    block_m = 32 if fma else 64
-    block_p, block_q = _reduce_blocks(P, Q, 2048 if fma else 8192)
-    num_warps = 8 if not fma and block_p * block_q > 4096 else 4
+    block_m, block_p, block_q, num_warps = _reduce_config(P, Q, precision, bool(rhs_dropout.p), lhs.device)
     tiles = cdiv(P, block_p) * cdiv(Q, block_q)
     row_blocks = cdiv(M, block_m)
     rows_per_split = cdiv(row_blocks, _split_count(lhs.device, tiles, row_blocks)) * block_m

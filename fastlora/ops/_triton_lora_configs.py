@@ -49,6 +49,8 @@ GPU_CONFIGS = _configs(
 # r = 16: 128×256×64/8 warps spilled 216-264 bytes, 128×128×64/8 warps 32-72 (ptxas C7511, serialized
 # wgmma), 128×128×32/8 warps 40 with fp32 adapters and dropout; 128×64×64/8 warps none. r = 64: every
 # 128-row shape spilled (16-232), 64×64×64/4 warps none. These are the shapes that compiled clean.
+# Which row block a launch gets (so which of these it may pick) is each arch's rule:
+# ``_device.ArchRules.grad_b_block`` (sm_100a with dropout: 64 rows, every 128-row shape spilled 8-112).
 GRAD_X_CONFIGS = _configs(
     [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
         (128, 64, 64, 8, 4),

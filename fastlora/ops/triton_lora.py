@@ -154,18 +154,17 @@ def _grid(num_tiles, device: torch.device):
     return grid
 
 
-def _grad_b_block_m(M: int, R: int, device: torch.device, dtype: torch.dtype) -> int:
+def _grad_b_block_m(M: int, R: int, device: torch.device, dtype: torch.dtype, *, dropout: bool) -> int:
     """Row block of the grad_x pass when it writes grad_B partials, fixed before the launch because
-    the partials' buffer ``[cdiv(M, BLOCK_M), N, R]`` is allocated by it (``arch_rules().grad_b_rows``).
-    128 rows only with wgmma/tcgen05 at r ≤ 32: on sm_80 every 128-row grad_x config spilled (112-168
-    bytes), and on sm_90a at r = 64 (see ``GRAD_X_CONFIGS``); 32 rows with mma.sync at r ≥ 64, where
-    64×64×32 spilled 8-40 bytes on sm_80."""
+    the partials' buffer ``[cdiv(M, BLOCK_M), N, R]`` is allocated by it: the arch's rule
+    (``arch_rules().grad_b_block``, where the figures are), by the padded rank and whether LoRA
+    dropout (``dropout``) draws its mask in the epilogue. 128 rows only with wgmma/tcgen05 at r ≤ 32
+    (with dropout: sm_90a at r = 16 only, sm_100a never), 32 rows with mma.sync at r ≥ 64."""
     if INTERPRET:
         return INTERPRETER_CONFIGS[0].kwargs["BLOCK_M"]
     if _cuda_core_dots(dtype, _precisions(dtype)[0]):  # only 32-row tiles kept off the stack there
         return min(32, max(16, next_pow2(M)))
-    wide, narrow = arch_rules(device_limits(device).capability).grad_b_rows
-    most = wide if _padded_rank(R) <= 32 else narrow
+    most = arch_rules(device_limits(device).capability).grad_b_block(_padded_rank(R), dropout)
     return min(most, max(16, next_pow2(M)))
 
 
@@ -364,7 +363,7 @@ def _fused_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
         grad_B = torch.zeros_like(lora_B) if need_B else lora_B.new_empty((0,))
         grad_bias = gy.new_zeros((N,)) if need_bias else gy.new_empty((0,))
         return grad_x, grad_A, grad_B, grad_bias
-    block_m = _grad_b_block_m(M, R, x.device, x.dtype) if need_B or need_bias else 0
+    block_m = _grad_b_block_m(M, R, x.device, x.dtype, dropout=bool(dropout.p)) if need_B or need_bias else 0
     # The grad_B partials take cdiv(rows, block_m)·N·R fp32: rows go in launches that keep them within
     # _MAX_PARTIAL_BYTES (at r = 64, 64-row blocks, all of M = 8192 at once would take 128 MiB).
     rows = max(_MIN_PARTIAL_BLOCKS, _MAX_PARTIAL_BYTES // (4 * N * R)) * block_m if block_m else M
