@@ -88,7 +88,8 @@ def prune_configs(configs, named_args, **kwargs):
 # Keyed on M's power-of-two bucket so that varying sequence lengths do not re-tune at every batch.
 _qlora_matmul = triton.autotune(
     configs=INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "WRITE_OUT", "STORE_T", "T_GIVEN", "DROPOUT_OUT", "QBLOCK", "NESTED", "ROWS_ALIGNED"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "WRITE_OUT", "STORE_T", "T_GIVEN", "DROPOUT_OUT", "QBLOCK", "NESTED", "ROWS_ALIGNED",
+         "PRECISION", "LOW_RANK_PRECISION", "FP32_ADAPTERS"],
     prune_configs_by={"early_config_prune": prune_configs},
     do_bench=autotune_bench,  # refuses to time inside a CUDA-graph capture
 )(_qlora_matmul_kernel)
@@ -148,7 +149,7 @@ def prune_low_rank_configs(configs, named_args, **kwargs):
 
 _qlora_low_rank = triton.autotune(
     configs=LOW_RANK_INTERPRETER_CONFIGS if INTERPRET else LOW_RANK_GPU_CONFIGS,
-    key=["M_BUCKET", "K", "R_PAD"],
+    key=["M_BUCKET", "K", "R_PAD", "PRECISION", "LOW_RANK_PRECISION", "FP32_ADAPTERS"],
     prune_configs_by={"early_config_prune": prune_low_rank_configs},
     do_bench=autotune_bench,
 )(_qlora_low_rank_kernel)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import _prebound, _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
 from ._triton_common import (
-    _NO_DROPOUT, _Dropout, _dot, _dot_tf32_exact_a, _precisions, _reduce_blocks, _round_tf32, _split_count, cdiv,
+    _NO_DROPOUT, _Dropout, _dot, _dot_tf32_exact_a, _precisions, _reduce_config, _round_tf32, _split_count, cdiv,
     on_device,
 )  # fmt: skip
 
@@ -134,12 +134,10 @@ class _Plan:
     def __init__(self, lhs, rhs, scaling: float, dropout: _Dropout, col_sum: bool, precision: str, split_rhs: bool):
         M, P = lhs.shape
         Q = rhs.shape[1]
-        # As _reduce_partials chose them on sm_90a / sm_80 (see it: fp32 products on the CUDA cores
-        # spill with 64-row steps or tiles over 2048 accumulators; on the tensor cores 4 warps spill
-        # tiles over 4096 accumulators).
-        fma = precision == "ieee"
-        block_m = 32 if fma else 64
-        block_p, block_q = _reduce_blocks(P, Q, 2048 if fma else 8192)
+        # As _reduce_partials chooses them (_reduce_config: fp32 products on the CUDA cores spill with
+        # 64-row steps or tiles over 2048 accumulators; on the tensor cores 4 warps spill tiles over
+        # 4096 accumulators; the arch's reduce_rows; fewer rows with a dropout mask to draw).
+        block_m, block_p, block_q, num_warps = _reduce_config(P, Q, precision, bool(dropout.p), lhs.device)
         tiles = cdiv(P, block_p) * cdiv(Q, block_q)
         row_blocks = cdiv(M, block_m)
         rows_per_split = cdiv(row_blocks, _split_count(lhs.device, tiles, row_blocks)) * block_m
@@ -148,7 +146,7 @@ class _Plan:
         self.sums = _triton_common._empty((splits, P), torch.float32, lhs.device) if col_sum else None
         cs = self.sums if col_sum else self.ws  # ws: a pointer never written
         self.programs = tiles * splits
-        self.tensor_cores_wide = not fma and block_p * block_q > 4096
+        self.tensor_cores_wide = num_warps == 8
         self.args = [
             lhs, rhs, self.ws, cs, M, P, Q, rows_per_split, *lhs.stride(), *rhs.stride(), *self.ws.stride(),
             cs.stride(0), float(scaling * dropout.scale), float(dropout.p), dropout.seed,

@@ -149,7 +149,9 @@ def _autotuned(configs):
         configs=INTERPRETER_CONFIGS if INTERPRET else configs,
         key=["M_BUCKET", "N", "K", "R_PAD", "BLOCK_M_FIXED", "SPLITS", "HAS_BIAS", "WRITE_OUT", "STORE_T",
              "SPLIT_K", "FUSE_GRAD_B", "BIAS_GRAD", "SPLIT_XA", "USE_TMA", "W_TRANS", "DROPOUT",
-             "HAS_COL_SCALE"],
+             "HAS_COL_SCALE", "PRECISION", "LOW_RANK_PRECISION", "FP32_ADAPTERS"],
+        # (The precisions: fp32 "ieee" products run on the CUDA cores, where the pruner keeps other
+        # tiles than for "tf32"; a config tuned under one must not serve the other.)
         prune_configs_by={"early_config_prune": prune_gemm_configs},
         do_bench=autotune_bench,  # refuses to time inside a CUDA-graph capture
     )(_lora_gemm_kernel)  # fmt: skip
