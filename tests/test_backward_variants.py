@@ -261,6 +261,32 @@ def test_chooser_leaves_out_a_variant_that_fails(monkeypatch):
         assert variants.choose(("k",), torch.device(DEVICE), run) == "fused"
 
 
+def test_chooser_runs_the_default_when_no_variant_can_be_timed(monkeypatch):
+    """Both variants run but their timing fails (e.g. out of memory for the benchmark's cache flush):
+    the default, untimed, with a warning, kept for the key; a variant that cannot run at all is not
+    picked."""
+
+    def no_bench(call):
+        raise RuntimeError("CUDA out of memory in the L2 flush buffer")
+
+    monkeypatch.setattr(variants, "_time_variant", no_bench)
+    runs = []
+    with pytest.warns(RuntimeWarning, match="could not be timed"):
+        assert variants.choose(("t",), torch.device(DEVICE), lambda v: runs.append(v)) == variants.UNTIMED_DEFAULT
+    assert runs == ["fused", "split"]
+    assert variants.choose(("t",), torch.device(DEVICE), lambda v: runs.append(v)) == variants.UNTIMED_DEFAULT
+    assert runs == ["fused", "split"]  # decided: nothing timed again
+
+    def fused_broken(variant):
+        if variant == "fused":
+            raise RuntimeError("fused cannot run")
+
+    with pytest.warns(RuntimeWarning, match="could not be timed"):
+        assert variants.choose(("u",), torch.device(DEVICE), fused_broken) == "split"
+    with pytest.raises(RuntimeError, match="every Triton backward variant failed"):
+        variants.choose(("v",), torch.device(DEVICE), lambda v: (_ for _ in ()).throw(RuntimeError("no")))
+
+
 def test_chooser_refuses_to_time_inside_a_capture(monkeypatch):
     _fake_bench(monkeypatch, {"fused": 1.0, "split": 2.0})
     run = _run()

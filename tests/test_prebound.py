@@ -177,6 +177,24 @@ def test_triton_debug_option_is_part_of_the_signature(runs, monkeypatch):
     assert launches == ["_toy", "_toy"] and not seen
 
 
+def test_plans_hold_no_tensor_of_their_first_call(runs):
+    """A plan lives for the process: it must not keep the first call's tensors allocated (on a GPU,
+    activations and gradients of a whole step)."""
+    import gc
+    import weakref
+
+    seen, launches = runs
+    x, y = torch.randn(300), torch.empty(300)
+    grid = lambda meta: (triton.cdiv(300, meta["BLOCK"]),)  # noqa: E731
+    _prebound.launch(TUNED, grid, toy_args(x, y), {"TWICE": True}, CPU)
+    refs = [weakref.ref(x), weakref.ref(y)]
+    del x, y
+    gc.collect()
+    assert recording._STUB_PLANS and all(ref() is None for ref in refs)
+    plan = next(iter(recording._STUB_PLANS.values()))
+    assert not any(isinstance(v, torch.Tensor) for v in plan.meta.values()) and "BLOCK" in plan.meta
+
+
 def test_binder_disagreement_means_no_plan(runs, monkeypatch):
     seen, launches = runs
     real = _prebound.binder_of

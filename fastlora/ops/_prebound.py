@@ -217,11 +217,13 @@ def _device_binder(jit):
 
 def _current_stream_getter(device: torch.device):
     """``(get_stream, index)``: Triton's current-stream query and ``device``'s index (``on_device``
-    has made it the current device)."""
+    has made it the current device). The launch sites pass ``tensor.device``, which has its index:
+    a bare ``cuda`` would key plans of several devices alike."""
     from triton.runtime.driver import driver
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return driver.active.get_current_stream, index
+    if device.index is None:
+        raise ValueError("pre-bound launches need a device with its index (tensor.device)")
+    return driver.active.get_current_stream, device.index
 
 
 def _protocol_known(jit, config) -> bool:
@@ -277,7 +279,9 @@ def _make_plan(launcher, jit, kernel, args, kwargs, device):
     if not _bound_as_triton(jit, args, call_kwargs, full):
         return None
     get_stream, index = current_stream_getter(device)
-    return _Plan(kernel, dict(zip(jit.arg_names, full)), tuple(tail), get_stream, index)
+    # meta: the constexprs only (what a grid function may read). Never the arguments themselves: a
+    # plan lives for the process, and holding the first call's tensors would keep them allocated.
+    return _Plan(kernel, meta, tuple(tail), get_stream, index)
 
 
 def launch(launcher, grid, args: tuple, kwargs: dict, device: torch.device, free: tuple = ()):

@@ -144,8 +144,10 @@ class _Launch:
                 # (CUDA tensors exist, so CUDA is initialised; the check keeps a stray call cheap and safe)
                 _launch_state.capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
         except BaseException:
-            self._restore_device()
-            _LAUNCH_LOCK.release()
+            try:
+                self._restore_device()
+            finally:
+                _LAUNCH_LOCK.release()
             raise
         return None
 
