@@ -296,6 +296,199 @@ def test_lazy_setup_runs_once_a_signature(runs):
     assert len(setups) == 2 and launches == ["_toy", "_toy"] and len(seen) == 2
 
 
+# ---- launch_keyed: the call site's own signature, and its hit path in C (fastlora._prebound_c) ----
+
+def _modes():
+    """The hit paths to run: Python always, C where the module is built."""
+    modes = ["python"]
+    try:
+        import fastlora._prebound_c  # noqa: F401
+
+        modes.append("c")
+    except ImportError:
+        pass
+    return modes
+
+
+@pytest.fixture(params=["python", "c"])
+def hit_path(request, monkeypatch):
+    if request.param not in _modes():
+        pytest.skip("fastlora._prebound_c is not built here")
+    module = None
+    if request.param == "c":
+        import fastlora._prebound_c as module
+    _prebound._triton_options()  # knobs imported, as _accelerated() does
+    monkeypatch.setattr(_prebound, "_ACCEL", [module])
+    return request.param
+
+
+def _keyed(x, y, n, stride, seed, scale, grid=(1,)):
+    """A keyed TUNED launch whose key holds what is not free (n) or do_not_specialize (seed)."""
+    return _prebound.launch_keyed(
+        TUNED, grid, (x, y, n, stride, seed, scale), (stride,), (x, y), lambda: {"TWICE": False}, CPU, free=("n",)
+    )  # fmt: skip
+
+
+def test_keyed_launches_plan_and_pass_what_the_generic_path_passes(runs, hit_path):
+    seen, launches = runs
+    x, y = torch.randn(600), torch.empty(600)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
+    calls = [(301, 7, 0.5), (299, 2**40, 1.5), (555, 9, 2.0), (1, 3, 0.5), (32, 3, 0.5), (48, 4, 0.25)]
+    for n, seed, scale in calls:
+        _keyed(x, y, n, 1, seed, scale, grid)
+    block = TUNED.best_config.kwargs["BLOCK"]
+    # Through Triton: the first call, a seed past int32 (i64), n == 1, n % 16 == 0. Planned: 555 (301's
+    # classes, another seed and scale) and 48 (32's), with their own n, seed, scale and grid.
+    assert launches == ["_toy"] * 4
+    assert seen == [
+        ((triton.cdiv(555, block), 1, 1), (x, y, 555, 1, 9, 2.0, block, False)),
+        ((triton.cdiv(48, block), 1, 1), (x, y, 48, 1, 4, 0.25, block, False)),
+    ]
+    _keyed(torch.randn(601)[1:], y, 555, 1, 11, 3.0, grid)  # an unaligned x: another signature
+    _keyed(x, y, 555, 2, 11, 3.0, grid)  # another stride (in the key): another signature
+    _keyed(x.double(), y, 555, 1, 11, 3.0, grid)  # another dtype
+    assert launches == ["_toy"] * 7 and len(seen) == 2
+
+
+def test_c_signature_is_pythons():
+    accel = pytest.importorskip("fastlora._prebound_c")
+    found = _prebound._jit_of(TOY, ("n",))
+    base = torch.randn(100)
+    cases = []
+    for x in (base[:64], base[1:65], base.double()[:64], base.to(torch.bfloat16)[3:]):
+        for n in (0, 1, 16, 7, -16, -3, 2**31, 2**40, 2**63, -(2**63) - 1):
+            for seed in (0, 1, 2**31 - 1, 2**31, -(2**31), 2**63 - 1, 2**63, 2**64 + 5):
+                cases.append((x, torch.empty(4), n, 1, seed, 0.5))
+    head = ("keyed", found[7], CPU)
+    options = _prebound._triton_options()
+    for args in cases:
+        tensors = (args[0], args[1], args[0])
+        want = _prebound._keyed_signature(TOY, CPU, ("k", args[3]), args, tensors, found)
+        got = accel.signature(head, ("k", args[3]), options, tensors, args, found[5], found[6])
+        assert got == want and hash(got) == hash(want), args[2:]
+
+    class NoStorage:  # what torch raises for a tensor whose data pointer cannot be read
+        dtype = torch.float32
+
+        def data_ptr(self):
+            raise RuntimeError("no storage")
+
+    bad = (NoStorage(), torch.empty(4), 5, 1, 7, 0.5)
+    assert accel.signature(head, (), options, bad[:2], bad, found[5], found[6]) is None
+    assert _prebound._keyed_signature(TOY, CPU, (), bad, bad[:2], found) is None
+    with pytest.raises(IndexError, match="out of range"):  # a position past the arguments: an error, not a crash
+        accel.signature(head, (), options, cases[0][:2], cases[0][:3], (4,), ())
+
+
+def test_a_stale_c_module_is_not_used(monkeypatch):
+    """An editable install keeps an old fastlora._prebound_c until it is rebuilt: one whose API_VERSION
+    is not the one launch_keyed calls is left out, with a warning, and launches take the Python path."""
+    import types
+
+    stale = types.ModuleType("fastlora._prebound_c")
+    stale.API_VERSION = _prebound._ACCEL_API - 1
+    import fastlora
+
+    monkeypatch.setitem(sys.modules, "fastlora._prebound_c", stale)
+    monkeypatch.setattr(fastlora, "_prebound_c", stale, raising=False)
+    monkeypatch.setattr(_prebound, "_ACCEL", [])
+    monkeypatch.delenv("FASTLORA_PREBOUND_C", raising=False)
+    with pytest.warns(UserWarning, match="stale"):
+        assert _prebound._accelerated() is None
+
+
+def test_keyed_hit_path_runs_launch_hooks(runs, hit_path, monkeypatch):
+    """Hooks as on Triton's own path: an empty HookChain (3.6-3.8's default) or None passes no hook and
+    builds no metadata; a chain with a hook, or a plain function, gets the metadata of the grid given."""
+    from triton import knobs
+    from triton.knobs import HookChain
+
+    seen, _ = runs
+    metadata, passed = [], []
+    monkeypatch.setattr(recording._StubKernel, "launch_metadata", lambda self, grid, stream, *a: metadata.append(grid) or "md")
+    monkeypatch.setattr(recording._StubKernel, "run", lambda self, g0, g1, g2, st, fn, pk, md, enter, leave, *full: passed.append((md, enter, leave)))  # noqa: E501
+    x, y = torch.randn(64), torch.empty(64)
+    chain = HookChain()
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", chain)
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", HookChain())
+    _keyed(x, y, 64, 1, 7, 0.5)
+    _keyed(x, y, 64, 1, 7, 0.5)
+    assert metadata == [] and passed == [(None, None, None)]
+    chain.add(lambda md: None)
+    _keyed(x, y, 64, 1, 7, 0.5, grid=(3, 2))
+    assert metadata == [(3, 2)] and passed[-1][0] == "md" and passed[-1][1] is chain
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", lambda md: None)  # a plain function is a hook
+    _keyed(x, y, 64, 1, 7, 0.5)
+    assert len(metadata) == 2 and passed[-1][0] == "md" and passed[-1][1] is None
+
+
+def test_check_mode_catches_a_key_that_misses_an_argument(runs, monkeypatch):
+    """FASTLORA_PREBOUND_CHECK (``_prebound.CHECK``): a key without the stride lets two launches with
+    different strides share a plan; the check sees the generic signatures differ and raises."""
+    monkeypatch.setattr(_prebound, "CHECK", True)
+    x, y = torch.randn(600), torch.empty(600)
+
+    def incomplete(stride):
+        return _prebound.launch_keyed(
+            TUNED, (1,), (x, y, 64, stride, 7, 0.5), (), (x, y), lambda: {"TWICE": False}, CPU, free=("n",)
+        )  # fmt: skip
+
+    incomplete(1)
+    incomplete(1)  # checked, agrees
+    with pytest.raises(AssertionError, match="misses something"):
+        incomplete(2)
+
+
+def test_keyed_sites_keep_their_promise():
+    """The real launch sites with FASTLORA_PREBOUND_CHECK=1, without the interpreter (a subprocess):
+    for dtypes, fp32 adapters, with and without bias and dropout, strided and unaligned inputs, split-K
+    decode, several batch sizes and gradient subsets, every planned launch's generic signature is the
+    one its plan was made for (``launch_keyed``'s check raises otherwise), and every launch but the
+    first of each signature is planned."""
+    script = textwrap.dedent(
+        """
+        import itertools, torch
+        from fastlora.inspect import recording
+        from fastlora.ops import _prebound, triton_lora
+        from fastlora.ops._device import KNOWN_LIMITS, target_limits
+
+        assert _prebound.ENABLED and _prebound.CHECK
+        recording._StubKernel.run = lambda self, *args: recording._recording[0].append("planned")
+        counts = []
+        with target_limits(KNOWN_LIMITS[(9, 0)]):
+            for dtype, adapters, bias, p, layout, M in itertools.product(
+                (torch.float32, torch.bfloat16), ("same", "fp32"), (True, False), (0.0, 0.1),
+                ("contiguous", "strided", "unaligned"), (200, 8),
+            ):
+                K, N, r = (1024, 96, 8) if M == 8 else (96, 80, 8)
+                adapter = torch.float32 if adapters == "fp32" else dtype
+                W, b = torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype) if bias else None
+                A, B = torch.randn(r, K, dtype=adapter), torch.randn(N, r, dtype=adapter)
+                if layout == "strided":
+                    x = torch.randn(M, 2 * K, dtype=dtype)[:, ::2]
+                elif layout == "unaligned":
+                    x = torch.randn(M * K + 1, dtype=dtype)[1:].view(M, K)
+                else:
+                    x = torch.randn(M, K, dtype=dtype)
+                gy = torch.randn(M, N, dtype=dtype)
+                for need in ((True, True, True, bias), (False, True, True, False), (True, False, False, False)):
+                    for _ in range(2):
+                        with recording.stubbed_launches([]) as names:
+                            y, xa = triton_lora.triton_forward(x, W, b, A, B, 2.0, p, torch.tensor(5))
+                            triton_lora.triton_backward(gy, x, xa, W, A, B, 2.0, p, torch.tensor(9), *need)
+                        counts.append(sum(n != "planned" for n in names))
+        print("unplanned-on-repeat", sum(counts[1::2]), "checked", len(counts) // 2)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["FASTLORA_PREBOUND_CHECK"] = "1"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-3:] == ["0", "checked", "288"], out.stdout
+
+
 def test_real_kernels_plan_every_launch_of_a_training_step():
     """The real launch sites, without the interpreter (a subprocess): after one forward and backward,
     every launch of the next is pre-bound (Triton's sm_90a binder agreed with each plan), the plans

@@ -52,6 +52,7 @@ package is inside it); a plan holds no per-call state.
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import threading
@@ -64,6 +65,9 @@ ENABLED = os.environ.get("FASTLORA_PREBOUND", "1") != "0" and os.environ.get("TR
 
 # The Triton releases whose launch protocol this module was written against (their sources read).
 _PROTOCOL_VERSIONS = ("3.6.", "3.7.", "3.8.")
+
+# Verify every keyed call site's promise (``launch_keyed``) on each planned call: for the tests.
+CHECK = os.environ.get("FASTLORA_PREBOUND_CHECK") == "1"
 
 _plans: dict = {}  # signature -> _Plan, or _NO_PLAN for a signature that cannot be planned
 _NO_PLAN = False
@@ -166,7 +170,7 @@ class _Plan:
     stays loaded."""
 
     __slots__ = ("kernel", "launcher", "function", "packed", "meta", "tail", "get_stream", "device_index",
-                 "runtime")  # fmt: skip
+                 "runtime", "generic")  # fmt: skip
 
     def __init__(self, kernel, meta, tail, get_stream, device_index):
         from triton import knobs
@@ -178,6 +182,7 @@ class _Plan:
         self.launcher, self.function, self.packed = kernel.run, kernel.function, kernel.packed_metadata
         self.get_stream, self.device_index = get_stream, device_index
         self.runtime = knobs.runtime  # its hooks are read per call (a profiler may attach later)
+        self.generic = None  # launch_keyed's check: the generic signature it was made for
 
     def __call__(self, args, grid):
         if callable(grid):
@@ -188,9 +193,13 @@ class _Plan:
         stream = self.get_stream(self.device_index)
         full = (*args, *self.tail)
         enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-        # As JITFunction.run: the metadata is built whenever an enter hook (a HookChain in 3.6-3.8,
-        # never None there) is set, from the grid as given.
-        metadata = self.kernel.launch_metadata(grid, stream, *full) if enter is not None else None
+        # No hook: None, or an empty HookChain (triton 3.6-3.8's hook type); anything else is a hook.
+        if (enter is None or getattr(enter, "calls", None) == []) and (leave is None or getattr(leave, "calls", None) == []):
+            # Nothing to call: the C launcher skips None hooks, and the metadata (a LazyDict that
+            # JITFunction.run builds on every call, 1-2 µs) would be read by nobody.
+            enter = leave = metadata = None
+        else:  # as JITFunction.run: the metadata from the grid as given
+            metadata = self.kernel.launch_metadata(grid, stream, *full)
         self.launcher(g0, g1, g2, stream, self.function, self.packed, metadata, enter, leave, *full)
         return self.kernel
 
@@ -241,10 +250,18 @@ def _protocol_known(jit, config) -> bool:
     return getattr(knobs.runtime, "add_stages_inspection_hook", None) is None
 
 
-def _triton_options():
-    """Triton's process-wide options that enter its kernel cache key (part of every signature)."""
-    from triton import knobs
+_knobs: list = []
 
+
+def _triton_options():
+    """Triton's process-wide options that enter its kernel cache key (part of every signature). Read
+    per call (Triton reads them per launch too: they come from the environment); the module is
+    imported once (an import statement per launch cost ~0.5 µs)."""
+    if not _knobs:
+        from triton import knobs
+
+        _knobs.append(knobs)
+    knobs = _knobs[0]
     return (knobs.runtime.debug, getattr(knobs.compilation, "instrumentation_mode", None))
 
 
@@ -300,7 +317,7 @@ def launch_lazy(launcher, grid, args: tuple, setup_key, setup, device: torch.dev
     arguments' (``_signature``) with ``setup_key`` (hashable): ``setup()``'s result must be a function
     of those alone (the arguments' ints other than the free ones, dtypes and alignments, and
     ``setup_key``), which is what lets a planned call skip it."""
-    jit, classed = _jit_of(launcher, free) if ENABLED else (None, None)
+    jit, classed = _jit_of(launcher, free)[1:3] if ENABLED else (None, None)
     signature = None
     if jit is not None:
         signature = _signature(launcher, device, (setup_key, _triton_options()), args, classed)
@@ -310,17 +327,150 @@ def launch_lazy(launcher, grid, args: tuple, setup_key, setup, device: torch.dev
     kwargs = setup()
     kernel = launcher[grid](*args, **kwargs)
     if signature is not None and signature not in _plans:
-        name = getattr(jit, "__name__", None) or getattr(getattr(jit, "fn", None), "__name__", repr(jit))
-        if len(_plans) >= _MAX_PLANS:
-            _warn_once("the plan table", f"{_MAX_PLANS} launch signatures: emptied, plans are remade as called")
-            _plans.clear()
-        try:
-            plan = _make_plan(launcher, jit, kernel, args, kwargs, device)
-        except Exception as err:  # Triton's private launch protocol changed: keep its own path
-            plan = None
-            _warn_once(name, f"{type(err).__name__}: {err}")
-        _plans[signature] = plan if plan is not None else _NO_PLAN
+        _remember(signature, launcher, jit, kernel, args, kwargs, device)
     return kernel
+
+
+def launch_keyed(launcher, grid, args: tuple, key, tensors: tuple, setup, device: torch.device, free: tuple = ()):
+    """``launch_lazy`` for a hot call site that states its signature itself, skipping the generic one
+    (``_signature``: 7 µs for ``_lora_gemm_kernel``'s 44 arguments, against about 2 µs for this one,
+    census host path, quiet CPU). The site's promise, checked when ``FASTLORA_PREBOUND_CHECK=1`` (the
+    test suite's real-site tests turn it on), is that ``key`` (hashable) together with the dtypes and
+    16-byte alignments of ``tensors`` determines everything the generic signature holds but the free
+    ints and the ``do_not_specialize`` ones (keyed here by their classes as there):
+
+    - every other int and bool argument by value (a site puts them in ``key``, e.g. as a slice of
+      ``args``) and every float argument's type (the sites pass ``float()``s);
+    - every tensor argument's dtype and alignment: ``tensors`` holds each distinct tensor of ``args``;
+    - ``setup()``'s result, as for ``launch_lazy``.
+
+    With the check on, a planned call also computes the generic signature and raises if it is not the
+    one its plan was made for (a key that misses something a kernel specialises on)."""
+    if not ENABLED:
+        return launch_lazy(launcher, grid, args, key, setup, device, free)
+    found = _jit_of(launcher, free)
+    if found[1] is None:  # not a Triton kernel (a test's spy): every call runs it
+        return launcher[grid](*args, **setup())
+    accel = _accelerated()
+    if accel is not None and not CHECK:  # the same steps in C (csrc/host/prebound.c)
+        launched, signature = accel.launch(
+            _plans, ("keyed", found[7], device), key, _triton_options(), tensors, args, found[5], found[6], grid,
+            _knobs[0].runtime,
+        )  # fmt: skip
+        if launched:
+            return signature  # (the kernel)
+    else:
+        signature = _keyed_signature(launcher, device, key, args, tensors, found)
+        plan = _plans.get(signature) if signature is not None else None
+        if plan:
+            if CHECK:
+                _check_keyed(plan, launcher, device, key, args, tensors, found)
+            return plan(args, grid)
+    kwargs = setup()
+    kernel = launcher[grid](*args, **kwargs)
+    if signature is not None and signature not in _plans:
+        plan = _remember(signature, launcher, found[1], kernel, args, kwargs, device)
+        if plan and CHECK:
+            plan.generic = _generic_for_check(launcher, device, key, args, found)
+    return kernel
+
+
+_dtype = operator.attrgetter("dtype")
+_data_ptr = operator.methodcaller("data_ptr")  # by name, as the C path (a subclass may override it)
+
+
+# fastlora._prebound_c (csrc/host/prebound.c): launch_keyed's hit path in C, built with the package
+# where a C compiler is there (an optional extension); FASTLORA_PREBOUND_C=0 keeps the Python path.
+_ACCEL: list = []
+_ACCEL_API = 1  # the API_VERSION of csrc/host/prebound.c that launch_keyed calls
+
+
+def _accelerated():
+    """The C module, or None (not built, turned off, or built from other sources); looked up once."""
+    if not _ACCEL:
+        module = None
+        if os.environ.get("FASTLORA_PREBOUND_C", "1") != "0":
+            try:
+                from .. import _prebound_c as module
+            except ImportError:
+                module = None
+            if module is not None and getattr(module, "API_VERSION", None) != _ACCEL_API:
+                # An editable install keeps an old .so until it is rebuilt: its launch() may take
+                # other arguments, so the Python path runs until then.
+                warnings.warn(f"fastlora: fastlora._prebound_c is stale (API {getattr(module, 'API_VERSION', None)}, "
+                              f"expected {_ACCEL_API}); rebuild it (pip install --no-build-isolation -e .). "
+                              "Launches take the Python path meanwhile", stacklevel=3)  # fmt: skip
+                module = None
+        _ACCEL.append(module)
+        _triton_options()  # (imports knobs: launch_keyed passes knobs.runtime to the C path)
+    return _ACCEL[0]
+
+
+def _keyed_signature(launcher, device, key, args, tensors, found):
+    """``launch_keyed``'s signature, or None where a tensor has no storage (meta, fake). The C path's
+    (``fastlora._prebound_c.signature``) is the same tuple."""
+    nospec, loose = found[3], found[4]
+    try:
+        pointers = tuple(map(_data_ptr, tensors))
+    except RuntimeError:
+        return None
+    # All aligned is the usual case (caching-allocator blocks): one bool for it, else each pointer's bit.
+    aligned = True if not functools.reduce(operator.or_, pointers, 0) & 15 else tuple([not p & 15 for p in pointers])
+    # As _signature's classes, with _width's usual answer (i32) inlined: a Python call per int is ~0.1 µs.
+    classes = ()
+    if nospec is not None:
+        classes = tuple([0 if -0x80000000 <= v < 0x80000000 else _width(v) for v in nospec(args)])
+    if loose is not None:
+        classes += tuple([
+            (v == 1, not v % 16, 0 if -0x80000000 <= v < 0x80000000 else _width(v)) for v in loose(args)
+        ])  # fmt: skip
+    # ("keyed", ...): never equal to a generic signature, which starts with the launcher's id. found[7]:
+    # (id(launcher), free), so that two sites of one kernel with different free ints never share plans.
+    return ("keyed", found[7], device, key, _triton_options(), tuple(map(_dtype, tensors)), aligned, classes)
+
+
+def _generic_for_check(launcher, device, key, args, found):
+    """The generic signature, with tensor subclasses (nn.Parameter) typed as plain tensors: Triton
+    binds them alike, so a site may pass either without a new plan."""
+    signature = _signature(launcher, device, (key, _triton_options()), args, found[2])
+    if signature is None:
+        return None
+    types = tuple(torch.Tensor if issubclass(t, torch.Tensor) else t for t in signature[3])
+    return (*signature[:3], types, *signature[4:])
+
+
+def _check_keyed(plan, launcher, device, key, args, tensors, found) -> None:
+    """``launch_keyed``'s check (``CHECK``): the generic signature is the plan's, and the C path's
+    signature (where it is built) is the Python one."""
+    accel = _accelerated()
+    if accel is not None:
+        ours = _keyed_signature(launcher, device, key, args, tensors, found)
+        theirs = accel.signature(("keyed", found[7], device), key, _triton_options(), tensors, args, found[5], found[6])
+        if ours != theirs:
+            raise AssertionError(f"fastlora: the C signature {theirs} is not the Python one {ours}")
+    generic = _generic_for_check(launcher, device, key, args, found)
+    if plan.generic is None:  # planned before the check was turned on
+        plan.generic = generic
+    elif generic != plan.generic:
+        raise AssertionError(
+            f"fastlora: the call site's key of a {getattr(found[1], '__name__', launcher)} launch misses something "
+            "the generic signature holds (two launches with one key but different arguments' signatures)"
+        )
+
+
+def _remember(signature, launcher, jit, kernel, args, kwargs, device):
+    """Make (or fail to make) the plan of a launch Triton just made, and keep it under ``signature``."""
+    name = getattr(jit, "__name__", None) or getattr(getattr(jit, "fn", None), "__name__", repr(jit))
+    if len(_plans) >= _MAX_PLANS:
+        _warn_once("the plan table", f"{_MAX_PLANS} launch signatures: emptied, plans are remade as called")
+        _plans.clear()
+    try:
+        plan = _make_plan(launcher, jit, kernel, args, kwargs, device)
+    except Exception as err:  # Triton's private launch protocol changed: keep its own path
+        plan = None
+        _warn_once(name, f"{type(err).__name__}: {err}")
+    _plans[signature] = plan if plan is not None else _NO_PLAN
+    return plan
 
 
 def _warn_once(name: str, why: str) -> None:
@@ -332,12 +482,14 @@ def _warn_once(name: str, why: str) -> None:
                   "(correct, slower on the host)", stacklevel=3)  # fmt: skip
 
 
-_jit_cache: dict = {}  # (id(launcher), free) -> (launcher, its JITFunction or None, classed positions)
+_jit_cache: dict = {}  # (id(launcher), free) -> (launcher, JITFunction or None, classed positions, getters)
 
 
 def _jit_of(launcher, free: tuple):
-    """``(jit, (do_not_specialize positions, free positions))`` of a launcher, looked up by identity:
-    hashing a JITFunction hashes its source (``cache_key``), about 2 µs."""
+    """``(launcher, jit, (do_not_specialize positions, free positions), nospec getter, free getter,
+    nospec positions, free positions, (id(launcher), free))`` of a launcher (the getters None where
+    there are no such parameters; the positions as sorted tuples), looked up by identity: hashing a
+    JITFunction hashes its source (``cache_key``), about 2 µs."""
     found = _jit_cache.get((id(launcher), free))
     if found is None or found[0] is not launcher:
         jit = _jit_function(launcher)
@@ -347,8 +499,12 @@ def _jit_of(launcher, free: tuple):
             if unknown:
                 raise ValueError(f"free parameters {sorted(unknown)} are not parameters of {jit}")
             classed = (_nospec(jit), frozenset(jit.arg_names.index(name) for name in free))
-        found = _jit_cache[(id(launcher), free)] = (launcher, jit, classed)
-    return found[1], found[2]
+        nospec, loose = (tuple(sorted(positions)) for positions in classed)
+        found = _jit_cache[(id(launcher), free)] = (
+            launcher, jit, classed, _getter(nospec) if nospec else None, _getter(loose) if loose else None,
+            nospec, loose, (id(launcher), free),
+        )  # fmt: skip
+    return found
 
 
 def clear() -> None:

@@ -22,6 +22,7 @@ through the op modules' launches.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import NamedTuple
@@ -123,15 +124,17 @@ def autotune_bench(kernel_call, quantiles):
 class _Launch:
     """``on_device``'s context: the launch lock, then (CUDA) the allocator and the device guard."""
 
-    __slots__ = ("_device", "_guard", "_previous", "_outer_capturing")
+    __slots__ = ("_device", "_guard", "_previous", "_outer_capturing", "_outer_held")
 
     def __init__(self, device: torch.device):
         self._device, self._guard, self._previous, self._outer_capturing = device, None, None, False
+        self._outer_held = None
 
     def __enter__(self):
         _LAUNCH_LOCK.acquire()
         try:
             self._outer_capturing = getattr(_launch_state, "capturing", False)
+            self._outer_held = getattr(_launch_state, "held", None)
             if self._device.type == "cuda":
                 _ensure_allocator()
                 if _exchange_device is not None and _maybe_exchange_device is not None:
@@ -143,6 +146,7 @@ class _Launch:
                     self._guard = guard
                 # (CUDA tensors exist, so CUDA is initialised; the check keeps a stray call cheap and safe)
                 _launch_state.capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+            _launch_state.held = self._device
         except BaseException:
             try:
                 self._restore_device()
@@ -164,8 +168,25 @@ class _Launch:
             self._restore_device()
         finally:
             _launch_state.capturing = self._outer_capturing
+            _launch_state.held = self._outer_held
             _LAUNCH_LOCK.release()
         return False
+
+
+class _Held:
+    """``on_device``'s context inside one of the same device on the same thread: the lock, the device
+    guard, the allocator and the capture flag are the outer one's already, so nothing to do."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_HELD = _Held()
 
 
 def on_device(device: torch.device) -> _Launch:
@@ -177,7 +198,13 @@ def on_device(device: torch.device) -> _Launch:
     current device 0 (``device_map="auto"``, multi-GPU QLoRA) a launch without the guard reads across
     devices or faults, and the allocator's scratch lands on the wrong GPU. ``torch.cuda.device`` is a
     no-op exchange when the device is already current. Launches use the current stream (Triton's
-    default), which the guard makes the current stream *of that device*."""
+    default), which the guard makes the current stream *of that device*.
+
+    Nested in one for the same device on the same thread (an op that enters it once around all of
+    its launches, and each launch site entering it again) it does nothing: about 1 µs a launch on
+    the CPU, more on a GPU (two device exchanges and a capture query)."""
+    if getattr(_launch_state, "held", None) == device:
+        return _HELD
     return _Launch(device)
 
 
@@ -312,21 +339,22 @@ def _precisions(dtype: torch.dtype) -> tuple[str, str]:
 
 
 class _Dropout(NamedTuple):
-    """LoRA dropout of one call: probability, seed, and ``1/(1 − p)`` (0 when everything drops)."""
+    """LoRA dropout of one call: probability (a float), seed (an int), and ``1/(1 − p)`` (0 when
+    everything drops), computed once in ``_dropout`` (the launch sites read it as a plain field)."""
 
     p: float
     seed: int
-
-    @property
-    def scale(self) -> float:
-        return 1 / (1 - self.p) if self.p < 1 else 0.0
+    scale: float
 
 
-_NO_DROPOUT = _Dropout(0.0, 0)
+_NO_DROPOUT = _Dropout(0.0, 0, 1.0)
 
 
 def _dropout(dropout_p: float, seed) -> _Dropout:
-    return _Dropout(dropout_p, int(seed)) if dropout_p else _NO_DROPOUT
+    if not dropout_p:
+        return _NO_DROPOUT
+    p = float(dropout_p)
+    return _Dropout(p, int(seed), 1 / (1 - p) if p < 1 else 0.0)
 
 
 # seed: a new value every call; specialising on it would compile for seed == 1 and % 16.
@@ -383,8 +411,12 @@ def _lora_reduce_kernel(
 
 def _split_count(device: torch.device, tiles: int, row_blocks: int) -> int:
     """Splits of M that give about two programs per SM."""
-    programs = 2 * device_limits(device).sm_count
-    return max(1, min(row_blocks, programs // tiles))
+    return _split_count_for(device_limits(device), tiles, row_blocks)
+
+
+def _split_count_for(limits, tiles: int, row_blocks: int) -> int:
+    """``_split_count`` on a device of ``limits``."""
+    return max(1, min(row_blocks, 2 * limits.sm_count // tiles))
 
 
 def _reduce_blocks(P: int, Q: int, max_accumulators: int = 8192) -> tuple[int, int]:
@@ -407,6 +439,12 @@ _MAX_REDUCE_DRAWS = 32
 
 
 def _reduce_config(P: int, Q: int, precision: str, dropout: bool, device: torch.device) -> tuple[int, int, int, int]:
+    """``_reduce_config_for`` on ``device``'s limits."""
+    return _reduce_config_for(P, Q, precision, dropout, device_limits(device))
+
+
+@functools.lru_cache(maxsize=1024)  # a backward asks once per launch: ~2 µs computed, ~0.3 µs cached
+def _reduce_config_for(P: int, Q: int, precision: str, dropout: bool, limits) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_P, BLOCK_Q, num_warps)`` of ``_lora_reduce_kernel`` for ``lhs [M, P]``, ``rhs [M, Q]``.
 
     Compiled for sm_90a and sm_80 (fastlora inspect), 4 warps and 64-row steps spilled in two ways.
@@ -426,10 +464,23 @@ def _reduce_config(P: int, Q: int, precision: str, dropout: bool, device: torch.
     elif num_warps == 8:
         block_m = 64
     else:
-        block_m = arch_rules(device_limits(device).capability).reduce_rows
+        block_m = arch_rules(limits.capability).reduce_rows
     while dropout and block_m > 16 and block_m * block_q > _MAX_REDUCE_DRAWS * 32 * num_warps:
         block_m //= 2
     return block_m, block_p, block_q, num_warps
+
+
+@functools.lru_cache(maxsize=4096)  # one entry a problem and batch size; ~0.4 µs a hit against ~3 µs
+def _reduce_layout(M: int, P: int, Q: int, precision: str, dropout: bool, col_sum: bool, limits):
+    """``(config, rows_per_split, grid)`` of one ``_lora_reduce_kernel`` launch: ``config`` =
+    ``(col_sum, dropout, precision, BLOCK_M, BLOCK_P, BLOCK_Q, num_warps)`` (``_reduce_config_for``),
+    M split into ``grid[2]`` splits of ``rows_per_split`` rows, about two programs an SM."""
+    block_m, block_p, block_q, num_warps = _reduce_config_for(P, Q, precision, dropout, limits)
+    tiles = cdiv(P, block_p) * cdiv(Q, block_q)
+    row_blocks = cdiv(M, block_m)
+    rows_per_split = cdiv(row_blocks, _split_count_for(limits, tiles, row_blocks)) * block_m
+    grid = (cdiv(P, block_p), cdiv(Q, block_q), cdiv(M, rows_per_split))
+    return (col_sum, dropout, precision, block_m, block_p, block_q, num_warps), rows_per_split, grid
 
 
 def _reduce_over_m(
@@ -455,24 +506,31 @@ def _reduce_partials(
     ``col_sum``, ``sums [S, P]`` (``Σ_s sums[s] = Σ_m lhs``; else None), S splits of M."""
     M, P = lhs.shape
     Q = rhs.shape[1]
-    _, precision = _precisions(rhs.dtype)
-    block_m, block_p, block_q, num_warps = _reduce_config(P, Q, precision, bool(rhs_dropout.p), lhs.device)
-    tiles = cdiv(P, block_p) * cdiv(Q, block_q)
-    row_blocks = cdiv(M, block_m)
-    rows_per_split = cdiv(row_blocks, _split_count(lhs.device, tiles, row_blocks)) * block_m
-    splits = cdiv(M, rows_per_split)
-    ws = _empty((splits, P, Q), torch.float32, lhs.device)
-    sums = _empty((splits, P), torch.float32, lhs.device) if col_sum else ws  # ws: a pointer never written
+    device = lhs.device
+    dropout = bool(rhs_dropout.p)
+    config, rows_per_split, grid = _reduce_layout(
+        M, P, Q, _precisions(rhs.dtype)[1], dropout, col_sum, device_limits(device)
+    )  # fmt: skip
+    splits = grid[2]
+    ws = _empty((splits, P, Q), torch.float32, device)
+    sums = _empty((splits, P), torch.float32, device) if col_sum else ws  # ws: a pointer never written
+    ints = (P, Q, *lhs.stride(), *rhs.stride(), *ws.stride(), sums.stride(0))
     args = (
-        lhs, rhs, ws, sums, M, P, Q, rows_per_split,
-        *lhs.stride(), *rhs.stride(), *ws.stride(), sums.stride(0),
-        float(scaling * rhs_dropout.scale), float(rhs_dropout.p), rhs_dropout.seed,
+        lhs, rhs, ws, sums, M, P, Q, rows_per_split, *ints[2:],
+        float(scaling * rhs_dropout.scale), rhs_dropout.p, rhs_dropout.seed,
     )  # fmt: skip
-    kwargs = dict(
-        COL_SUM=col_sum, RHS_DROPOUT=bool(rhs_dropout.p), PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=num_warps,
-    )  # fmt: skip
-    grid = (cdiv(P, block_p), cdiv(Q, block_q), splits)
-    with on_device(lhs.device):
-        _prebound.launch(_lora_reduce_kernel, grid, args, kwargs, lhs.device, free=("M", "rows_per_split"))
+
+    def setup():
+        _, _, precision, block_m, block_p, block_q, num_warps = config
+        return dict(
+            COL_SUM=col_sum, RHS_DROPOUT=dropout, PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=num_warps,
+        )  # fmt: skip
+
+    with on_device(device):
+        # The site's signature (_prebound.launch_keyed): the ints by value but M and rows_per_split
+        # (free: the grid carries the split count), the seed by width; the config settles the constexprs.
+        _prebound.launch_keyed(
+            _lora_reduce_kernel, grid, args, (config, ints), args[:4], setup, device, free=("M", "rows_per_split")
+        )  # fmt: skip
     return ws, (sums if col_sum else None)

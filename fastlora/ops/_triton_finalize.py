@@ -78,26 +78,31 @@ def finalize_sums(jobs) -> None:
     if len(jobs) > _MAX_JOBS:
         raise ValueError(f"finalize_sums takes at most {_MAX_JOBS} outputs, got {len(jobs)}")
     first = jobs[0][1]
-    args, running_flags, programs = [], [], 0
-    for j in range(_MAX_JOBS):
-        if j < len(jobs):
-            parts, out, scale, running = jobs[j]
-            numel = out.numel()
-            if parts.dtype != torch.float32 or parts.numel() != parts.shape[0] * numel:
-                raise ValueError(f"finalize_sums: partials {tuple(parts.shape)} {parts.dtype} for {tuple(out.shape)}")
-            splits, stride = parts.shape[0], parts.stride(0)
-        else:  # an absent output: no program reads these pointers
-            parts, out, scale, running, numel, splits, stride = first, first, 1.0, None, 0, 0, 0
-        args += (parts, running if running is not None else out, out, numel, splits, stride, float(scale))
-        running_flags.append(running is not None)
+    args, tensors, key, programs = [], [], [], 0
+    for parts, out, scale, running in jobs:
+        numel = out.numel()
+        splits = parts.shape[0]
+        if parts.dtype != torch.float32 or parts.numel() != splits * numel:
+            raise ValueError(f"finalize_sums: partials {tuple(parts.shape)} {parts.dtype} for {tuple(out.shape)}")
+        held = out if running is None else running
+        stride = parts.stride(0)
+        args += (parts, held, out, numel, splits, stride, float(scale))
+        tensors += (parts, held, out)
+        key += (running is not None, numel, stride)  # the RUNNING flags and the ints but splits (free)
         programs += -(-numel // _BLOCK)
-    kwargs = dict(
-        RUNNING0=running_flags[0], RUNNING1=running_flags[1], RUNNING2=running_flags[2],
-        BLOCK=_BLOCK, CHUNK=_CHUNK, num_warps=4,
-    )  # fmt: skip
+    for _ in range(_MAX_JOBS - len(jobs)):  # an absent output: no program reads these pointers
+        args += (first, first, first, 0, 0, 0, 1.0)
+        key += (False, 0, 0)
+    key = tuple(key)
+
+    def setup():
+        return dict(RUNNING0=key[0], RUNNING1=key[3], RUNNING2=key[6], BLOCK=_BLOCK, CHUNK=_CHUNK, num_warps=4)
+
     with on_device(first.device):
         # The partials' row-block counts change with the batch: keyed by their specialisation only.
-        _prebound.launch(_finalize_kernel, (programs,), tuple(args), kwargs, first.device, free=_FREE)
+        _prebound.launch_keyed(
+            _finalize_kernel, (programs,), tuple(args), key, tuple(tensors), setup, first.device, free=_FREE
+        )  # fmt: skip
 
 
 _FREE = ("splits0", "splits1", "splits2")

@@ -76,6 +76,8 @@ exact product is the GPU's.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _prebound, _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
@@ -136,22 +138,11 @@ def _use_tma(device: torch.device, *operands) -> bool:
     return arch_rules(device_limits(device).capability).tma and all(_tma_ready(t) for t in operands)
 
 
-def _decode_splits(device: torch.device, M: int, N: int, K: int) -> int:
+def _decode_splits(limits, M: int, N: int, K: int) -> int:
     """K splits that give every SM a share of w when the output alone has too few tiles (counting
     64-wide column blocks), with at least 512 columns of K a split."""
     tiles = cdiv(N, 64) * cdiv(M, 64)
-    return max(1, min(device_limits(device).sm_count // tiles, K // 512, 16))
-
-
-def _grid(num_tiles, device: torch.device):
-    """Persistent grid: one program per SM at most. (Under the interpreter, programs run one after
-    another: a consumer whose producer is in a later program times out and computes ``t`` itself.)"""
-    programs = device_limits(device).sm_count
-
-    def grid(meta):
-        return (max(1, min(programs, num_tiles(meta))),)
-
-    return grid
+    return max(1, min(limits.sm_count // tiles, K // 512, 16))
 
 
 def _grad_b_block_m(M: int, R: int, device: torch.device, dtype: torch.dtype, *, dropout: bool) -> int:
@@ -162,10 +153,16 @@ def _grad_b_block_m(M: int, R: int, device: torch.device, dtype: torch.dtype, *,
     (with dropout: sm_90a at r = 16 only, sm_100a never), 32 rows with mma.sync at r ≥ 64."""
     if INTERPRET:
         return INTERPRETER_CONFIGS[0].kwargs["BLOCK_M"]
+    return min(_grad_b_rows(R, dtype, matmul_precision(), dropout, device_limits(device)), max(16, next_pow2(M)))
+
+
+@functools.lru_cache(maxsize=256)  # asked once a backward: ~2 µs computed, ~0.3 µs cached
+def _grad_b_rows(R: int, dtype: torch.dtype, precision_setting: str, dropout: bool, limits) -> int:
+    """``_grad_b_block_m``'s most rows (``precision_setting``: ``matmul_precision()``, which
+    ``_precisions`` reads)."""
     if _cuda_core_dots(dtype, _precisions(dtype)[0]):  # only 32-row tiles kept off the stack there
-        return min(32, max(16, next_pow2(M)))
-    most = arch_rules(device_limits(device).capability).grad_b_block(_padded_rank(R), dropout)
-    return min(most, max(16, next_pow2(M)))
+        return 32
+    return arch_rules(limits.capability).grad_b_block(_padded_rank(R), dropout)
 
 
 def _launch_gemm(
@@ -173,48 +170,54 @@ def _launch_gemm(
     xa=None, grad_b_ws=None, bias_ws=None, block_m_fixed: int = 0, decode: bool = False, row0: int = 0,
     col_scale=None,
 ) -> None:  # fmt: skip
-    """``out = a·w + scaling·D(a·la)·lb + bias`` and ``t = D(a·la)`` (fp32), for logical 2-D views
-    ``a [M, K]``, ``w [K, N]`` (``w_trans``: ``w`` is the transpose of a row-major ``W [N, K]``),
-    ``la [K, R]``, ``lb [R, N]``. ``out`` or ``t`` may be None (not written); ``grad_b_ws`` /
-    ``bias_ws`` (with ``xa``) receive the fused grad_B / bias partials of ``aᵀ·xa`` / ``Σ a``;
-    ``decode`` allows the split-K path for short ``a`` (the forward's dropout site only); ``a`` holds
-    rows ``row0…`` of the whole input (the dropout counter's row). ``col_scale`` (fp32 ``[N]``,
+    """``out = a·w + scaling·D(a·la)·lb + bias`` and ``t = D(a·la)`` (fp32), for logical 2-D operands
+    ``a [M, K]``, ``w [K, N]``, ``la [K, R]``, ``lb [R, N]``. ``w_trans``: ``w``, ``la`` and ``lb`` are
+    given as the tensors whose transposes are those operands (the forward passes the stored ``W [N, K]``,
+    ``A [R, K]``, ``B [N, R]`` as they are: no transposed views, about 1 µs of host time each); else as
+    the operands themselves (grad_x: ``W``, ``B``, ``A``). ``out`` or ``t`` may be None (not written);
+    ``grad_b_ws`` / ``bias_ws`` (with ``xa``) receive the fused grad_B / bias partials of ``aᵀ·xa`` /
+    ``Σ a``; ``decode`` allows the split-K path for short ``a`` (the forward's dropout site only); ``a``
+    holds rows ``row0…`` of the whole input (the dropout counter's row). ``col_scale`` (fp32 ``[N]``,
     contiguous; DoRA's ``m/n``) makes it ``out = col_scale ⊙ (a·w + scaling·D(a·la)·lb) + bias``, on
     the fp32 accumulator before the one store (in ``_split_k_reduce_kernel`` for split-K decode)."""
     M, K = a.shape
-    N = w.shape[1]
-    R = la.shape[1]
+    if w_trans:
+        N, R = w.shape[0], la.shape[0]
+        sw1, sw0 = w.stride()
+        sla1, sla0 = la.stride()
+        slb1, slb0 = lb.stride()
+    else:
+        N, R = w.shape[1], la.shape[1]
+        sw0, sw1 = w.stride()
+        sla0, sla1 = la.stride()
+        slb0, slb1 = lb.stride()
     device = a.device
     limits = device_limits(device)
     write_out, store_t = out is not None, t is not None
-    split_k = decode and M <= _DECODE_MAX_M
-    splits = _decode_splits(device, M, N, K) if split_k else 1
+    # (K ≥ 1024: fewer columns never split, see _decode_splits; the call is skipped on the host path)
+    splits = _decode_splits(limits, M, N, K) if decode and M <= _DECODE_MAX_M and K >= 1024 else 1
     split_k = splits > 1
     dummy = a  # a pointer argument the kernel never dereferences (flags excepted, see _flag_dummy)
-    partials = t_partials = None
     if split_k:
-        partials = _triton_common._empty((splits, M, N), torch.float32, device)
-        t_partials = _triton_common._empty((splits, M, R), torch.float32, device)
-    with_flags = write_out and store_t and not split_k
-    out_buf = partials if split_k else out
-    t_buf = t_partials if split_k else t
-    if out_buf is None:
-        out_strides = (0, 0, 0)
-    else:  # rows, columns, splits
-        out_strides = (*out_buf.stride()[-2:], out_buf.stride(0) if split_k else 0)
-    t_strides = (*t_buf.stride()[-2:], t_buf.stride(0) if split_k else 0) if t_buf is not None else (0, 0, 0)
+        out_buf = partials = _triton_common._empty((splits, M, N), torch.float32, device)
+        t_buf = t_partials = _triton_common._empty((splits, M, R), torch.float32, device)
+        out_strides = (*partials.stride()[1:], partials.stride(0))  # rows, columns, splits
+        t_strides = (*t_partials.stride()[1:], t_partials.stride(0))
+    else:
+        out_buf, t_buf = out, t
+        out_strides = (*out.stride(), 0) if write_out else (0, 0, 0)
+        t_strides = (*t.stride(), 0) if store_t else (0, 0, 0)
     launcher = _lora_gemm_grad_x if grad_b_ws is not None else _lora_gemm
     # What the constexprs and the grid depend on beside the arguments' signature (see setup()).
-    precision_setting = matmul_precision()
     dropout_kind = dropout_site.value if dropout.p else NO_DROPOUT.value
     setup_key = (w_trans, dropout_kind, write_out, store_t, split_k, grad_b_ws is not None, bias_ws is not None,
-                 bias is not None, col_scale is not None, precision_setting, limits)  # fmt: skip
+                 bias is not None, col_scale is not None, matmul_precision(), limits)  # fmt: skip
 
     def setup():
         """The constexprs: functions of the arguments' shapes (but M's), strides, dtypes and
-        alignments and of ``setup_key`` only (``_prebound.launch_lazy`` runs this once a signature)."""
+        alignments and of ``setup_key`` only (``_prebound.launch_keyed`` runs this once a signature)."""
         precision, low_rank_precision = _precisions(a.dtype)
-        use_tma = _use_tma(device, a, w.t() if w_trans else w, None if split_k else out)
+        use_tma = _use_tma(device, a, w, None if split_k else out)  # w: W [N, K] as stored, either way
         return dict(
             HAS_BIAS=bias is not None, WRITE_OUT=write_out, STORE_T=store_t, SPLIT_K=split_k,
             FUSE_GRAD_B=grad_b_ws is not None, BIAS_GRAD=bias_ws is not None, SPLIT_XA=a.dtype != torch.float32,
@@ -225,37 +228,50 @@ def _launch_gemm(
             HAS_COL_SCALE=col_scale is not None and not split_k,
         )  # fmt: skip
 
-    def num_tiles(meta):
+    programs = limits.sm_count
+
+    def grid(meta):
+        """Persistent grid: one program per SM at most. (Under the interpreter, programs run one after
+        another: a consumer whose producer is in a later program times out and computes ``t`` itself.)"""
         num_n = cdiv(N, meta["BLOCK_N"]) if write_out else 1
-        return cdiv(M, meta["BLOCK_M"]) * num_n * splits
+        return (max(1, min(programs, cdiv(M, meta["BLOCK_M"]) * num_n * splits)),)
 
     with on_device(device):
         # A pair of int32 a row block (of 16 rows at least), zero before and after every launch.
-        flags = _flag_workspace(device, 2 * cdiv(M, 16)) if with_flags else _flag_dummy(device)
-        args = (
-            a, w, la, lb, bias if bias is not None else dummy, out_buf if write_out else dummy,
-            t_buf if store_t else dummy, flags, xa if xa is not None else dummy,
-            grad_b_ws if grad_b_ws is not None else dummy, bias_ws if bias_ws is not None else dummy,
-            M, N, K, R, next_pow2(M), block_m_fixed, splits, row0,
-            *a.stride(), *w.stride(), *la.stride(), *lb.stride(), *out_strides, *t_strides,
-            *(xa.stride() if xa is not None else (0, 0)),
-            *(grad_b_ws.stride()[:2] if grad_b_ws is not None else (0, 0)),
-            bias_ws.stride(0) if bias_ws is not None else 0,
-            float(scaling), float(dropout.p), float(dropout.scale), dropout.seed, _SPIN_LIMIT,
-            col_scale if col_scale is not None and not split_k else dummy,
+        flags = _flag_workspace(device, 2 * cdiv(M, 16)) if write_out and store_t and not split_k else None
+        tensors = (
+            a, w, la, lb, dummy if bias is None else bias, out_buf if write_out else dummy,
+            t_buf if store_t else dummy, _flag_dummy(device) if flags is None else flags,
+            dummy if xa is None else xa, dummy if grad_b_ws is None else grad_b_ws,
+            dummy if bias_ws is None else bias_ws, col_scale if col_scale is not None and not split_k else dummy,
         )  # fmt: skip
-        # M and row0 change with the batch: keyed by their specialisation only (the grid reads them).
-        _prebound.launch_lazy(launcher, _grid(num_tiles, device), args, setup_key, setup, device, free=_FREE_ROWS)
+        sizes = (N, K, R, next_pow2(M), block_m_fixed, splits)
+        strides = (
+            *a.stride(), sw0, sw1, sla0, sla1, slb0, slb1, *out_strides, *t_strides,
+            *((0, 0) if xa is None else xa.stride()),
+            *((0, 0) if grad_b_ws is None else grad_b_ws.stride()[:2]),
+            0 if bias_ws is None else bias_ws.stride(0),
+        )  # fmt: skip
+        args = (
+            *tensors[:11], M, *sizes, row0, *strides,
+            float(scaling), dropout.p, dropout.scale, dropout.seed, _SPIN_LIMIT, tensors[11],  # _Dropout: floats
+        )  # fmt: skip
+        # The site's signature (_prebound.launch_keyed): every int argument by value but the free row
+        # counts M and row0 (keyed by their specialisation; the grid reads them) and the seed (by width).
+        _prebound.launch_keyed(
+            launcher, grid, args, (setup_key, sizes, strides, _SPIN_LIMIT), tensors, setup, device, free=_FREE_ROWS
+        )  # fmt: skip
         if split_k:
             args = (
-                partials, t_partials, lb, bias if bias is not None else dummy, out, t,
-                M, N, R, splits, *lb.stride(), *out.stride(), *t.stride(), float(scaling),
-                col_scale if col_scale is not None else dummy,
+                partials, t_partials, lb, dummy if bias is None else bias, out, t,
+                M, N, R, splits, slb0, slb1, *out.stride(), *t.stride(), float(scaling),
+                dummy if col_scale is None else col_scale,
             )  # fmt: skip
             setup_k = lambda: _split_k_setup(R, col_scale is not None, bias is not None, a.dtype)  # noqa: E731
             grid = (cdiv(M, _SPLIT_K_BLOCK[0]), cdiv(N, _SPLIT_K_BLOCK[1]))
-            _prebound.launch_lazy(
-                _split_k_reduce_kernel, grid, args, (setup_key, a.dtype), setup_k, device, free=("M",)
+            _prebound.launch_keyed(
+                _split_k_reduce_kernel, grid, args, (setup_key, a.dtype, args[7:16]), args[:6] + args[17:], setup_k,
+                device, free=("M",),
             )  # fmt: skip
 
 
@@ -282,10 +298,11 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scal
     xa = _triton_common._empty((M, lora_A.shape[0]), torch.float32, x.device)
     if M:
         dropout = _dropout(dropout_p, seed)
-        _launch_gemm(
-            x, weight.t(), True, lora_A.t(), lora_B.t(), bias, y, xa, scaling, dropout, DROPOUT_ON_INPUT, decode=True,
-            col_scale=col_scale,
-        )  # fmt: skip
+        with on_device(x.device):  # once for both launches of a split-K decode
+            _launch_gemm(
+                x, weight, True, lora_A, lora_B, bias, y, xa, scaling, dropout, DROPOUT_ON_INPUT, decode=True,
+                col_scale=col_scale,
+            )  # fmt: skip
     return y, xa
 
 
@@ -304,7 +321,9 @@ def triton_forward_scaled(x, weight, bias, lora_A, lora_B, scaling, dropout_p, s
     return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale)
 
 
-def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
+def triton_backward(
+    gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias, placeholders=True
+):
     """The backward, in the variant ``_triton_backward_variants`` picks for the problem ("fused" or
     "split", see ``_fused_backward`` / ``_split_backward``): measured on a GPU, ``fused`` under the
     interpreter, ``FASTLORA_TRITON_BACKWARD`` overriding. The two differ only in where grad_B and the
@@ -313,13 +332,18 @@ def triton_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     # (Checked without a Python call: CPU tensors reach here only under the interpreter, or with the
     # launches stubbed (the census, which counts the default variant's host path; fastlora inspect,
     # which runs both variants itself).)
-    if M and (need_B or need_bias) and (x.is_cuda or INTERPRET):
-        args = (gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias)
-        if _backward_variant(args) == "split":
-            return _split_backward(*args)
-    return _fused_backward(
-        gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias
-    )
+    args = (gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias)
+    with on_device(x.device):  # once for the backward's launches (each site's own is then a no-op)
+        if M and (need_B or need_bias) and (x.is_cuda or INTERPRET) and _backward_variant(args) == "split":
+            return _split_backward(*args, placeholders)
+        return _fused_backward(*args, placeholders)
+
+
+def _eager_backward(*args):
+    """``triton_backward`` for the eager Function, which drops the gradients it was not asked for:
+    None there instead of empty placeholder tensors (an allocation each, about 1.5 µs of host time;
+    the op must return tensors)."""
+    return triton_backward(*args, placeholders=False)
 
 
 def _backward_variant(args) -> str:
@@ -344,7 +368,9 @@ def _backward_variant(args) -> str:
     return _variants.choose(key, x.device, lambda variant: _BACKWARDS[variant](*args))
 
 
-def _fused_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
+def _fused_backward(
+    gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias, placeholders=True
+):
     """The "fused" variant. Launches (no memset, no ATen op but allocations): the gy pass (grad_x,
     ``t = gy B`` and the fused grad_B / bias partials), ``_lora_reduce_kernel`` (grad_A's split-M
     partials) and one ``_finalize_kernel`` that sums every partial buffer, scales and casts into grad_A,
@@ -355,7 +381,7 @@ def _fused_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     M, N = gy.shape
     R = lora_A.shape[0]
     dropout = _dropout(dropout_p, seed)
-    grad_x = _triton_common._empty(x.shape, x.dtype, x.device) if need_x else x.new_empty((0,))
+    grad_x = _triton_common._empty(x.shape, x.dtype, x.device) if need_x else _placeholder(x, placeholders)
     # gy B feeds grad_A, and grad_x's epilogue: its consumers read it from this buffer.
     g_xa = _triton_common._empty((M, R), torch.float32, x.device) if need_A or need_x else None
     if M == 0:
@@ -371,8 +397,8 @@ def _fused_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     grad_b_ws = _triton_common._empty((row_blocks, N, R), torch.float32, x.device) if block_m else None
     bias_ws = _triton_common._empty((row_blocks, N), torch.float32, x.device) if need_bias else None
     # (Placeholders only for the gradients not asked for: an allocation is ~1 µs of host time.)
-    grad_B = _triton_common._empty(lora_B.shape, lora_B.dtype, x.device) if need_B else lora_B.new_empty((0,))
-    grad_bias = _triton_common._empty((N,), gy.dtype, x.device) if need_bias else gy.new_empty((0,))
+    grad_B = _triton_common._empty(lora_B.shape, lora_B.dtype, x.device) if need_B else _placeholder(lora_B, placeholders)
+    grad_bias = _triton_common._empty((N,), gy.dtype, x.device) if need_bias else _placeholder(gy, placeholders)
     several = rows < M
     # fp32 running sums of the slices before the last (only with several slices).
     run_B = _triton_common._empty((N, R), torch.float32, x.device) if several and need_B else None
@@ -399,15 +425,18 @@ def _fused_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
             jobs.append((bias_ws[:blocks] if several else bias_ws, out_bias, 1.0, run_bias if m0 else None))
         if not last:  # grad_b_ws / bias_ws are refilled by the next slice
             finalize_sums(jobs)
-    grad_A = lora_A.new_empty((0,))
     if need_A:  # (the partials carry the scaling)
         grad_A = _triton_common._empty(lora_A.shape, lora_A.dtype, x.device)
         jobs.append((_reduce_partials(g_xa, x, scaling, dropout)[0], grad_A, 1.0, None))
+    else:
+        grad_A = _placeholder(lora_A, placeholders)
     finalize_sums(jobs)
     return grad_x, grad_A, grad_B, grad_bias
 
 
-def _split_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias):
+def _split_backward(
+    gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias, placeholders=True
+):
     """The "split" variant, for M > 0 with grad_B or the bias gradient needed. Launches (no memset, no
     ATen op but allocations): the gy pass without the fused partials (grad_x and ``t = gy B`` at the
     forward's full tiles, ``GPU_CONFIGS`` pruned as for the forward; skipped when neither grad_x nor
@@ -416,7 +445,7 @@ def _split_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
     M, N = gy.shape
     R = lora_A.shape[0]
     dropout = _dropout(dropout_p, seed)
-    grad_x = _triton_common._empty(x.shape, x.dtype, x.device) if need_x else x.new_empty((0,))
+    grad_x = _triton_common._empty(x.shape, x.dtype, x.device) if need_x else _placeholder(x, placeholders)
     g_xa = _triton_common._empty((M, R), torch.float32, x.device) if need_A or need_x else None
     if g_xa is not None:
         _launch_gemm(
@@ -424,7 +453,7 @@ def _split_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
             DROPOUT_ON_LOW_RANK,
         )  # fmt: skip
     ws_A, ws_B, sums = grouped_reduce_partials(g_xa, x, gy, xa, scaling, dropout, need_A, need_B, need_bias)
-    grad_A, grad_B, grad_bias = lora_A.new_empty((0,)), lora_B.new_empty((0,)), gy.new_empty((0,))
+    grad_A, grad_B, grad_bias = (_placeholder(t, placeholders) for t in (lora_A, lora_B, gy))
     jobs = []  # (partials, out, scale, running sums or None): the partials carry the scalings
     if need_A:
         grad_A = _triton_common._empty(lora_A.shape, lora_A.dtype, x.device)
@@ -437,6 +466,12 @@ def _split_backward(gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed,
         jobs.append((sums, grad_bias, 1.0, None))
     finalize_sums(jobs)
     return grad_x, grad_A, grad_B, grad_bias
+
+
+def _placeholder(like: torch.Tensor, placeholders: bool):
+    """What a backward returns for a gradient it was not asked for: an empty tensor (the op's
+    contract), or None for the eager Function (``_eager_backward``)."""
+    return like.new_empty((0,)) if placeholders else None
 
 
 _BACKWARDS = {"fused": _fused_backward, "split": _split_backward}
@@ -462,5 +497,6 @@ def launch_for_inspection(
 
 
 TRITON_OPS = register_backend(
-    "triton", triton_forward, triton_backward, runs_on=("cuda", "cpu") if INTERPRET else ("cuda",)
+    "triton", triton_forward, triton_backward, runs_on=("cuda", "cpu") if INTERPRET else ("cuda",),
+    eager_backward=_eager_backward,
 )
