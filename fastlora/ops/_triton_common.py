@@ -232,12 +232,15 @@ def _flag_workspace(device: torch.device, size: int) -> torch.Tensor:
     """At least ``size`` zeroed int32 that the launch must leave zeroed, on ``device``'s current
     stream. Under CUDA-graph capture a fresh one for this call (its memset is part of the graph):
     memory from the graph's pool must not be reused by launches outside the graph."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(size, dtype=torch.int32, device=device)
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(size, dtype=torch.int32, device=device)
+        key = _stream_key(device)
+    else:
+        key = (device.type, None)
     cache = getattr(_workspaces, "flags", None)
     if cache is None:
         cache = _workspaces.flags = {}
-    key = _stream_key(device)
     buf = cache.get(key)
     if buf is None or buf.numel() < size:
         # Grown by powers of two: a memset only when a call needs more rows than any before it.

@@ -297,12 +297,10 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scal
     y = _triton_common._empty((M, weight.shape[0]), x.dtype, x.device)
     xa = _triton_common._empty((M, lora_A.shape[0]), torch.float32, x.device)
     if M:
-        dropout = _dropout(dropout_p, seed)
-        with on_device(x.device):  # once for both launches of a split-K decode
-            _launch_gemm(
-                x, weight, True, lora_A, lora_B, bias, y, xa, scaling, dropout, DROPOUT_ON_INPUT, decode=True,
-                col_scale=col_scale,
-            )  # fmt: skip
+        _launch_gemm(  # (one on_device in it for both launches of a split-K decode)
+            x, weight, True, lora_A, lora_B, bias, y, xa, scaling, _dropout(dropout_p, seed), DROPOUT_ON_INPUT,
+            decode=True, col_scale=col_scale,
+        )  # fmt: skip
     return y, xa
 
 
