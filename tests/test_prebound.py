@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from fastlora.inspect import recording
-from fastlora.ops import _prebound
+from fastlora.ops import _host_programs, _prebound
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -444,13 +444,15 @@ def test_keyed_sites_keep_their_promise():
     """The real launch sites with FASTLORA_PREBOUND_CHECK=1, without the interpreter (a subprocess):
     for dtypes, fp32 adapters, with and without bias and dropout, strided and unaligned inputs, split-K
     decode, several batch sizes and gradient subsets, every planned launch's generic signature is the
-    one its plan was made for (``launch_keyed``'s check raises otherwise), and every launch but the
-    first of each signature is planned."""
+    one its plan was made for (``launch_keyed``'s check raises otherwise), the C signature is the
+    Python one, every replayed host program launches what its call's own body launches
+    (``_host_programs``' check raises otherwise), and every launch but the first of each signature
+    is planned."""
     script = textwrap.dedent(
         """
         import itertools, torch
         from fastlora.inspect import recording
-        from fastlora.ops import _prebound, triton_lora
+        from fastlora.ops import _host_programs, _prebound, triton_lora
         from fastlora.ops._device import KNOWN_LIMITS, target_limits
 
         assert _prebound.ENABLED and _prebound.CHECK
@@ -473,12 +475,17 @@ def test_keyed_sites_keep_their_promise():
                     x = torch.randn(M, K, dtype=dtype)
                 gy = torch.randn(M, N, dtype=dtype)
                 for need in ((True, True, True, bias), (False, True, True, False), (True, False, False, False)):
-                    for _ in range(2):
+                    # 1: through Triton; 2: planned, host programs recorded; 3: replayed and checked.
+                    # The op's backward (placeholders) and the eager Function's (host programs) alternate.
+                    for rep in range(3):
+                        backward = triton_lora._eager_backward if rep != 1 or need[0] else triton_lora.triton_backward
                         with recording.stubbed_launches([]) as names:
-                            y, xa = triton_lora.triton_forward(x, W, b, A, B, 2.0, p, torch.tensor(5))
-                            triton_lora.triton_backward(gy, x, xa, W, A, B, 2.0, p, torch.tensor(9), *need)
-                        counts.append(sum(n != "planned" for n in names))
-        print("unplanned-on-repeat", sum(counts[1::2]), "checked", len(counts) // 2)
+                            y, xa = triton_lora.triton_forward(x, W, b, A, B, 2.0, p, torch.tensor(5 + rep))
+                            backward(gy, x, xa, W, A, B, 2.0, p, torch.tensor(9 + rep), *need)
+                        if rep:
+                            counts.append(sum(n != "planned" for n in names))
+        programs = len(recording._STUB_PLANS.get(_host_programs._TABLE, {}))
+        print("programs", programs, "unplanned-on-repeat", sum(counts), "checked", len(counts) // 2)
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -486,7 +493,12 @@ def test_keyed_sites_keep_their_promise():
     env["FASTLORA_PREBOUND_CHECK"] = "1"
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-3:] == ["0", "checked", "288"], out.stdout
+    words = out.stdout.split()
+    assert words[-3:] == ["0", "checked", "288"], out.stdout
+    # Host programs: 72 forwards (96 problems, but fp32 inputs with "same" and "fp32" adapters are one)
+    # and 144 backwards (3 gradient subsets of the 72, which the bias's presence does not change but
+    # for the subset that asks for its gradient).
+    assert int(words[-5]) == 216, out.stdout
 
 
 def test_real_kernels_plan_every_launch_of_a_training_step():
@@ -497,7 +509,7 @@ def test_real_kernels_plan_every_launch_of_a_training_step():
         """
         import torch
         from fastlora.inspect import recording
-        from fastlora.ops import _prebound, triton_lora
+        from fastlora.ops import _host_programs, _prebound, triton_lora
         from fastlora.ops._device import KNOWN_LIMITS, target_limits
 
         assert _prebound.ENABLED
@@ -505,9 +517,9 @@ def test_real_kernels_plan_every_launch_of_a_training_step():
         x, W, b = torch.randn(200, 96), torch.randn(80, 96), torch.randn(80)
         A, B, gy = torch.randn(8, 96), torch.randn(80, 8), torch.randn(200, 80)
 
-        def step(x):
+        def step(x):  # the backward as the eager Function calls it (no placeholders)
             y, xa = triton_lora.triton_forward(x, W, b, A, B, 2.0, 0.1, torch.tensor(5))
-            triton_lora.triton_backward(gy, x, xa, W, A, B, 2.0, 0.1, torch.tensor(9), True, True, True, True)
+            triton_lora._eager_backward(gy, x, xa, W, A, B, 2.0, 0.1, torch.tensor(9), True, True, True, True)
 
         with target_limits(KNOWN_LIMITS[(9, 0)]):
             with recording.stubbed_launches([]) as first:
@@ -520,36 +532,102 @@ def test_real_kernels_plan_every_launch_of_a_training_step():
             gy = torch.randn(233, 80)
             with recording.stubbed_launches([]) as other_m:  # another batch size: the same plans
                 step(torch.randn(233, 96))
-        plans = list(recording._STUB_PLANS.values())
+            gy = torch.randn(200, 80)
+            with recording.stubbed_launches([]) as replayed:  # x again: its host programs replay the step
+                step(x)
+        plans = [p for k, p in recording._STUB_PLANS.items() if k != _host_programs._TABLE]
+        programs = recording._STUB_PLANS.get(_host_programs._TABLE, {})
         print(*(sum(name != "planned" for name in names) for names in (first, second, third, other_m)), len(second),
               sum(type(p).__name__ == "_Plan" for p in plans), len(plans),
-              len(_prebound._plans))
+              len(_prebound._plans), len(programs), replayed.count("planned"))
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    first, second, third, other_m, second_planned, planned, plans, real = map(int, out.stdout.split()[-8:])
+    first, second, third, other_m, second_planned, planned, plans, real, programs, replayed = map(
+        int, out.stdout.split()[-10:]
+    )  # fmt: skip
     # first: forward 1 + backward 3 through Triton; second: all 4 planned; third: x is read by the
     # forward and by grad_A's reduction, so those two re-plan; M 200 -> 233 (the same
-    # specialisation classes of every row count): no new plan.
+    # specialisation classes of every row count): no new plan. Host programs: a forward and a
+    # backward recorded by each call whose launches were all planned (second, other_m), replayed by
+    # the last call (its 4 launches through the same plans).
     assert (first, second, third, other_m, second_planned) == (4, 0, 2, 0, 4), out.stdout
     assert planned == plans == 6 and real == 0, out.stdout
+    assert programs == 4 and replayed == 4, out.stdout
 
 
-def _planned_like_triton(monkeypatch, call):
-    """``call()`` (returning tensors) through Triton's path, then twice through plans: the plan runs
-    must be bit-identical to Triton's, and the second of them must not reach Triton's launch path at
-    all (a spy on ``JITFunction.run`` / ``Autotuner.run``) nor leave a signature unplanned."""
+def test_host_programs_replay_through_the_tests_allocator_and_step_aside():
+    """Host programs (``_host_programs``), the real sites in a subprocess: a replay allocates through
+    ``_triton_common._empty`` (so the suite's NaN poisoning reaches replayed buffers), makes the same
+    4 planned launches, and is not used when programs are off or inside a CUDA-graph capture (the
+    capture flag set by hand: the flag workspace of a capture must be a fresh one)."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from fastlora.inspect import recording
+        from fastlora.ops import _host_programs, _triton_common, triton_lora
+        from fastlora.ops._device import KNOWN_LIMITS, target_limits
+
+        recording._StubKernel.run = lambda self, *args: recording._recording[0].append("planned")
+        x, W, b = torch.randn(200, 96), torch.randn(80, 96), torch.randn(80)
+        A, B, gy = torch.randn(8, 96), torch.randn(80, 8), torch.randn(200, 80)
+        replays = []
+        replay = _host_programs.Program.replay
+        _host_programs.Program.replay = lambda self, *a, **k: replays.append(1) or replay(self, *a, **k)
+
+        def step():
+            with recording.stubbed_launches([]) as names:
+                y, xa = triton_lora.triton_forward(x, W, b, A, B, 2.0, 0.1, torch.tensor(5))
+                grads = triton_lora._eager_backward(gy, x, xa, W, A, B, 2.0, 0.1, torch.tensor(9), True, True, True, True)
+            return names, y, grads
+
+        with target_limits(KNOWN_LIMITS[(9, 0)]):
+            step(), step()  # through Triton, then planned and recorded
+            empty = _triton_common._empty
+            _triton_common._empty = lambda *a, **k: empty(*a, **k).fill_(float("nan"))
+            names, y, grads = step()
+            _triton_common._empty = empty
+            print("replayed", len(replays), "planned", names.count("planned"), "poisoned",
+                  bool(y.isnan().all() and all(g.isnan().all() for g in grads)))
+            _host_programs.ENABLED = False
+            step()
+            _host_programs.ENABLED = True
+            print("off", len(replays))
+            _triton_common._launch_state.capturing = True
+            names, _, _ = step()
+            _triton_common._launch_state.capturing = False
+            print("capturing", len(replays), names.count("planned"))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTLORA_PREBOUND_CHECK")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split("\n")
+    assert "replayed 2 planned 4 poisoned True" in lines, out.stdout
+    assert "off 2" in lines and "capturing 2 4" in lines, out.stdout
+
+
+def _planned_like_triton(monkeypatch, call, replays: int):
+    """``call(seed)`` (returning tensors) through Triton's path with seed 7, then through plans with
+    seeds 1 (planning every launch) and 2 (recording the host programs), then with seed 7 again: that
+    last call must be bit-identical to Triton's, replay ``replays`` host programs (one a Triton forward
+    and one an eager backward; a replay keeping a recorded seed would differ), and reach
+    neither Triton's launch path (a spy on ``JITFunction.run`` / ``Autotuner.run``) nor leave a
+    signature unplanned."""
     from triton.runtime.autotuner import Autotuner
 
+    monkeypatch.setenv("FASTLORA_TRITON_BACKWARD", "fused")  # (the split variant has no host programs)
     monkeypatch.setattr(_prebound, "ENABLED", False)
     _prebound.clear()
-    expected = call()
+    expected = call(7)
     monkeypatch.setattr(_prebound, "ENABLED", True)
-    call()  # plans every launch
-    through_triton = []
+    call(1)  # plans every launch
+    call(2)  # records the host programs
+    through_triton, replayed = [], []
     for cls in (JITFunction, Autotuner):
         original = cls.run
 
@@ -558,11 +636,15 @@ def _planned_like_triton(monkeypatch, call):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "run", spy)
-    got = call()
+    replay = _host_programs.Program.replay
+    monkeypatch.setattr(_host_programs.Program, "replay", lambda self, *a, **k: replayed.append(1) or replay(self, *a, **k))
+    got = call(7)
     monkeypatch.undo()
     monkeypatch.setattr(_prebound, "ENABLED", True)
     assert not through_triton, f"{len(through_triton)} launches took Triton's path on a planned call"
-    assert _prebound._plans and all(_prebound._plans.values()), "a signature was left unplanned"
+    assert len(replayed) == replays, f"{len(replayed)} host programs replayed, not {replays}"
+    plans = {k: p for k, p in _prebound._plans.items() if k != _host_programs._TABLE}
+    assert plans and all(plans.values()), "a signature was left unplanned"
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)
     return got
@@ -593,12 +675,12 @@ def test_gpu_training_step_through_plans_is_tritons(monkeypatch, M, K, N, dropou
 
     x, w, b, A, B, gy = _gpu_layer(M, K, N, 16)
 
-    def step():
-        torch.manual_seed(3)
+    def step(seed):
+        torch.manual_seed(seed)
         y = fastlora.lora_linear(x, w, b, A, B, 2.0, dropout=dropout, backend="triton")
         return (y, *torch.autograd.grad(y, [x, A, B], gy))
 
-    _planned_like_triton(monkeypatch, step)
+    _planned_like_triton(monkeypatch, step, replays=2)
 
 
 def test_gpu_interleaved_batches_user_stream_and_capture(monkeypatch):
@@ -615,13 +697,13 @@ def test_gpu_interleaved_batches_user_stream_and_capture(monkeypatch):
         y = fastlora.lora_linear(x, w, b, A, B, 2.0, backend="triton")
         return (y, *torch.autograd.grad(y, [A, B], gy))
 
-    def all_batches():
+    def all_batches(seed=0):  # (no dropout: the seed is not used)
         return tuple(t for M in (300, 301, 260, 300, 333) for t in step(M)) + step(300, x_off)
 
-    expected = _planned_like_triton(monkeypatch, all_batches)
+    expected = _planned_like_triton(monkeypatch, all_batches, replays=12)  # 6 forwards, 6 backwards
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side):  # host programs replayed on a user stream: its own flag workspace
         got = all_batches()
     torch.cuda.current_stream().wait_stream(side)
     for g, e in zip(got, expected, strict=True):
@@ -667,12 +749,12 @@ def test_gpu_qlora_through_plans(monkeypatch):
 
     base = qlora.base_weight(layer.weight, layer.compute_dtype)
 
-    def step():
-        torch.manual_seed(5)
+    def step(seed):
+        torch.manual_seed(seed)
         y = base.lora_linear(x, b, A, B, 2.0, 0.1, "triton")
         return (y, *torch.autograd.grad(y, [x, A, B], gy))
 
-    _planned_like_triton(monkeypatch, step)
+    _planned_like_triton(monkeypatch, step, replays=0)  # (QLoRA's ops have no host programs)
 
 
 def test_gpu_host_time_per_forward(monkeypatch, capsys):

@@ -25,7 +25,10 @@ def _quietly(call):
 
 
 def _counted(call) -> dict:
-    count_call(call)  # the warm-up
+    # The warm-up, as a training loop's first steps: the first call plans its launches (Triton's path,
+    # then _prebound), the second records its host programs (_host_programs); the counted call replays.
+    count_call(call)
+    count_call(call)
     return count_call(call)
 
 

@@ -70,7 +70,10 @@ _PROTOCOL_VERSIONS = ("3.6.", "3.7.", "3.8.")
 CHECK = os.environ.get("FASTLORA_PREBOUND_CHECK") == "1"
 
 _plans: dict = {}  # signature -> _Plan, or _NO_PLAN for a signature that cannot be planned
+# (Also _host_programs._TABLE -> the host programs' own table: cleared and swapped with the plans.)
+# The host program being recorded on this thread, if any (``_host_programs``): .active
 _NO_PLAN = False
+_recording = threading.local()
 # A bound on the plans kept: a signature includes the int arguments that are not free, so a call
 # site whose such int took a new value every call would otherwise grow the table without end. When
 # it is full, it is emptied (plans are remade on their next call) and a warning says so once.
@@ -318,6 +321,9 @@ def launch_lazy(launcher, grid, args: tuple, setup_key, setup, device: torch.dev
     of those alone (the arguments' ints other than the free ones, dtypes and alignments, and
     ``setup_key``), which is what lets a planned call skip it."""
     jit, classed = _jit_of(launcher, free)[1:3] if ENABLED else (None, None)
+    recorder = getattr(_recording, "active", None)
+    if recorder is not None:  # host programs replay keyed launches only
+        recorder.fail(permanent=True)
     signature = None
     if jit is not None:
         signature = _signature(launcher, device, (setup_key, _triton_options()), args, classed)
@@ -349,8 +355,23 @@ def launch_keyed(launcher, grid, args: tuple, key, tensors: tuple, setup, device
     if not ENABLED:
         return launch_lazy(launcher, grid, args, key, setup, device, free)
     found = _jit_of(launcher, free)
-    if found[1] is None:  # not a Triton kernel (a test's spy): every call runs it
+    recorder = getattr(_recording, "active", None)
+    if found[1] is None:  # not a Triton kernel (a test's spy): every call runs it, and none is replayed
+        if recorder is not None:
+            recorder.fail(permanent=True)
         return launcher[grid](*args, **setup())
+    if recorder is not None:  # a host program is being recorded (_host_programs): the plan is needed
+        signature = _keyed_signature(launcher, device, key, args, tensors, found)
+        plan = _plans.get(signature) if signature is not None else None
+        if plan:
+            if CHECK:
+                _check_keyed(plan, launcher, device, key, args, tensors, found)
+            recorder.step(plan, grid, args, found[5])
+            return plan(args, grid)
+        # A launch through Triton: its first call (nothing to replay yet), or one that is never
+        # planned (_NO_PLAN: an unknown launch protocol, a hook), which no later call replays either.
+        recorder.fail(permanent=plan is _NO_PLAN)
+        return _first_call(launcher, grid, args, key, setup, device, found, signature)
     accel = _accelerated()
     if accel is not None and not CHECK:  # the same steps in C (csrc/host/prebound.c)
         launched, signature = accel.launch(
@@ -366,6 +387,11 @@ def launch_keyed(launcher, grid, args: tuple, key, tensors: tuple, setup, device
             if CHECK:
                 _check_keyed(plan, launcher, device, key, args, tensors, found)
             return plan(args, grid)
+    return _first_call(launcher, grid, args, key, setup, device, found, signature)
+
+
+def _first_call(launcher, grid, args, key, setup, device, found, signature):
+    """A keyed launch without a plan: Triton's path, then its plan made (``launch_keyed``)."""
     kwargs = setup()
     kernel = launcher[grid](*args, **kwargs)
     if signature is not None and signature not in _plans:

@@ -80,7 +80,7 @@ import functools
 
 import torch
 
-from . import _prebound, _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
+from . import _host_programs, _prebound, _triton_common, _triton_finalize  # by attribute: the tests patch them
 from ._contract import register_backend
 from ._device import arch_rules, device_limits
 from ._triton_common import (
@@ -288,7 +288,16 @@ def _split_k_setup(R, has_col_scale, has_bias, dtype):
 
 
 def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, None)
+    if not x.shape[0]:
+        return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, None)
+    seed_value = int(seed) if dropout_p else 0
+    with on_device(x.device):
+        # Replayed from its host program after the first planned call of this structure (_host_programs).
+        return _host_programs.run(
+            "forward", lambda: _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, None),
+            (x, weight, bias, lora_A, lora_B),
+            (float(scaling), float(dropout_p), _prebound._width(seed_value), _program_constants()), seed_value, x.device,
+        )  # fmt: skip
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale):
@@ -332,9 +341,32 @@ def triton_backward(
     # which runs both variants itself).)
     args = (gy, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_A, need_B, need_bias)
     with on_device(x.device):  # once for the backward's launches (each site's own is then a no-op)
-        if M and (need_B or need_bias) and (x.is_cuda or INTERPRET) and _backward_variant(args) == "split":
-            return _split_backward(*args, placeholders)
-        return _fused_backward(*args, placeholders)
+        split = M and (need_B or need_bias) and (x.is_cuda or INTERPRET) and _backward_variant(args) == "split"
+        body = _split_backward if split else _fused_backward
+        # (The op's outputs must be tensors, placeholders included; the split variant's grouped
+        # reduction takes the generic launch path, which host programs do not replay.)
+        if placeholders or not M or split:
+            return body(*args, placeholders)
+        # The eager Function's backward, replayed from its host program (_host_programs) after the
+        # first planned call of this structure.
+        seed_value = int(seed) if dropout_p else 0
+        return _host_programs.run(
+            "fused backward", lambda: body(*args, False), (gy, x, xa, weight, lora_A, lora_B),
+            (float(scaling), float(dropout_p), _prebound._width(seed_value), need_x, need_A, need_B, need_bias,
+             _program_constants()),
+            seed_value, x.device,
+        )  # fmt: skip
+
+
+def _program_constants() -> tuple:
+    """The module values the forward and backward bodies read (part of their host programs' keys,
+    read per call: the tests patch some of them), the launchers included (a test's spy in place of
+    one must see its launches: a key with a spy is never replayed)."""
+    return (
+        INTERPRET, _SPIN_LIMIT, _DECODE_MAX_M, _MAX_PARTIAL_BYTES, _MIN_PARTIAL_BLOCKS, id(_lora_gemm),
+        id(_lora_gemm_grad_x), id(_split_k_reduce_kernel), id(_triton_common._lora_reduce_kernel),
+        id(_triton_finalize._finalize_kernel),
+    )  # fmt: skip
 
 
 def _eager_backward(*args):
