@@ -232,6 +232,17 @@ done:
     return result;
 }
 
+/* Are the seven arguments of signature() (head, key, options, tensors, args, nospec, loose) of the
+ * types it reads without checking? Raises TypeError naming `fn` if not. */
+static int signature_args_ok(PyObject *const *sig_argv, const char *fn) {
+    if (PyTuple_Check(sig_argv[0]) && PyTuple_GET_SIZE(sig_argv[0]) == 3 && PyTuple_Check(sig_argv[3]) &&
+        PyTuple_Check(sig_argv[4]) && PyTuple_Check(sig_argv[5]) && PyTuple_Check(sig_argv[6])) {
+        return 1;
+    }
+    PyErr_Format(PyExc_TypeError, "%s(): head must be a 3-tuple; tensors, args, nospec and loose tuples", fn);
+    return 0;
+}
+
 PyDoc_STRVAR(launch_doc,
              "launch(plans, head, key, options, tensors, args, nospec, loose, grid, runtime) -> (launched, value)\n\n"
              "launch_keyed's hit path: the signature of the launch, then, if plans holds a plan for it, the plan's\n"
@@ -246,12 +257,11 @@ static PyObject *launch(PyObject *self, PyObject *const *argv, Py_ssize_t argc) 
     }
     PyObject *plans = argv[0], *head = argv[1], *key = argv[2], *options = argv[3], *tensors = argv[4],
              *args = argv[5], *nospec = argv[6], *loose = argv[7], *grid = argv[8], *runtime = argv[9];
-    if (!PyDict_Check(plans) || !PyTuple_Check(head) || PyTuple_GET_SIZE(head) != 3 || !PyTuple_Check(tensors) ||
-        !PyTuple_Check(args) || !PyTuple_Check(nospec) || !PyTuple_Check(loose)) {
-        PyErr_SetString(PyExc_TypeError, "launch(): plans must be a dict; head a 3-tuple; tensors, args, nospec, "
-                                         "loose tuples");
+    if (!PyDict_Check(plans)) {
+        PyErr_SetString(PyExc_TypeError, "launch(): plans must be a dict");
         return NULL;
     }
+    if (!signature_args_ok(argv + 1, "launch")) return NULL;
     int no_storage = 0;
     PyObject *sig = signature(head, key, options, tensors, args, nospec, loose, &no_storage);
     if (sig == NULL) {
@@ -291,11 +301,7 @@ static PyObject *signature_py(PyObject *self, PyObject *const *argv, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "signature() takes 7 arguments");
         return NULL;
     }
-    if (!PyTuple_Check(argv[0]) || PyTuple_GET_SIZE(argv[0]) != 3 || !PyTuple_Check(argv[3]) ||
-        !PyTuple_Check(argv[4]) || !PyTuple_Check(argv[5]) || !PyTuple_Check(argv[6])) {
-        PyErr_SetString(PyExc_TypeError, "signature(): head a 3-tuple; tensors, args, nospec, loose tuples");
-        return NULL;
-    }
+    if (!signature_args_ok(argv, "signature")) return NULL;
     int no_storage = 0;
     PyObject *sig = signature(argv[0], argv[1], argv[2], argv[3], argv[4], argv[5], argv[6], &no_storage);
     if (sig == NULL && no_storage) Py_RETURN_NONE;

@@ -12,8 +12,9 @@ Only the tensors' addresses and the dropout seed change from call to call.
 first call of a key runs ``body`` normally while recording (``Recorder``) every keyed launch it makes
 (``_prebound.launch_keyed`` reports them): its plan, its grid (evaluated; M is in the key), and its
 arguments, each classified as an input (by identity), a buffer the call allocated (a tensor
-``_triton_common._empty`` returned during the call: its shape and dtype), the persistent flag workspace or flag dummy of the stream,
-the seed (the ``do_not_specialize`` positions, which hold it) or a constant. A later call of the key
+``_triton_common._empty`` returned during the call: its shape and dtype), the stream's persistent
+flag workspace or flag dummy, the seed (the ``do_not_specialize`` positions, which hold it) or a
+constant. A later call of the key
 allocates the same buffers through ``_triton_common._empty`` (so the tests' poisoning still
 applies), fetches the stream's flag workspace, substitutes its inputs, buffers and seed into the
 recorded argument lists and calls the plans: the same launches with the same arguments, without the
@@ -92,8 +93,11 @@ class Program:
         if launched is not None:
             launched.append(buffers)
         values = [*inputs, *buffers]
-        for kind, size in self.flags:
-            values.append(_triton_common._flag_workspace(device, size) if kind == _FLAGS else _triton_common._flag_dummy(device))
+        for kind, size in self.flags:  # the current stream's, fetched per call
+            if kind == _FLAGS:
+                values.append(_triton_common._flag_workspace(device, size))
+            else:
+                values.append(_triton_common._flag_dummy(device))
         values.append(seed)
         for plan, grid, template, substitutions in self.steps:
             args = list(template)
@@ -121,7 +125,7 @@ def _compile(recorder: Recorder, inputs: tuple, outputs: tuple, seed: int) -> Pr
     dummies = getattr(_triton_common._workspaces, "dummies", {}).values()
     flag_ids = {id(t): (_FLAGS, t.numel()) for t in flags}
     flag_ids.update({id(t): (_DUMMY, 1) for t in dummies})
-    buffers, flag_specs, found_flags = [], [], []
+    buffers, flag_specs = [], []
 
     def source_of(t: torch.Tensor) -> int:
         index = sources.get(id(t))
@@ -129,7 +133,6 @@ def _compile(recorder: Recorder, inputs: tuple, outputs: tuple, seed: int) -> Pr
             return index
         spec = flag_ids.get(id(t))
         if spec is not None:
-            found_flags.append(t)
             flag_specs.append(spec)
             index = -len(flag_specs)  # numbered after the buffers once they are all known
         elif id(t) in recorder.allocated:  # a buffer the call allocated (not a view of one)

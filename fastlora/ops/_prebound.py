@@ -197,7 +197,8 @@ class _Plan:
         full = (*args, *self.tail)
         enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
         # No hook: None, or an empty HookChain (triton 3.6-3.8's hook type); anything else is a hook.
-        if (enter is None or getattr(enter, "calls", None) == []) and (leave is None or getattr(leave, "calls", None) == []):
+        no_enter = enter is None or getattr(enter, "calls", None) == []
+        if no_enter and (leave is None or getattr(leave, "calls", None) == []):
             # Nothing to call: the C launcher skips None hooks, and the metadata (a LazyDict that
             # JITFunction.run builds on every call, 1-2 µs) would be read by nobody.
             enter = leave = metadata = None
@@ -360,33 +361,27 @@ def launch_keyed(launcher, grid, args: tuple, key, tensors: tuple, setup, device
         if recorder is not None:
             recorder.fail(permanent=True)
         return launcher[grid](*args, **setup())
-    if recorder is not None:  # a host program is being recorded (_host_programs): the plan is needed
-        signature = _keyed_signature(launcher, device, key, args, tensors, found)
-        plan = _plans.get(signature) if signature is not None else None
-        if plan:
-            if CHECK:
-                _check_keyed(plan, launcher, device, key, args, tensors, found)
-            recorder.step(plan, grid, args, found[5])
-            return plan(args, grid)
-        # A launch through Triton: its first call (nothing to replay yet), or one that is never
-        # planned (_NO_PLAN: an unknown launch protocol, a hook), which no later call replays either.
-        recorder.fail(permanent=plan is _NO_PLAN)
-        return _first_call(launcher, grid, args, key, setup, device, found, signature)
     accel = _accelerated()
-    if accel is not None and not CHECK:  # the same steps in C (csrc/host/prebound.c)
+    if accel is not None and recorder is None and not CHECK:  # the same steps in C (csrc/host/prebound.c)
         launched, signature = accel.launch(
             _plans, ("keyed", found[7], device), key, _triton_options(), tensors, args, found[5], found[6], grid,
             _knobs[0].runtime,
         )  # fmt: skip
         if launched:
             return signature  # (the kernel)
-    else:
+    else:  # in Python: the check, and a host program's recording (_host_programs), need the plan itself
         signature = _keyed_signature(launcher, device, key, args, tensors, found)
         plan = _plans.get(signature) if signature is not None else None
         if plan:
             if CHECK:
                 _check_keyed(plan, launcher, device, key, args, tensors, found)
+            if recorder is not None:
+                recorder.step(plan, grid, args, found[5])
             return plan(args, grid)
+        if recorder is not None:
+            # A launch through Triton: its first call (nothing to replay yet), or one that is never
+            # planned (_NO_PLAN: an unknown launch protocol, a hook), which no later call replays either.
+            recorder.fail(permanent=plan is _NO_PLAN)
     return _first_call(launcher, grid, args, key, setup, device, found, signature)
 
 

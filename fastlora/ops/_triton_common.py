@@ -21,7 +21,6 @@ through the op modules' launches.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
@@ -236,7 +235,7 @@ def _flag_workspace(device: torch.device, size: int) -> torch.Tensor:
         if torch.cuda.is_current_stream_capturing():
             return torch.zeros(size, dtype=torch.int32, device=device)
         key = _stream_key(device)
-    else:
+    else:  # (_stream_key's answer, without its call: this runs on every launch with flags)
         key = (device.type, None)
     cache = getattr(_workspaces, "flags", None)
     if cache is None:

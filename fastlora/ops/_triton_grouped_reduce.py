@@ -9,7 +9,7 @@ variant), the adapter gradients' reductions over the long M axis for two problem
     problem 1 (grad_B and bias): lhs = gy [M, N],  rhs = xa = D(x) Aᵀ [M, R] fp32 (the forward's, dropout
                                  already in it), scaling as grad_B's, sums = Σ_m gy (the bias gradient)
 
-``rows_s`` is split ``s`` of M (about two programs an SM for each problem, ``_split_count``). Programs
+``rows_s`` is split ``s`` of M (about two programs an SM for each problem, ``_reduce_layout``). Programs
 ``[0, n_0)`` serve problem 0 (``n_j = S_j`` × its output tiles), the next ``n_1`` problem 1, one
 output tile and one split each, so the two reductions share a launch and their tiles run side by side.
 ``_finalize_kernel`` then sums the partials over ``s`` in a fixed order: deterministic, no atomics.
@@ -32,9 +32,9 @@ import triton
 import triton.language as tl
 
 from . import _prebound, _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
+from ._device import device_limits
 from ._triton_common import (
-    _NO_DROPOUT, _Dropout, _dot, _dot_tf32_exact_a, _precisions, _reduce_config, _round_tf32, _split_count, cdiv,
-    on_device,
+    _NO_DROPOUT, _Dropout, _dot, _dot_tf32_exact_a, _precisions, _reduce_layout, _round_tf32, on_device,
 )  # fmt: skip
 
 
@@ -137,11 +137,11 @@ class _Plan:
         # As _reduce_partials chooses them (_reduce_config: fp32 products on the CUDA cores spill with
         # 64-row steps or tiles over 2048 accumulators; on the tensor cores 4 warps spill tiles over
         # 4096 accumulators; the arch's reduce_rows; fewer rows with a dropout mask to draw).
-        block_m, block_p, block_q, num_warps = _reduce_config(P, Q, precision, bool(dropout.p), lhs.device)
-        tiles = cdiv(P, block_p) * cdiv(Q, block_q)
-        row_blocks = cdiv(M, block_m)
-        rows_per_split = cdiv(row_blocks, _split_count(lhs.device, tiles, row_blocks)) * block_m
-        splits = cdiv(M, rows_per_split)
+        config, rows_per_split, grid = _reduce_layout(
+            M, P, Q, precision, bool(dropout.p), col_sum, device_limits(lhs.device)
+        )  # fmt: skip
+        _, _, _, block_m, block_p, block_q, num_warps = config
+        tiles, splits = grid[0] * grid[1], grid[2]
         self.ws = _triton_common._empty((splits, P, Q), torch.float32, lhs.device)
         self.sums = _triton_common._empty((splits, P), torch.float32, lhs.device) if col_sum else None
         cs = self.sums if col_sum else self.ws  # ws: a pointer never written

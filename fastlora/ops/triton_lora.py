@@ -290,13 +290,12 @@ def _split_k_setup(R, has_col_scale, has_bias, dtype):
 def triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     if not x.shape[0]:
         return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, None)
-    seed_value = int(seed) if dropout_p else 0
+    seed_value, scalars = _program_scalars(scaling, dropout_p, seed)
     with on_device(x.device):
         # Replayed from its host program after the first planned call of this structure (_host_programs).
         return _host_programs.run(
             "forward", lambda: _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, None),
-            (x, weight, bias, lora_A, lora_B),
-            (float(scaling), float(dropout_p), _prebound._width(seed_value), _program_constants()), seed_value, x.device,
+            (x, weight, bias, lora_A, lora_B), scalars, seed_value, x.device,
         )  # fmt: skip
 
 
@@ -349,24 +348,26 @@ def triton_backward(
             return body(*args, placeholders)
         # The eager Function's backward, replayed from its host program (_host_programs) after the
         # first planned call of this structure.
-        seed_value = int(seed) if dropout_p else 0
+        seed_value, scalars = _program_scalars(scaling, dropout_p, seed, need_x, need_A, need_B, need_bias)
         return _host_programs.run(
-            "fused backward", lambda: body(*args, False), (gy, x, xa, weight, lora_A, lora_B),
-            (float(scaling), float(dropout_p), _prebound._width(seed_value), need_x, need_A, need_B, need_bias,
-             _program_constants()),
-            seed_value, x.device,
+            "fused backward", lambda: body(*args, False), (gy, x, xa, weight, lora_A, lora_B), scalars, seed_value,
+            x.device,
         )  # fmt: skip
 
 
-def _program_constants() -> tuple:
-    """The module values the forward and backward bodies read (part of their host programs' keys,
-    read per call: the tests patch some of them), the launchers included (a test's spy in place of
-    one must see its launches: a key with a spy is never replayed)."""
-    return (
+def _program_scalars(scaling, dropout_p, seed, *flags) -> tuple[int, tuple]:
+    """``(seed, scalars)`` of a host program (``_host_programs.run``): the int the kernels' seed
+    parameters receive (0 without dropout), and every value but the tensors that the body's launches
+    depend on: scaling, p, the seed's width, ``flags``, and the module values the bodies read (read
+    per call: the tests patch some of them), the launchers included (a test's spy in place of one must
+    see its launches: a key with a spy is never replayed)."""
+    seed_value = int(seed) if dropout_p else 0
+    constants = (
         INTERPRET, _SPIN_LIMIT, _DECODE_MAX_M, _MAX_PARTIAL_BYTES, _MIN_PARTIAL_BLOCKS, id(_lora_gemm),
         id(_lora_gemm_grad_x), id(_split_k_reduce_kernel), id(_triton_common._lora_reduce_kernel),
         id(_triton_finalize._finalize_kernel),
     )  # fmt: skip
+    return seed_value, (float(scaling), float(dropout_p), _prebound._width(seed_value), *flags, constants)
 
 
 def _eager_backward(*args):
@@ -427,7 +428,9 @@ def _fused_backward(
     grad_b_ws = _triton_common._empty((row_blocks, N, R), torch.float32, x.device) if block_m else None
     bias_ws = _triton_common._empty((row_blocks, N), torch.float32, x.device) if need_bias else None
     # (Placeholders only for the gradients not asked for: an allocation is ~1 µs of host time.)
-    grad_B = _triton_common._empty(lora_B.shape, lora_B.dtype, x.device) if need_B else _placeholder(lora_B, placeholders)
+    grad_B = (
+        _triton_common._empty(lora_B.shape, lora_B.dtype, x.device) if need_B else _placeholder(lora_B, placeholders)
+    )  # fmt: skip
     grad_bias = _triton_common._empty((N,), gy.dtype, x.device) if need_bias else _placeholder(gy, placeholders)
     several = rows < M
     # fp32 running sums of the slices before the last (only with several slices).
