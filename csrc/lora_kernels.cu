@@ -1,17 +1,21 @@
 // fastlora CUDA kernels: the fused LoRA GEMM (forward y and backward grad_x), the rank-r GEMMs
-// that feed its epilogue, and the deterministic split-M reductions of the adapter and bias grads.
+// that feed its epilogue and the deterministic split-M reductions of the adapter and bias grads
+// where the narrow kernel (lora_narrow.cu) does not take them, and the split sums.
 // See DESIGN.md for the why; lora_kernels.cuh for each launcher's contract.
 
 #include "lora_kernels.cuh"
+#include "lora_device.cuh"
 
 #include <mma.h>
 
+#include <algorithm>
 #include <type_traits>
 
 namespace fastlora {
 namespace {
 
-constexpr int kThreads = 128;  // 4 warps per block
+using namespace device;
+
 constexpr int kTileK = 32;     // reduction depth of one main-loop step
 constexpr int kTileR = 16;     // rank chunk of one low-rank epilogue step
 constexpr int kReduceRows = 16;  // rows of M per step of the split-M reductions
@@ -24,90 +28,6 @@ constexpr int kRowsPerThread = kTile / (kThreads / kThreadCols);  // 8
 constexpr int kColsPerThread = kTile / kThreadCols;               // 4
 
 __host__ __device__ constexpr size_t cmax(size_t a, size_t b) { return a > b ? a : b; }
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    static_assert(std::is_same_v<T, float>, "element types are __half, __nv_bfloat16 and float");
-    return v;
-  }
-}
-
-template <typename To, typename From>
-__device__ __forceinline__ To convert(From v) {
-  if constexpr (std::is_same_v<To, From>) {
-    return v;
-  } else {
-    return from_float<To>(to_float(v));
-  }
-}
-
-// LoRA dropout's keep bit for one counter: the counter-th output of splitmix64 seeded with d.seed (a
-// strong 64-bit mix, so neighbouring counters are independent), its top 24 bits as u in [0, 1).
-__device__ __forceinline__ bool dropout_keep(const Dropout& d, int64_t counter) {
-  uint64_t z = d.seed + 0x9e3779b97f4a7c15ull * (static_cast<uint64_t>(counter) + 1);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return static_cast<float>(z >> 40) * 0x1p-24f >= d.p;
-}
-
-// Moves an OUTER x INNER tile of a global matrix G(o, c) = g[o * ld + c] (inner index contiguous) into
-// shared memory as S, zero outside o < outer_end, c < inner_end: every load is predicated, so any
-// shape is safe. Consecutive threads take consecutive c, so global loads and shared stores coalesce;
-// each thread keeps one column c = tid % INNER and walks rows tid / INNER + q * kRowStep, so its
-// addresses are one base pointer plus multiples of ld * kRowStep.
-// fetch() and store() are separate so that the next tile's global loads are in flight while the
-// current tile is consumed (register double-buffering).
-template <typename S, int OUTER, int INNER>
-struct TileCopy {
-  static_assert(kThreads % INNER == 0 && OUTER % (kThreads / INNER) == 0, "a tile must split evenly over the block");
-  static constexpr int kRowStep = kThreads / INNER;
-  static constexpr int kPerThread = OUTER / kRowStep;
-  S v[kPerThread];
-
-  template <typename G>
-  __device__ __forceinline__ void fetch(const G* __restrict__ g, int64_t ld, int64_t outer0, int64_t outer_end,
-                                        int64_t inner0, int64_t inner_end) {
-    const int64_t o = outer0 + threadIdx.x / INNER;
-    const int64_t c = inner0 + threadIdx.x % INNER;
-    // Element q is in range iff q * kRowStep < rows: one small-int compare each. (Predicating with
-    // 64-bit compares per element cost ~120 registers once the loads overlap the tensor-core math.)
-    const int rows = c < inner_end ? static_cast<int>(max64(min64(outer_end - o, OUTER), 0)) : 0;
-    const G* src = g + o * ld + c;  // dereferenced only in range
-    const int64_t step = ld * kRowStep;
-#pragma unroll
-    for (int q = 0; q < kPerThread; ++q, src += step) {
-      v[q] = q * kRowStep < rows ? convert<S>(*src) : from_float<S>(0.f);
-    }
-  }
-
-  // Zeroes the fetched elements that dropout drops; element (o, c) has counter o * row_len + c.
-  __device__ __forceinline__ void drop(const Dropout& d, int64_t row_len, int64_t outer0, int64_t inner0) {
-    const int64_t o = outer0 + threadIdx.x / INNER;
-    const int64_t c = inner0 + threadIdx.x % INNER;
-#pragma unroll
-    for (int q = 0; q < kPerThread; ++q) {
-      if (!dropout_keep(d, (o + q * kRowStep) * row_len + c)) v[q] = from_float<S>(0.f);
-    }
-  }
-
-  __device__ __forceinline__ void store(S* s, int ld) const {
-    S* dst = s + (threadIdx.x / INNER) * ld + threadIdx.x % INNER;
-#pragma unroll
-    for (int q = 0; q < kPerThread; ++q) dst[q * kRowStep * ld] = v[q];
-  }
-};
 
 // Shared-memory layouts of the main loop's operand tiles: As[m][k]; Bs[n][k] when k is B's contiguous
 // index (kKContig), else Bs[k][n], so the tile copies stay coalesced on both sides.
@@ -411,13 +331,23 @@ __global__ void __launch_bounds__(kColumnSumThreads)
 }
 
 template <typename TO>
-__global__ void __launch_bounds__(256)
-    sum_splits_kernel(const float* __restrict__ ws, int64_t splits, int64_t count, float scaling,
-                      TO* __restrict__ out) {
-  for (int64_t e = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; e < count; e += int64_t{gridDim.x} * blockDim.x) {
+__device__ __forceinline__ void sum_one_split_sum(const SplitSum<TO>& job) {
+  for (int64_t e = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; e < job.count; e += int64_t{gridDim.x} * blockDim.x) {
     float sum = 0.f;
-    for (int64_t s = 0; s < splits; ++s) sum += ws[s * count + e];
-    out[e] = from_float<TO>(scaling * sum);
+    for (int64_t s = 0; s < job.splits; ++s) sum += job.ws[s * job.count + e];
+    job.out[e] = from_float<TO>(job.scaling * sum);
+  }
+}
+
+// blockIdx.y picks the job (block-uniform); a job with count 0 has nothing to do.
+template <typename T0, typename T1, typename T2>
+__global__ void __launch_bounds__(256) sum_splits_kernel(const SplitSum<T0> a, const SplitSum<T1> b, const SplitSum<T2> c) {
+  if (blockIdx.y == 0) {
+    sum_one_split_sum(a);
+  } else if (blockIdx.y == 1) {
+    sum_one_split_sum(b);
+  } else {
+    sum_one_split_sum(c);
   }
 }
 
@@ -448,8 +378,8 @@ __global__ void __launch_bounds__(256) lora_ext_kernel(const LoRAExtParams<T, TA
       T v = from_float<T>(0.f);
       if (part < p.parts) {
         const float sxa = p.xa[m * p.ldxa + j] * p.scaling * ext_down(p.col_max, p.scaling, j);
-        const T hi = from_float<T>(sxa);
-        v = part == 1 ? from_float<T>(sxa - to_float(hi)) : hi;
+        const T hi = split_hi<T>(sxa);
+        v = part == 1 ? split_lo(sxa, hi) : hi;
       }
       p.a_ext[m * p.lda_ext + d] = v;
     } else {
@@ -460,8 +390,8 @@ __global__ void __launch_bounds__(256) lora_ext_kernel(const LoRAExtParams<T, TA
       T v = from_float<T>(0.f);
       if (part < p.parts) {
         const float l = to_float(p.l[n * p.l_sn + j * p.l_sr]) / ext_down(p.col_max, p.scaling, j);
-        const T hi = from_float<T>(l);
-        v = part == 2 ? from_float<T>(l - to_float(hi)) : hi;
+        const T hi = split_hi<T>(l);
+        v = part == 2 ? split_lo(l, hi) : hi;
       }
       p.b_ext[p.b_k_major ? n * p.ldb_ext + d : d * p.ldb_ext + n] = v;
     }
@@ -509,50 +439,62 @@ cudaError_t launch_column_sum(const T* g, int64_t ldg, int64_t M, int64_t N, int
   return cudaGetLastError();
 }
 
-template <typename TO>
-cudaError_t launch_sum_splits(const float* ws, int64_t splits, int64_t count, float scaling, TO* out,
+template <typename T0, typename T1, typename T2>
+cudaError_t launch_sum_splits(const SplitSum<T0>& a, const SplitSum<T1>& b, const SplitSum<T2>& c,
                               cudaStream_t stream) {
+  const int64_t count = std::max({a.count, b.count, c.count});
   if (count == 0) return cudaSuccess;
+  const unsigned jobs = c.count > 0 ? 3 : b.count > 0 ? 2 : 1;
   // A grid-stride loop: a few waves' worth of blocks is plenty for this memory-bound pass.
   const int64_t blocks = ceil_div(count, 256) < 4096 ? ceil_div(count, 256) : 4096;
-  sum_splits_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(ws, splits, count, scaling, out);
+  sum_splits_kernel<<<dim3(static_cast<unsigned>(blocks), jobs), 256, 0, stream>>>(a, b, c);
   return cudaGetLastError();
 }
 
 // Explicit instantiations: the combinations lora_ops.cpp launches. For activations T and adapters TA
-// (TA = T, or float): xa = x·Aᵀ and gy·B are <T, TA, float, float>; y and grad_x are <T, T, TA, T>
-// (for T = TA = float the two coincide).
+// (TA = T, or float): y and grad_x are <T, T, TA, T>; the rank-r GEMMs xa = x·Aᵀ and gy·B are
+// <T, TA, float, float> where the narrow kernel (lora_narrow.cu) does not take them: fp16 with fp32
+// adapters, and fp32 (for T = TA = float the two coincide).
 #define FASTLORA_GEMM(KC, T, TB, TL, TO) \
   template cudaError_t launch_gemm<KC, T, TB, TL, TO>(const GemmParams<T, TB, TL, TO>&, cudaStream_t);
-#define FASTLORA_GEMMS(T, TA)               \
-  FASTLORA_GEMM(true, T, TA, float, float)  \
-  FASTLORA_GEMM(false, T, TA, float, float) \
-  FASTLORA_GEMM(true, T, T, TA, T)          \
+#define FASTLORA_FUSED(T, TA)      \
+  FASTLORA_GEMM(true, T, T, TA, T) \
   FASTLORA_GEMM(false, T, T, TA, T)
-FASTLORA_GEMMS(__half, __half)
-FASTLORA_GEMMS(__half, float)
-FASTLORA_GEMMS(__nv_bfloat16, __nv_bfloat16)
-FASTLORA_GEMMS(__nv_bfloat16, float)
+FASTLORA_FUSED(__half, __half)
+FASTLORA_FUSED(__half, float)
+FASTLORA_FUSED(__nv_bfloat16, __nv_bfloat16)
+FASTLORA_FUSED(__nv_bfloat16, float)
+FASTLORA_GEMM(true, __half, float, float, float)
+FASTLORA_GEMM(false, __half, float, float, float)
 FASTLORA_GEMM(true, float, float, float, float)
 FASTLORA_GEMM(false, float, float, float, float)
 
-// grad_A reduces (gy B in fp32, x); grad_B reduces (gy, xa in fp32).
+// grad_A reduces (gy B in fp32, x); grad_B reduces (gy, xa in fp32): for fp16 and fp32 activations
+// (bf16's are on the narrow kernel).
 #define FASTLORA_ROW_REDUCE(TL, TR)                                                                          \
   template cudaError_t launch_row_reduce<TL, TR>(const TL*, int64_t, const TR*, int64_t, int64_t, int64_t, \
                                                  int64_t, const Dropout&, int64_t, int64_t, float*, cudaStream_t);
 FASTLORA_ROW_REDUCE(float, __half)
 FASTLORA_ROW_REDUCE(__half, float)
-FASTLORA_ROW_REDUCE(float, __nv_bfloat16)
-FASTLORA_ROW_REDUCE(__nv_bfloat16, float)
 FASTLORA_ROW_REDUCE(float, float)
 
-#define FASTLORA_PER_TYPE(T)                                                                                 \
-  template cudaError_t launch_column_sum<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, \
-                                            cudaStream_t);                                                 \
-  template cudaError_t launch_sum_splits<T>(const float*, int64_t, int64_t, float, T*, cudaStream_t);
-FASTLORA_PER_TYPE(__half)
-FASTLORA_PER_TYPE(__nv_bfloat16)
-FASTLORA_PER_TYPE(float)
+template cudaError_t launch_column_sum<__half>(const __half*, int64_t, int64_t, int64_t, int64_t, int64_t, float*,
+                                               cudaStream_t);
+template cudaError_t launch_column_sum<__nv_bfloat16>(const __nv_bfloat16*, int64_t, int64_t, int64_t, int64_t,
+                                                      int64_t, float*, cudaStream_t);
+template cudaError_t launch_column_sum<float>(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*,
+                                              cudaStream_t);
+
+// Split sums: one job of any output type (<T, T, T>), and the backward's grad_A, grad_B and bias
+// gradient in one launch (<TA, TA, T>, TA = float with fp32 adapters).
+#define FASTLORA_SUM_SPLITS(T0, T1, T2)                                                                  \
+  template cudaError_t launch_sum_splits<T0, T1, T2>(const SplitSum<T0>&, const SplitSum<T1>&, const SplitSum<T2>&, \
+                                                     cudaStream_t);
+FASTLORA_SUM_SPLITS(__half, __half, __half)
+FASTLORA_SUM_SPLITS(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16)
+FASTLORA_SUM_SPLITS(float, float, float)
+FASTLORA_SUM_SPLITS(float, float, __half)
+FASTLORA_SUM_SPLITS(float, float, __nv_bfloat16)
 
 // The CUTLASS paths' K-block operands: fp16/bf16 activations, adapters in that dtype or fp32.
 template cudaError_t launch_lora_ext<__half, __half>(const LoRAExtParams<__half, __half>&, cudaStream_t);

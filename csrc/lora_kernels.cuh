@@ -99,7 +99,9 @@ cudaError_t launch_column_sum(const T* g, int64_t ldg, int64_t M, int64_t N, int
 //   b_ext (n, d) = b_ext[n * ldb_ext + d] if b_k_major (else b_ext[d * ldb_ext + n]), for d = part · R + j:
 //     parts 0, 1: T(l(n, j) / down_j),  part 2: the rest, T(l(n, j) / down_j − that),  d ≥ parts·R: 0
 // with xa(m, j) = xa[m * ldxa + j] (fp32), l(n, j) = l[n * l_sn + j * l_sr] (TA), parts = 2 when
-// TA = T else 3, D = parts·R rounded up to a multiple of 8. down_j = 1 without col_max; with it (fp16's
+// TA = T else 3, D = parts·R rounded up to a multiple of 8; each hi/lo pair is lora_device.cuh's
+// split_hi / split_lo (bf16's hi truncated, so a finite value never splits into inf − inf; lo 0 where
+// hi is not finite). down_j = 1 without col_max; with it (fp16's
 // range), down_j = 2^-e_j, e_j = max(0, E_j − 14) for |s|·col_max[j] < 2^E_j (frexp), so that the
 // scaled column lies in [−2^14, 2^14]: powers of two, a_ext · b_extᵀ = s · xa · lᵀ unchanged.
 template <typename T, typename TA>
@@ -121,9 +123,26 @@ struct LoRAExtParams {
 template <typename T, typename TA>
 cudaError_t launch_lora_ext(const LoRAExtParams<T, TA>& p, cudaStream_t stream);
 
-// out[e] = scaling · Σ_s ws[s * count + e], summed in split order (deterministic), rounded to TO.
+// One split sum: out[e] = scaling · Σ_s ws[s * count + e] for e < count, summed in split order
+// (deterministic), rounded to TO. count 0: nothing to do.
+template <typename TO>
+struct SplitSum {
+  const float* ws = nullptr;
+  int64_t splits = 0, count = 0;
+  float scaling = 1.f;
+  TO* out = nullptr;
+};
+
+// Up to three split sums in one launch (the backward's grad_A, grad_B and bias gradient); a job
+// with count 0 is skipped. Nothing is launched when every count is 0.
+template <typename T0, typename T1, typename T2>
+cudaError_t launch_sum_splits(const SplitSum<T0>& a, const SplitSum<T1>& b, const SplitSum<T2>& c,
+                              cudaStream_t stream);
+
 template <typename TO>
 cudaError_t launch_sum_splits(const float* ws, int64_t splits, int64_t count, float scaling, TO* out,
-                              cudaStream_t stream);
+                              cudaStream_t stream) {
+  return launch_sum_splits(SplitSum<TO>{ws, splits, count, scaling, out}, SplitSum<TO>{}, SplitSum<TO>{}, stream);
+}
 
 }  // namespace fastlora

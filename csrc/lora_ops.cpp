@@ -16,9 +16,12 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "lora_kernels.cuh"
+#include "lora_narrow.cuh"
 #ifdef FASTLORA_CUTLASS
 #include "lora_cutlass.cuh"
 #endif
@@ -119,26 +122,54 @@ RowSplits split_rows(int64_t M, int64_t blocks_per_split) {
   constexpr int64_t kMinRowsPerSplit = 256;
   constexpr int64_t kBlocksPerSM = 4;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t wanted = ceil_div(kBlocksPerSM * sms, std::max<int64_t>(blocks_per_split, 1));
+  const int64_t wanted = kBlocksPerSM * sms / std::max<int64_t>(blocks_per_split, 1);  // one wave (split_depth)
   const int64_t most = std::min<int64_t>(std::max<int64_t>(M / kMinRowsPerSplit, 1), 65535);
-  const int64_t rows = ceil_div(M, std::clamp<int64_t>(wanted, 1, most));
+  const int64_t rows = std::max<int64_t>(ceil_div(M, std::clamp<int64_t>(wanted, 1, most)), 1);  // M = 0: one split
   return {ceil_div(M, rows), rows};
 }
 
-// out[P, Q] = scaling · Σ_m L(m, p) · D(R)(m, q), through an fp32 split-M workspace (no atomics).
+// A split sum not launched yet, and the workspace it reads. The backward's gradients queue theirs
+// for one launch_sum_splits at the end (one launch, not three); the workspace stays alive until that
+// launch is queued: freed earlier, the caching allocator could give its memory to a later workspace
+// whose kernel, queued before the sum, would overwrite the partials.
+template <typename TO>
+struct [[nodiscard]] PendingSum {
+  Tensor ws;
+  SplitSum<TO> job;  // count 0: nothing to sum
+};
+
+template <typename TO>
+PendingSum<TO> pending_sum(Tensor ws, int64_t splits, int64_t count, float scaling, Tensor& out) {
+  const float* partials = ws.const_data_ptr<float>();
+  return {std::move(ws), SplitSum<TO>{partials, splits, count, scaling, mutable_ptr<TO>(out)}};
+}
+
+// out[P, Q] = scaling · Σ_m L(m, p) · D(R)(m, q), through an fp32 split-M workspace (no atomics):
+// launches the split-M partials, returns their sum.
 template <typename TO, typename TL, typename TR>
-void reduce_rows(const TL* l, int64_t ldl, const TR* r, int64_t ldr, int64_t M, double scaling,
-                 const Dropout& r_dropout, Tensor& out, cudaStream_t stream) {
+PendingSum<TO> reduce_rows(const TL* l, int64_t ldl, const TR* r, int64_t ldr, int64_t M, double scaling,
+                           const Dropout& r_dropout, Tensor& out, cudaStream_t stream) {
   const int64_t P = out.size(0), Q = out.size(1);
-  if (P == 0 || Q == 0) return;
+  if (P == 0 || Q == 0) return {};
   const auto [splits, rows] = split_rows(M, ceil_div(P, kTile) * ceil_div(Q, kTile));
   Tensor ws = at::empty({splits, P, Q}, out.options().dtype(at::kFloat));
   check_launch(launch_row_reduce(l, ldl, r, ldr, M, P, Q, r_dropout, splits, rows, ws.mutable_data_ptr<float>(), stream),
                "split-M adapter-gradient reduction (row_reduce)");
   // D(R) = scale · (mask ⊙ R): the kernel applied the mask, the scale joins scaling here.
   const float total_scale = static_cast<float>(scaling) * (r_dropout.p > 0.f ? r_dropout.scale : 1.f);
-  check_launch(launch_sum_splits(ws.const_data_ptr<float>(), splits, P * Q, total_scale, mutable_ptr<TO>(out), stream),
-               "adapter-gradient split sum (sum_splits)");
+  return pending_sum<TO>(std::move(ws), splits, P * Q, total_scale, out);
+}
+
+// grad_bias[n] = Σ_m gy[m, n]: launches the split-M column sums, returns their sum.
+template <typename T>
+PendingSum<T> column_sums(const Tensor& gy, Tensor& grad_bias, cudaStream_t stream) {
+  const int64_t M = gy.size(0), N = gy.size(1);
+  if (N == 0) return {};
+  const auto [splits, rows] = split_rows(M, ceil_div(N, kColumnSumThreads));
+  Tensor ws = at::empty({splits, N}, gy.options().dtype(at::kFloat));
+  check_launch(launch_column_sum(ptr<T>(gy), gy.stride(0), M, N, splits, rows, ws.mutable_data_ptr<float>(), stream),
+               "bias-gradient column sum (column_sum)");
+  return pending_sum<T>(std::move(ws), splits, N, 1.f, grad_bias);
 }
 
 // LoRA dropout of one call (see Dropout in lora_kernels.cuh); the seed is a 0-d int64 CPU tensor.
@@ -156,8 +187,54 @@ Dropout make_dropout(const char* op, double dropout_p, const std::optional<Tenso
 
 // xa[M, R] (fp32) = D(a)[M, K] · the rank-r factor b, D applied to a's elements when dropout.p > 0:
 // x Aᵀ in the forward (b = A [R, K], k-contiguous), gy B in the backward (b = B [N, R], no dropout).
+// Whether the narrow tensor-core kernel (lora_narrow.cu) takes a pass whose wide operand is T and
+// narrow one TR: fp16/bf16 activations with a narrow operand of their own type, or bf16 with an fp32
+// one (split into two bf16 parts; fp16's range is too small for that split, and fp32 activations
+// keep exact FMAs).
+template <typename T, typename TR>
+constexpr bool kNarrowTakes = (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) &&
+                              (std::is_same_v<TR, T> || (std::is_same_v<T, __nv_bfloat16> && std::is_same_v<TR, float>));
+
+// Splits of a memory-bound pass over `depth` (the reduction) for `tiles` output tiles: at most 4
+// blocks per SM (the kernels' residency), each split at least min_depth deep and a whole number of
+// 32-deep main-loop steps. Rounded down: one wave, not 1.2 (at M = 8192, K = 4096, r = 16 on 132
+// SMs rounding up gave 640 blocks for 528 slots, a last wave of 112 blocks costing a whole block time).
+int64_t split_depth(int64_t depth, int64_t tiles, int64_t min_depth) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t wanted = std::clamp<int64_t>(4 * sms / std::max<int64_t>(tiles, 1), 1,
+                                             std::clamp<int64_t>(depth / min_depth, 1, 65535));
+  return wanted == 1 ? 0 : ceil_div(ceil_div(depth, wanted), 32) * 32;
+}
+
+// xa[M, R] (fp32) = D(a)[M, K] · the rank-r factor b on the narrow tensor-core kernel (kNarrowTakes):
+// blocks of 64 rows by the r columns, split over K like the portable pass below.
 template <bool kKContig, typename T, typename TA>
-void launch_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& dropout, Tensor& out, cudaStream_t stream) {
+void launch_narrow_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& dropout, Tensor& out,
+                             cudaStream_t stream) {
+  NarrowParams<T, TA> p{};
+  p.U = a.size(0), p.J = out.size(1), p.T_len = a.size(1);
+  p.w = ptr<T>(a), p.ldw = a.stride(0);
+  p.r = ptr<TA>(b), p.ldr = b.stride(0);
+  p.scale = dropout.p > 0.f ? dropout.scale : 1.f;  // D(a)·b = scale · (mask ⊙ a)·b
+  p.dropout = dropout, p.dropout_row_len = p.T_len;
+  p.t_per_split = split_depth(p.T_len, ceil_div(p.U, kNarrowRows) * ceil_div(p.J, kNarrowCols), 512);
+  if (p.t_per_split == 0) {
+    p.out = mutable_ptr<float>(out), p.ldo_u = out.stride(0), p.ldo_j = out.stride(1);
+    check_launch(launch_narrow_gemm<true, kKContig>(p, stream), "narrow rank-r GEMM (narrow_gemm)");
+    return;
+  }
+  const int64_t splits = ceil_div(p.T_len, p.t_per_split);
+  Tensor ws = at::empty({splits, p.U, p.J}, out.options());
+  p.out = ws.mutable_data_ptr<float>(), p.ldo_u = p.J, p.ldo_j = 1, p.out_split_stride = p.U * p.J;
+  check_launch(launch_narrow_gemm<true, kKContig>(p, stream), "narrow split-K rank-r GEMM (narrow_gemm)");
+  check_launch(launch_sum_splits(ws.const_data_ptr<float>(), splits, p.U * p.J, 1.f, mutable_ptr<float>(out), stream),
+               "rank-r GEMM split sum (sum_splits)");
+}
+
+// The same on the portable kernel (fp16 with fp32 adapters, fp32): 64 × 64 tiles, FMAs for fp32.
+template <bool kKContig, typename T, typename TA>
+void launch_portable_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& dropout, Tensor& out,
+                               cudaStream_t stream) {
   GemmParams<T, TA, float, float> p{};
   p.M = a.size(0), p.N = out.size(1), p.K = a.size(1);
   p.a = ptr<T>(a), p.lda = a.stride(0);
@@ -167,23 +244,73 @@ void launch_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& dropout, 
   // they stream all of a (x or gy: the whole pass is memory-bound): split K until the grid has
   // about 4 blocks per SM, each split at least 512 deep, partials summed in split order
   // (deterministic) from an fp32 workspace of splits · M · r floats.
-  constexpr int64_t kMinSplitDepth = 512;
-  const int64_t tiles = ceil_div(p.M, kTile) * ceil_div(p.N, kTile);
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t wanted = std::clamp<int64_t>(ceil_div(4 * sms, std::max<int64_t>(tiles, 1)), 1,
-                                             std::clamp<int64_t>(p.K / kMinSplitDepth, 1, 65535));
-  if (wanted == 1 || !out.is_contiguous()) {
+  p.k_per_split = split_depth(p.K, ceil_div(p.M, kTile) * ceil_div(p.N, kTile), 512);
+  if (p.k_per_split == 0) {
     p.out = mutable_ptr<float>(out), p.ldo = out.stride(0);
     check_launch(launch_gemm<kKContig>(p, stream), "portable rank-r GEMM (lora_gemm)");
     return;
   }
-  p.k_per_split = ceil_div(ceil_div(p.K, wanted), 32) * 32;  // whole main-loop steps
   const int64_t splits = ceil_div(p.K, p.k_per_split);
   Tensor ws = at::empty({splits, p.M, p.N}, out.options());
   p.out = ws.mutable_data_ptr<float>(), p.ldo = p.N, p.out_split_stride = p.M * p.N;
   check_launch(launch_gemm<kKContig>(p, stream), "portable split-K rank-r GEMM (lora_gemm)");
   check_launch(launch_sum_splits(ws.const_data_ptr<float>(), splits, p.M * p.N, 1.f, mutable_ptr<float>(out), stream),
                "rank-r GEMM split sum (sum_splits)");
+}
+
+// out is a fresh contiguous [M, R] fp32 tensor (xa or g_xa).
+template <bool kKContig, typename T, typename TA>
+void launch_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& dropout, Tensor& out, cudaStream_t stream) {
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.scalar_type() == at::kFloat);
+  if constexpr (kNarrowTakes<T, TA>) {
+    launch_narrow_rank_gemm<kKContig, T, TA>(a, b, dropout, out, stream);
+  } else {
+    launch_portable_rank_gemm<kKContig, T, TA>(a, b, dropout, out, stream);
+  }
+}
+
+// An adapter gradient out[P, Q] (TO) = scaling · Σ_m over a wide bf16 operand (x or gy) and a
+// narrow fp32 one (g_xa or xa), on the narrow tensor-core kernel:
+//   grad_A[r, k] = scaling · Σ_m g_xa[m, r] D(x)[m, k]   (wide_is_p = false: u = k is out's column)
+//   grad_B[n, r] = scaling · Σ_m gy[m, n] xa[m, r]       (wide_is_p = true: u = n is out's row)
+// Split over M like reduce_rows (at most 4 blocks per SM, at least 256 rows a split); launches the
+// partials and returns their sum (in split order: deterministic, with the scale and the cast to TO).
+// With col_sum (grad_B's call; [P] in the wide operand's dtype), the same pass also gives
+// col_sum[n] = Σ_m gy[m, n], the bias gradient, from the gy tiles it has loaded anyway: one read of
+// gy (64 MiB at M = 8192, N = 4096) and one launch fewer than a separate column sum; its sum is the
+// second result.
+template <typename TO, typename T>
+std::pair<PendingSum<TO>, PendingSum<T>> narrow_reduce_rows(const T* wide, int64_t ld_wide, const float* narrow,
+                                                            int64_t ld_narrow, int64_t M, double scaling,
+                                                            const Dropout& wide_dropout, bool wide_is_p, Tensor& out,
+                                                            Tensor* col_sum, cudaStream_t stream) {
+  const int64_t P = out.size(0), Q = out.size(1);
+  if (P == 0 || Q == 0) return {};  // (the caller computes col_sum itself when Q = r is 0)
+  NarrowParams<T, float> p{};
+  // u is the wide operand's column index: k (grad_A, out[j = r][u = k]) or n (grad_B, out[u = n][j = r]).
+  p.U = wide_is_p ? P : Q, p.J = wide_is_p ? Q : P, p.T_len = M;
+  p.w = wide, p.ldw = ld_wide;
+  p.r = narrow, p.ldr = ld_narrow;
+  p.scale = 1.f;
+  p.dropout = wide_dropout, p.dropout_row_len = p.U;  // x's element (m, k) has counter m · K + k
+  p.t_per_split = split_depth(M, ceil_div(p.U, kNarrowRows) * ceil_div(p.J, kNarrowCols), 256);
+  const int64_t splits = p.t_per_split > 0 ? ceil_div(M, p.t_per_split) : 1;
+  Tensor ws = at::empty({splits, P, Q}, out.options().dtype(at::kFloat));
+  p.out = ws.mutable_data_ptr<float>(), p.out_split_stride = P * Q;
+  p.ldo_u = wide_is_p ? Q : 1, p.ldo_j = wide_is_p ? 1 : Q;
+  Tensor col_ws;
+  if (col_sum != nullptr) {
+    TORCH_INTERNAL_ASSERT(wide_is_p && wide_dropout.p == 0.f && col_sum->numel() == P);
+    col_ws = at::empty({splits, P}, out.options().dtype(at::kFloat));
+    p.col_sum = col_ws.mutable_data_ptr<float>(), p.col_sum_split_stride = P;
+  }
+  check_launch(launch_narrow_gemm<false, false>(p, stream), "narrow split-M adapter-gradient reduction (narrow_gemm)");
+  // D(x) = scale · (mask ⊙ x): the kernel applied the mask, the scale joins scaling here.
+  const float total_scale = static_cast<float>(scaling) * (wide_dropout.p > 0.f ? wide_dropout.scale : 1.f);
+  std::pair<PendingSum<TO>, PendingSum<T>> sums;
+  sums.first = pending_sum<TO>(std::move(ws), splits, P * Q, total_scale, out);
+  if (col_sum != nullptr) sums.second = pending_sum<T>(std::move(col_ws), splits, P, 1.f, *col_sum);
+  return sums;
 }
 
 // out = a · b + scaling · D(xa · l) + bias, the fused kernel: y = x Wᵀ + s·xa Bᵀ + bias in the forward
@@ -469,20 +596,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
       }
     }
     // grad_A[r, k] = scaling · Σ_m g_xa[m, r] D(x)[m, k]
-    if (need_A) reduce_rows<TA>(ptr<float>(g_xa), R, ptr<T>(x), x.stride(0), M, scaling, dropout, grad_A, stream);
     // grad_B[n, r] = scaling · Σ_m gy[m, n] xa[m, r]   (xa already holds D(x) Aᵀ)
-    if (need_B) {
-      reduce_rows<TA>(ptr<T>(gy), gy.stride(0), ptr<float>(xa), xa.stride(0), M, scaling, Dropout{}, grad_B, stream);
-    }
     // grad_bias[n] = Σ_m gy[m, n]
-    if (need_bias) {
-      const auto [splits, rows] = split_rows(M, ceil_div(N, kColumnSumThreads));
-      Tensor ws = at::empty({splits, N}, x.options().dtype(at::kFloat));
-      check_launch(launch_column_sum(ptr<T>(gy), gy.stride(0), M, N, splits, rows, ws.mutable_data_ptr<float>(), stream),
-                   "bias-gradient column sum (column_sum)");
-      check_launch(launch_sum_splits(ws.const_data_ptr<float>(), splits, N, 1.f, mutable_ptr<T>(grad_bias), stream),
-                   "bias-gradient split sum (sum_splits)");
+    // Each launches its split-M partials here; the three split sums go in one launch at the end.
+    // bf16 runs grad_A and grad_B on the narrow tensor-core kernel (g_xa and xa enter as bf16 hi + lo
+    // parts), and with grad_B needed its pass gives the bias gradient too; fp16 (whose range cannot
+    // hold that split) and fp32 keep the exact FMA reductions.
+    PendingSum<TA> sum_A, sum_B;
+    PendingSum<T> sum_bias;
+    bool fused_bias = false;
+    if constexpr (kNarrowTakes<T, float>) {
+      if (need_A) {
+        sum_A = narrow_reduce_rows<TA>(ptr<T>(x), x.stride(0), ptr<float>(g_xa), R, M, scaling, dropout, false, grad_A,
+                                       nullptr, stream)
+                    .first;
+      }
+      if (need_B) {
+        fused_bias = need_bias && R > 0 && N > 0;
+        std::tie(sum_B, sum_bias) = narrow_reduce_rows<TA>(ptr<T>(gy), gy.stride(0), ptr<float>(xa), xa.stride(0), M,
+                                                           scaling, Dropout{}, true, grad_B,
+                                                           fused_bias ? &grad_bias : nullptr, stream);
+      }
+    } else {
+      if (need_A) sum_A = reduce_rows<TA>(ptr<float>(g_xa), R, ptr<T>(x), x.stride(0), M, scaling, dropout, grad_A, stream);
+      if (need_B) {
+        sum_B = reduce_rows<TA>(ptr<T>(gy), gy.stride(0), ptr<float>(xa), xa.stride(0), M, scaling, Dropout{}, grad_B,
+                                stream);
+      }
     }
+    if (need_bias && !fused_bias) sum_bias = column_sums<T>(gy, grad_bias, stream);
+    check_launch(launch_sum_splits(sum_A.job, sum_B.job, sum_bias.job, stream),
+                 "adapter- and bias-gradient split sums (sum_splits)");
   });
   return {grad_x, grad_A, grad_B, grad_bias};
 }

@@ -37,6 +37,7 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 # fastlora_emu::configure sets the emulated device's capability and what the stand-in CUTLASS
 # launchers do (0 compute, 1 reject, 2 fail to launch), cutlass_counts reads their calls.
 _GEMM_PATH_HOOK = """
+#include "emulation/launch_count.h"
 namespace fastlora {
 namespace {
 int64_t gemm_path_for_test(int64_t major, int64_t minor, bool sm90a, const at::Tensor& a, const at::Tensor& b_nk,
@@ -58,6 +59,58 @@ std::vector<int64_t> cutlass_counts_for_test() {
   const auto& s = fastlora_emulation::state();
   return {s.attempts[0], s.attempts[1], s.launches[0], s.launches[1]};
 }
+int64_t launch_count_for_test() { return emulation::launch_count; }
+// One launch of the narrow tensor-core GEMM (lora_narrow.cuh) on w ([U, T] if wide_t_contig, else
+// [T, U]) and r ([J, T] if narrow_t_contig, else [T, J]), both with unit inner stride; returns the
+// partials [splits, U, J] (j_fastest) or [splits, J, U] and, with col_sum, W's column-sum partials
+// [splits, U] (else an empty tensor), all poisoned with NaN before the launch.
+std::tuple<at::Tensor, at::Tensor> narrow_gemm_for_test(const at::Tensor& w, const at::Tensor& r, bool wide_t_contig,
+                                                        bool narrow_t_contig, int64_t t_per_split, double scale,
+                                                        bool j_fastest, bool col_sum) {
+  TORCH_CHECK(w.dim() == 2 && r.dim() == 2, "narrow_gemm: w and r must be 2-D");
+  TORCH_CHECK(unit_inner_stride(w).data_ptr() == w.data_ptr() && unit_inner_stride(r).data_ptr() == r.data_ptr(),
+              "narrow_gemm: w and r must have unit inner stride");
+  const int64_t U = w.size(wide_t_contig ? 0 : 1), T_len = w.size(wide_t_contig ? 1 : 0);
+  const int64_t J = r.size(narrow_t_contig ? 0 : 1);
+  TORCH_CHECK(r.size(narrow_t_contig ? 1 : 0) == T_len, "narrow_gemm: w and r disagree on the reduction depth");
+  const int64_t splits = t_per_split > 0 ? ceil_div(T_len, t_per_split) : 1;
+  at::Tensor out = at::empty(j_fastest ? std::vector<int64_t>{splits, U, J} : std::vector<int64_t>{splits, J, U},
+                             w.options().dtype(at::kFloat));
+  out.fill_(NAN);
+  at::Tensor sums = at::empty({col_sum ? splits : 0, U}, w.options().dtype(at::kFloat));
+  sums.fill_(NAN);
+  auto run = [&](auto wt, auto rt) {
+    using T = typename decltype(wt)::type;
+    using TR = typename decltype(rt)::type;
+    NarrowParams<T, TR> p{};
+    p.U = U, p.J = J, p.T_len = T_len;
+    p.w = ptr<T>(w), p.ldw = w.stride(0), p.r = ptr<TR>(r), p.ldr = r.stride(0);
+    p.out = out.mutable_data_ptr<float>(), p.out_split_stride = U * J;
+    p.ldo_u = j_fastest ? J : 1, p.ldo_j = j_fastest ? 1 : U;
+    p.scale = static_cast<float>(scale), p.t_per_split = t_per_split;
+    if (col_sum) p.col_sum = sums.mutable_data_ptr<float>(), p.col_sum_split_stride = U;
+    cudaError_t err = cudaErrorInvalidValue;
+    if (wide_t_contig) {
+      err = narrow_t_contig ? launch_narrow_gemm<true, true>(p, nullptr) : launch_narrow_gemm<true, false>(p, nullptr);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16> && std::is_same_v<TR, float>) {
+      TORCH_CHECK(!narrow_t_contig, "narrow_gemm: no (false, true) instantiation");
+      err = launch_narrow_gemm<false, false>(p, nullptr);
+    } else {
+      TORCH_CHECK(false, "narrow_gemm: the reductions' layout is instantiated for bf16 with fp32 only");
+    }
+    check_launch(err, "narrow_gemm");
+  };
+  const auto wd = w.scalar_type(), rd = r.scalar_type();
+  if (wd == at::kBFloat16 && rd == at::kBFloat16) {
+    run(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
+  } else if (wd == at::kBFloat16 && rd == at::kFloat) {
+    run(Tag<__nv_bfloat16>{}, Tag<float>{});
+  } else {
+    TORCH_CHECK(wd == at::kHalf && rd == at::kHalf, "narrow_gemm: unsupported dtypes ", wd, ", ", rd);
+    run(Tag<__half>{}, Tag<__half>{});
+  }
+  return {out, sums};
+}
 }  // namespace
 }  // namespace fastlora
 TORCH_LIBRARY_FRAGMENT(fastlora_emu, m) {
@@ -67,6 +120,10 @@ TORCH_LIBRARY_FRAGMENT(fastlora_emu, m) {
         &fastlora::lora_blocks_for_test);
   m.def("configure(int major, int minor, int cutlass_mode) -> ()", &fastlora::configure_for_test);
   m.def("cutlass_counts() -> int[]", &fastlora::cutlass_counts_for_test);
+  m.def("launch_count() -> int", &fastlora::launch_count_for_test);
+  m.def("narrow_gemm(Tensor w, Tensor r, bool wide_t_contig, bool narrow_t_contig, int t_per_split, float scale, "
+        "bool j_fastest, bool col_sum) -> (Tensor, Tensor)",
+        &fastlora::narrow_gemm_for_test);
 }
 """
 
@@ -75,13 +132,19 @@ def _emulated_sources(out_dir: Path) -> list[str]:
     """csrc/'s sources rewritten for a host compiler: launches through the emulation, the host file's
     CUDA runtime calls stubbed, its CUTLASS launchers the stand-ins of cutlass_emulation.h, its ops
     registered as CPU kernels of ``fastlora_emu::cuda_*``."""
-    kernels = (CSRC / "lora_kernels.cu").read_text().replace("#include <mma.h>", "")
-    kernels, launches = re.subn(
-        r"(\w+(?:<[^<>]*>)?)<<<([^;]*?),\s*([^,;]+),\s*0,\s*stream>>>\(([^;]*)\);",
-        r"emulation::launch(dim3(\2), dim3(\3), [&] { \1(\4); });",
-        kernels,
-    )
-    assert launches == 5, "lora_kernels.cu's launches changed: update _emulated_sources"
+    sources = []
+    # Each kernel file and its launches (kernel<<<grid, block, 0, stream>>>(args)).
+    for name, want in {"lora_kernels.cu": 5, "lora_narrow.cu": 1}.items():
+        kernels = (CSRC / name).read_text().replace("#include <mma.h>", "")
+        kernels, launches = re.subn(
+            r"(\w+(?:<[^<>]*>)?)<<<([^;]*?),\s*([^,;]+),\s*0,\s*stream>>>\(([^;]*)\);",
+            r"emulation::launch(dim3(\2), dim3(\3), [&] { \1(\4); });",
+            kernels,
+        )
+        assert launches == want, f"{name}'s launches changed: update _emulated_sources"
+        target = out_dir / name.replace(".cu", ".cpp")
+        target.write_text('#include "emulation/cuda_emulation.h"\n' + kernels)
+        sources.append(str(target))
     host = (CSRC / "lora_ops.cpp").read_text()
     for old, new in {
         "#include <ATen/cuda/CUDAContext.h>": "",
@@ -100,9 +163,8 @@ def _emulated_sources(out_dir: Path) -> list[str]:
     assert "GemmPath choose_gemm_path(" in host, "lora_ops.cpp's kernel choice changed: update _emulated_sources"
     # The CUTLASS paths, with the Hopper kernels: the emulated device decides which one runs.
     host = "#define FASTLORA_CUTLASS 1\n#define FASTLORA_SM90A 1\n" + host + _GEMM_PATH_HOOK
-    (out_dir / "kernels.cpp").write_text('#include "emulation/cuda_emulation.h"\n' + kernels)
     (out_dir / "ops.cpp").write_text(host)
-    return [str(out_dir / "ops.cpp"), str(out_dir / "kernels.cpp")]
+    return [str(out_dir / "ops.cpp"), *sources]
 
 
 def _cuda_include_dirs() -> list[str]:
@@ -189,7 +251,8 @@ EMULATED_SHAPES = [
     (3, 5, 7, 2),
     (4, 0, 8, 2),
     (1000, 40, 30, 3),
-    (70, 1100, 24, 6),  # K deep enough for the rank-r GEMMs' split-K (3 splits at 132 SMs)
+    (70, 1100, 24, 6),  # K deep enough for the rank-r GEMMs' split-K (2 splits at 132 SMs)
+    (45, 40, 50, 70),  # r over two of the narrow kernel's 64-column blocks, the second one fragment wide
 ]
 
 
@@ -212,16 +275,19 @@ def test_emulated_kernels_read_strided_operands_in_place(emulated, dtype, adapte
     _check_emulated(emulated, (x, w, b, A, B), 0.7, torch.randn(45).to(dtype).expand(37, 45))
 
 
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32,) * 2, (torch.bfloat16, torch.float32)], ids=str)
 @pytest.mark.parametrize("m", [0, 37])
-def test_emulated_need_flags_match_the_torch_backend(emulated, m):
-    x, w, _, A, B = _cpu_inputs(m, 70, 45, 5, torch.float32, torch.float32)
+def test_emulated_need_flags_match_the_torch_backend(emulated, m, dtype, adapter_dtype):
+    # bf16 too: its bias gradient rides on grad_B's pass when both are needed, else it is its own.
+    x, w, _, A, B = _cpu_inputs(m, 70, 45, 5, dtype, adapter_dtype)
     y, xa = emulated.forward(x, w, None, A, B, 1.5, 0.0, None)
-    gy = torch.randn(m, 45)
+    gy = torch.randn(m, 45).to(dtype)
     for needs in itertools.product([False, True], repeat=4):
         got = emulated.backward(gy, x, xa, w, A, B, 1.5, 0.0, None, *needs)
         want = backend_ops("torch").backward(gy, x, xa, w, A, B, 1.5, 0.0, None, *needs)
         for g, g_ref in zip(got, want):
-            assert g.shape == g_ref.shape and g.dtype == g_ref.dtype and rel_error(g, g_ref) <= 1e-5, needs
+            assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, needs
+            assert rel_error(g, g_ref) <= (1e-5 if dtype == torch.float32 else TOLERANCE[dtype]), needs
 
 
 @pytest.mark.parametrize("k", [37, 1100], ids=["one-split", "split-K"])
@@ -317,6 +383,82 @@ def test_lora_k_blocks_carry_the_low_rank_term_to_fp32_accuracy(emulated, r, dty
     assert rel_error(got, want) <= 1e-4
 
 
+# The narrow tensor-core GEMM's launches (lora_narrow.cu), with the layouts lora_ops.cpp uses:
+# (wide_t_contig, narrow_t_contig, dtype of W, dtype of R). x Aᵀ is (True, True), gy B (True, False),
+# the adapter-gradient reductions (False, False).
+NARROW_LAYOUTS = [
+    *((True, ntc, d, a) for ntc in (True, False) for d, a in [(torch.bfloat16,) * 2, (torch.bfloat16, torch.float32), (torch.float16,) * 2]),
+    (False, False, torch.bfloat16, torch.float32),
+]
+# (U, J, T, t_per_split): one partial tile; several row tiles and two column blocks; one element;
+# exactly one full tile; depth 0; r = 1 over many rows; split depth with a partial last split.
+NARROW_SHAPES = [(37, 5, 45, 0), (130, 70, 100, 0), (1, 1, 1, 0), (64, 64, 64, 0), (20, 3, 0, 0), (200, 1, 33, 0),
+                 (70, 17, 300, 64), (33, 80, 97, 32)]
+
+
+@pytest.mark.parametrize("shape", NARROW_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", NARROW_LAYOUTS, ids=str)
+def test_narrow_gemm_matches_float64(emulated, layout, shape):
+    wide_t_contig, narrow_t_contig, w_dtype, r_dtype = layout
+    u, j, t, t_per_split = shape
+    g = torch.Generator().manual_seed(u * 1000 + j * 10 + t)
+    w = torch.randn(u, t, generator=g).to(w_dtype)  # W(u, t)
+    r = (torch.randn(t, j, generator=g) * 0.3).to(r_dtype)  # R(t, j)
+    want = 1.7 * (w.double() @ r.double())
+    for j_fastest in (True, False):
+        col_sum = not wide_t_contig  # the bias gradient's column sums ride on the reductions' layout
+        out, sums = torch.ops.fastlora_emu.narrow_gemm(
+            w if wide_t_contig else w.t().contiguous(),
+            r.t().contiguous() if narrow_t_contig else r,
+            wide_t_contig,
+            narrow_t_contig,
+            t_per_split,
+            1.7,
+            j_fastest,
+            col_sum,
+        )
+        splits = -(-t // t_per_split) if t_per_split else 1
+        assert out.shape == ((splits, u, j) if j_fastest else (splits, j, u))
+        assert not out.isnan().any()  # every partial of every split written
+        if col_sum:  # Σ_t W(u, t), unscaled, fp32 sums of exact values
+            assert sums.shape == (splits, u) and not sums.isnan().any()
+            assert rel_error(sums.sum(0), w.double().sum(1)) <= 1e-5
+        got = out.sum(0) if j_fastest else out.sum(0).t()
+        if r_dtype == torch.float32:  # R as bf16 hi + lo: fp32-grade, far better than one rounding of R
+            rounded_once = 1.7 * (w.double() @ r.to(w_dtype).double())
+            assert rel_error(got, want) <= 1e-4
+            if t:
+                assert rel_error(got, want) <= rel_error(rounded_once, want) / 16
+        else:  # fp16/bf16 operands: exact products, fp32 sums
+            assert rel_error(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", [lay for lay in NARROW_LAYOUTS if lay[3] == torch.float32], ids=str)
+def test_narrow_gemm_split_keeps_extremes(emulated, layout):
+    # An fp32 R near fp32's maximum must stay finite (rounding hi to bf16 gave inf, and hi + lo =
+    # inf − inf = NaN), and an infinite R must give ±inf, as the FMA kernels do.
+    wide_t_contig, narrow_t_contig, w_dtype, _ = layout
+    w = torch.zeros(20, 32, dtype=w_dtype)  # W(u, t)
+    w[:, 0] = 0.5
+    w[:, 1] = torch.linspace(-1, 1, 20).to(w_dtype)
+    r = torch.zeros(32, 3)  # R(t, j)
+    r[0] = torch.tensor([3.4e38, -3.39e38, float("inf")])
+    r[1] = torch.tensor([1.0, 2.0, 3.0])
+    out, _ = torch.ops.fastlora_emu.narrow_gemm(
+        w if wide_t_contig else w.t().contiguous(),
+        r.t().contiguous() if narrow_t_contig else r,
+        wide_t_contig,
+        narrow_t_contig,
+        0,
+        1.0,
+        True,
+        False,
+    )
+    got, want = out[0], w.double() @ r.double()
+    assert torch.isfinite(got[:, :2]).all() and rel_error(got[:, :2], want[:, :2]) <= 1e-4
+    assert torch.equal(got[:, 2], torch.full((20,), float("inf")))
+
+
 def test_lora_k_blocks_keep_huge_fp16_columns_in_range(emulated):
     # |s·xa| far beyond fp16's 65504 in some columns (a huge A), ordinary in others: the fp16 operands
     # must stay finite and the K-blocks still carry s·xa·lᵀ to fp32 accuracy (the portable kernel keeps
@@ -338,6 +480,26 @@ def test_lora_k_blocks_keep_huge_fp16_columns_in_range(emulated):
         a_small, b_small = torch.ops.fastlora_emu.lora_blocks(small, l_nr[:, 1::2].contiguous(), scaling, torch.float16, True)
         assert torch.equal(a_small[:, :3], (scaling * small).half())
         assert torch.equal(b_small[:, :3], l_nr[:, 1::2].half())
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_lora_k_blocks_keep_bf16_extremes(emulated, adapter_dtype):
+    # s·xa near fp32's maximum must split into finite parts (hi rounded to bf16 was inf, and hi + lo
+    # = inf − inf = NaN on the tensor cores), and an infinite s·xa must stay non-finite: ±inf with
+    # bf16 adapters; with fp32 ones the term hi(s·xa)·lo(l) is inf·0 = NaN where l is exact in bf16
+    # (inherent to the three-part product; an FMA gives inf; either way the output has overflowed).
+    xa = torch.tensor([[3.39e38, 1.0], [-3.0e38, 2.0], [float("inf"), 3.0]])
+    l_nr = torch.tensor([[0.5, 0.25], [0.25, 1.0]]).to(adapter_dtype)
+    for k_major in (True, False):
+        a_ext, b_ext = torch.ops.fastlora_emu.lora_blocks(xa, l_nr, 1.0, torch.bfloat16, k_major)
+        b_nk = b_ext if k_major else b_ext.t()
+        got = a_ext.double() @ b_nk.double().t()
+        want = xa.double() @ l_nr.double().t()
+        assert torch.isfinite(a_ext[:2]).all() and rel_error(got[:2], want[:2]) <= 1e-4
+        if adapter_dtype == torch.bfloat16:
+            assert torch.equal(got[2], torch.full((2,), float("inf"), dtype=torch.float64))
+        else:
+            assert not torch.isfinite(got[2]).any()
 
 
 # Shapes on the CUTLASS paths' 16-byte contract (K, N multiples of 8): partial 128-tiles, r above
@@ -413,6 +575,55 @@ def test_emulated_fp16_cutlass_path_keeps_a_huge_low_rank_product(emulated, emul
         assert ref.abs().max() < 6e4 and torch.isfinite(y).all()
         assert rel_error(y, ref) <= TOLERANCE[torch.float16]
     assert _counts()[1] == (0, 2)
+
+
+# The cuda backend's launch census (issue 20: no ATen kernel around the GEMMs but allocation): what
+# one forward and one full backward put on a stream, counted on the emulated build. Host-only ops
+# (allocation, views) launch nothing on a GPU; every other ATen op would be a kernel.
+_HOST_ONLY_OPS = {"aten::empty", "aten::empty_strided", "aten::t", "aten::transpose", "aten::as_strided"}
+
+
+def _launch_census(fn):
+    """(our kernel launches, CUTLASS launches, the other ATen ops) of one fn() call."""
+    kernels, cutlass = torch.ops.fastlora_emu.launch_count(), sum(_counts()[1])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    aten = sorted(e.name for e in prof.events() if e.name.startswith("aten::") and e.name not in _HOST_ONLY_OPS)
+    return torch.ops.fastlora_emu.launch_count() - kernels, sum(_counts()[1]) - cutlass, aten
+
+
+# (dtype, adapter dtype): the forward's and the full backward's (kernels, CUTLASS launches, other ATen
+# ops) on the sm90 path. Forward: x Aᵀ (narrow), lora_ext, the CUTLASS GEMM. Backward: gy B, lora_ext,
+# the CUTLASS grad_x, grad_A's narrow pass, grad_B's narrow pass (the bias column sums riding on it),
+# one launch for the three split sums. fp16 adds its column-max reduction before each lora_ext and
+# keeps the FMA reductions (row_reduce ×2, column_sum); with fp32 adapters its rank-r passes are
+# the portable kernel.
+_CENSUS = {
+    (torch.bfloat16, torch.bfloat16): ((2, 1, []), (5, 1, [])),
+    (torch.bfloat16, torch.float32): ((2, 1, []), (5, 1, [])),
+    (torch.float16, torch.float16): ((2, 1, ["aten::linalg_vector_norm"]), (6, 1, ["aten::linalg_vector_norm"])),
+    (torch.float16, torch.float32): ((2, 1, ["aten::linalg_vector_norm"]), (6, 1, ["aten::linalg_vector_norm"])),
+}
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype", list(_CENSUS), ids=str)
+def test_emulated_launch_census(emulated, emulated_device, dtype, adapter_dtype):
+    emulated_device(9, 0)
+    x, w, b, A, B = _cpu_inputs(40, 64, 48, 16, dtype, adapter_dtype)
+    ops = torch.ops.fastlora_emu
+    out = {}
+    forward = _launch_census(lambda: out.update(fwd=ops.cuda_forward(x, w, b, A, B, 1.5, 0.0, None)))
+    y, xa = out["fwd"]
+    gy = torch.randn_like(y)
+    backward = _launch_census(
+        lambda: out.update(bwd=ops.cuda_backward(gy, x, xa, w, A, B, 1.5, 0.0, None, True, True, True, True))
+    )
+    assert (forward, backward) == _CENSUS[dtype, adapter_dtype]
+    # The counted calls computed the right thing (a census of a broken path would count nothing).
+    ref = fastlora.reference.lora_linear(x.double(), w.double(), b.double(), A.double(), B.double(), 1.5)
+    assert rel_error(y, ref) <= TOLERANCE[dtype]
+    grad_bias = out["bwd"][3]
+    assert rel_error(grad_bias, gy.double().sum(0)) <= TOLERANCE[dtype]
 
 
 def test_emulated_ops_reject_bad_arguments_clearly(emulated):

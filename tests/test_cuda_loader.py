@@ -184,6 +184,7 @@ def test_build_compiles_each_cutlass_file_only_for_the_gpus_that_run_it(tmp_path
     }[archs]
     assert targets["lora_ops.o"] == {"host"}
     assert targets["lora_kernels.o"] == everything  # the portable kernels run everywhere
+    assert targets["lora_narrow.o"] == everything  # so do the rank-r passes
     for dtype in ("bf16", "f16"):
         # Hopper kernels: only where they run (empty files without 90a, so those keep every target).
         assert targets[f"lora_sm90_{dtype}.o"] == ({sm90a} if "90a" in archs else everything)

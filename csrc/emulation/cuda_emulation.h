@@ -1,4 +1,4 @@
-// A CPU stand-in for the CUDA features lora_kernels.cu uses, so that the kernels and host code of
+// A CPU stand-in for the CUDA features lora_kernels.cu and lora_narrow.cu use, so that the kernels and host code of
 // csrc/ can be compiled by a host compiler and checked without a GPU (tests/test_cuda_emulation.py).
 //
 // Blocks run one after another, each as blockDim.x std::threads with a std::barrier for
@@ -21,6 +21,8 @@
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#include "emulation/launch_count.h"
 
 #undef __global__
 #undef __device__
@@ -56,6 +58,7 @@ template <class Body>
 void launch(dim3 grid, dim3 block, Body&& body) {
   EMULATION_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.y <= 65535 && grid.z <= 65535);
   EMULATION_CHECK(block.x >= 1 && block.x <= 1024 && block.y == 1 && block.z == 1);
+  ++launch_count;
   grid_dim = grid;
   block_dim = block;
   for (unsigned z = 0; z < grid.z; ++z)
