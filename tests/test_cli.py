@@ -143,7 +143,8 @@ def test_bench_rejects_bad_options(bad, capsys):
 
 def test_gpu_session_fits_its_budget():
     """benchmarks/gpu_session.sh: each command's step limits under 8 minutes, both together under
-    12 minutes less a fresh machine's start (about a minute), and the script parses."""
+    13 minutes less a fresh machine's start (about a minute; 2 of the 15 left for the idle time
+    between them and a slow start), and the script parses."""
     import re
     import subprocess
     from pathlib import Path
@@ -159,6 +160,6 @@ def test_gpu_session_fits_its_budget():
 
     totals = [sum(limits(shared) + limits(part)) for part in (first, second)]
     assert all(len(limits(part)) >= 2 for part in (first, second))
-    assert max(totals) <= 8 * 60 and sum(totals) + 60 <= 12 * 60, totals
+    assert max(totals) <= 8 * 60 and sum(totals) + 60 <= 13 * 60, totals
     for total in totals:  # the header states the budget it keeps
         assert f"= {total} s" in text
