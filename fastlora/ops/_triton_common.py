@@ -359,6 +359,68 @@ def _dropout(dropout_p: float, seed) -> _Dropout:
     return _Dropout(p, int(seed), 1 / (1 - p) if p < 1 else 0.0)
 
 
+@triton.jit
+def _reduce_tile(
+    lhs_ptr, rhs_ptr, ws_ptr, col_sum_ptr, tile,
+    M, P, Q, rows_per_split,
+    stride_lm, stride_lp, stride_rm, stride_rq, stride_ws_split, stride_ws_p, stride_ws_q, stride_cs_split,
+    scaling, dropout_p, seed,
+    COL_SUM: tl.constexpr, RHS_DROPOUT: tl.constexpr, SPLIT_RHS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):  # fmt: skip
+    """Output tile ``tile`` (split-major, then P, then Q) of one reduction: ``ws[split] = scaling ·
+    lhs[rows]ᵀ · D(rhs[rows])`` over the split's rows on the tensor cores (D: the dropout mask,
+    unscaled: its 1/(1 − p) is folded into scaling) and, from the first Q tile, ``col_sum[split] =
+    Σ lhs[rows]``. ``SPLIT_RHS``: fp32 rhs as two TF32 products (``_triton_grouped_reduce``'s doc).
+    The body of ``_lora_reduce_kernel`` and of each of ``_grouped_reduce_kernel``'s problems."""
+    num_p = tl.cdiv(P, BLOCK_P)
+    num_q = tl.cdiv(Q, BLOCK_Q)
+    pid_q = tile % num_q
+    pid_p = (tile // num_q) % num_p
+    split = tile // (num_q * num_p)
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask_m = offs_m < row_end
+        lhs = tl.load(
+            lhs_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp,
+            mask=mask_m[:, None] & mask_p[None, :],
+            other=0.0,
+        )
+        rhs = tl.load(
+            rhs_ptr + offs_m[:, None] * stride_rm + offs_q[None, :] * stride_rq,
+            mask=mask_m[:, None] & mask_q[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if RHS_DROPOUT:
+            rhs = tl.where(tl.rand(seed, offs_m[:, None] * Q + offs_q[None, :]) >= dropout_p, rhs, 0.0)
+        if SPLIT_RHS:
+            # lhs: a half tile, exact in TF32 (only rhs is rounded); rhs = hi + lo, both TF32.
+            hi = _round_tf32(rhs)
+            lhs_t = tl.trans(lhs)
+            acc = _dot_tf32_exact_a(lhs_t, hi, acc, PRECISION)
+            acc = _dot_tf32_exact_a(lhs_t, rhs - hi, acc, PRECISION)
+        else:
+            acc = _dot(tl.trans(lhs.to(tl.float32)), rhs, acc, PRECISION, False)
+        if COL_SUM:
+            col_sum += tl.sum(lhs.to(tl.float32), axis=0)
+
+    ws_ptrs = ws_ptr + split.to(tl.int64) * stride_ws_split + offs_p[:, None] * stride_ws_p
+    ws_ptrs += offs_q[None, :] * stride_ws_q
+    tl.store(ws_ptrs, acc * scaling, mask=mask_p[:, None] & mask_q[None, :])
+    if COL_SUM:
+        if pid_q == 0:
+            tl.store(col_sum_ptr + split.to(tl.int64) * stride_cs_split + offs_p, col_sum, mask=mask_p)
+
+
 # seed: a new value every call; specialising on it would compile for seed == 1 and % 16.
 @triton.jit(do_not_specialize=["seed"])
 def _lora_reduce_kernel(
@@ -370,45 +432,13 @@ def _lora_reduce_kernel(
     COL_SUM: tl.constexpr, RHS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):  # fmt: skip
-    # ws[split] = scaling · lhs[rows, :]ᵀ · D(rhs[rows, :]) over this split's rows, on the tensor cores
-    # (D: the dropout mask, unscaled: its 1/(1 − p) is folded into scaling); col_sum[split] = Σ lhs[rows].
-    pid_p = tl.program_id(0)
-    pid_q = tl.program_id(1)
-    split = tl.program_id(2)
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    mask_p = offs_p < P
-    mask_q = offs_q < Q
-    row_start = split * rows_per_split
-    row_end = min(row_start + rows_per_split, M)
-
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < row_end
-        offs_m = offs_m.to(tl.int64)
-        lhs = tl.load(
-            lhs_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp,
-            mask=mask_m[:, None] & mask_p[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        rhs = tl.load(
-            rhs_ptr + offs_m[:, None] * stride_rm + offs_q[None, :] * stride_rq,
-            mask=mask_m[:, None] & mask_q[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if RHS_DROPOUT:
-            rhs = tl.where(tl.rand(seed, offs_m[:, None] * Q + offs_q[None, :]) >= dropout_p, rhs, 0.0)
-        acc = _dot(tl.trans(lhs), rhs, acc, PRECISION, False)
-        if COL_SUM:
-            col_sum += tl.sum(lhs, axis=0)
-
-    ws_ptrs = ws_ptr + split.to(tl.int64) * stride_ws_split + offs_p[:, None] * stride_ws_p + offs_q[None, :] * stride_ws_q
-    tl.store(ws_ptrs, acc * scaling, mask=mask_p[:, None] & mask_q[None, :])
-    if COL_SUM:
-        if pid_q == 0:
-            tl.store(col_sum_ptr + split * stride_cs_split + offs_p, col_sum, mask=mask_p)
+    # Grid (P tiles, Q tiles, splits): one _reduce_tile each, its tile index rebuilt split-major.
+    tile = (tl.program_id(2) * tl.cdiv(P, BLOCK_P) + tl.program_id(0)) * tl.cdiv(Q, BLOCK_Q) + tl.program_id(1)
+    _reduce_tile(
+        lhs_ptr, rhs_ptr, ws_ptr, col_sum_ptr, tile, M, P, Q, rows_per_split,
+        stride_lm, stride_lp, stride_rm, stride_rq, stride_ws_split, stride_ws_p, stride_ws_q, stride_cs_split,
+        scaling, dropout_p, seed, COL_SUM, RHS_DROPOUT, False, PRECISION, BLOCK_M, BLOCK_P, BLOCK_Q,
+    )  # fmt: skip
 
 
 def _split_count(device: torch.device, tiles: int, row_blocks: int) -> int:

@@ -14,15 +14,17 @@ variant), the adapter gradients' reductions over the long M axis for two problem
 output tile and one split each, so the two reductions share a launch and their tiles run side by side.
 ``_finalize_kernel`` then sums the partials over ``s`` in a fixed order: deterministic, no atomics.
 
-The same tiling and precisions as ``_triton_common._lora_reduce_kernel`` (grad_A's reduction in the
-fused variant; the two must agree on what grad_A is): fp32 products on the tensor cores in TF32 where
+Each program runs ``_triton_common._reduce_tile``, the body of ``_lora_reduce_kernel`` (grad_A's
+reduction in the fused variant; the two must agree on what grad_A is), so the tiling and precisions
+are one code: fp32 products on the tensor cores in TF32 where
 the low-rank precision allows, on the CUDA cores ("ieee") in short row steps and small tiles otherwise.
 For half ``gy`` (``SPLIT_RHS``) the fp32 ``xa`` is split ``hi + lo``, each rounded to TF32, so that
 ``gyᵀ·xa`` keeps about 22 significant bits of ``xa`` (two TF32 products; ``gy`` itself is exact in TF32)
 where one TF32 product keeps 11: the fused variant splits ``xa`` the same way in its grad_B partials.
-All offsets are int64 (``M·K`` may exceed 2³¹). Compiled (``fastlora inspect``, K = N = 4096, r = 16,
-bf16 and bf16+fp32, M 64 / 8192): 176 registers on sm_90a, 168 on sm_80, 255 with dropout on both
-(``_lora_reduce_kernel`` alone: 255 too), no stack.
+All offsets are int64 (``M·K`` may exceed 2³¹). Compiled (``fastlora inspect``, triton 3.8, K = N =
+4096, r = 16, bf16 and bf16+fp32, M 64 / 8192, dropout 0 / 0.1; 2026-12-03, after ``_lora_reduce_kernel``
+became a ``_reduce_tile`` call): 176 registers on sm_90a, 242 with dropout, 168 on sm_80 either way;
+``_lora_reduce_kernel`` 80–128; no stack, no local memory.
 """
 
 from __future__ import annotations
@@ -33,68 +35,7 @@ import triton.language as tl
 
 from . import _prebound, _triton_common  # _triton_common._empty by attribute: the tests patch it to poison buffers
 from ._device import device_limits
-from ._triton_common import (
-    _NO_DROPOUT, _Dropout, _dot, _dot_tf32_exact_a, _precisions, _reduce_layout, _round_tf32, on_device,
-)  # fmt: skip
-
-
-@triton.jit
-def _reduce_tile(
-    lhs_ptr, rhs_ptr, ws_ptr, col_sum_ptr, tile,
-    M, P, Q, rows_per_split,
-    stride_lm, stride_lp, stride_rm, stride_rq, stride_ws_split, stride_ws_p, stride_ws_q, stride_cs_split,
-    scaling, dropout_p, seed,
-    COL_SUM: tl.constexpr, RHS_DROPOUT: tl.constexpr, SPLIT_RHS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-):  # fmt: skip
-    """Output tile ``tile`` (split-major, then P, then Q) of one problem: ``ws[split]`` and, from the
-    first Q tile, ``col_sum[split]`` (module doc)."""
-    num_p = tl.cdiv(P, BLOCK_P)
-    num_q = tl.cdiv(Q, BLOCK_Q)
-    pid_q = tile % num_q
-    pid_p = (tile // num_q) % num_p
-    split = tile // (num_q * num_p)
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    mask_p = offs_p < P
-    mask_q = offs_q < Q
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, M)
-
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        mask_m = offs_m < row_end
-        lhs = tl.load(
-            lhs_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp,
-            mask=mask_m[:, None] & mask_p[None, :],
-            other=0.0,
-        )
-        rhs = tl.load(
-            rhs_ptr + offs_m[:, None] * stride_rm + offs_q[None, :] * stride_rq,
-            mask=mask_m[:, None] & mask_q[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if RHS_DROPOUT:
-            rhs = tl.where(tl.rand(seed, offs_m[:, None] * Q + offs_q[None, :]) >= dropout_p, rhs, 0.0)
-        if SPLIT_RHS:
-            # lhs: a half tile, exact in TF32 (only rhs is rounded); rhs = hi + lo, both TF32.
-            hi = _round_tf32(rhs)
-            lhs_t = tl.trans(lhs)
-            acc = _dot_tf32_exact_a(lhs_t, hi, acc, PRECISION)
-            acc = _dot_tf32_exact_a(lhs_t, rhs - hi, acc, PRECISION)
-        else:
-            acc = _dot(tl.trans(lhs.to(tl.float32)), rhs, acc, PRECISION, False)
-        if COL_SUM:
-            col_sum += tl.sum(lhs.to(tl.float32), axis=0)
-
-    ws_ptrs = ws_ptr + split.to(tl.int64) * stride_ws_split + offs_p[:, None] * stride_ws_p
-    ws_ptrs += offs_q[None, :] * stride_ws_q
-    tl.store(ws_ptrs, acc * scaling, mask=mask_p[:, None] & mask_q[None, :])
-    if COL_SUM:
-        if pid_q == 0:
-            tl.store(col_sum_ptr + split.to(tl.int64) * stride_cs_split + offs_p, col_sum, mask=mask_p)
+from ._triton_common import _NO_DROPOUT, _Dropout, _precisions, _reduce_layout, _reduce_tile, on_device
 
 
 # seeds: a new value every call; specialising on them would compile for seed == 1 and % 16.
