@@ -432,7 +432,9 @@ def _lora_reduce_kernel(
     COL_SUM: tl.constexpr, RHS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):  # fmt: skip
-    # Grid (P tiles, Q tiles, splits): one _reduce_tile each, its tile index rebuilt split-major.
+    # Grid (P tiles, Q tiles, splits): one _reduce_tile each, its tile index rebuilt split-major. The
+    # grid must be exactly (cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q), splits), as _reduce_layout makes it: a
+    # padded one would alias tiles into the next split.
     tile = (tl.program_id(2) * tl.cdiv(P, BLOCK_P) + tl.program_id(0)) * tl.cdiv(Q, BLOCK_Q) + tl.program_id(1)
     _reduce_tile(
         lhs_ptr, rhs_ptr, ws_ptr, col_sum_ptr, tile, M, P, Q, rows_per_split,
