@@ -14,6 +14,7 @@ namespace device {
 
 constexpr int kThreads = 128;  // 4 warps per block, in every kernel that uses TileCopy
 
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 

@@ -351,8 +351,6 @@ __global__ void __launch_bounds__(256) sum_splits_kernel(const SplitSum<T0> a, c
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Headroom of fp16's range for a scaled column of s·xa (LoRAExtParams): |values| <= 2^14.
 constexpr int kHalfHeadroomExponent = 14;
 

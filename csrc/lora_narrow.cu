@@ -184,8 +184,6 @@ __global__ void __launch_bounds__(kThreads, 4) narrow_gemm_kernel(const NarrowPa
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 }  // namespace
 
 template <bool kWideTContig, bool kNarrowTContig, typename T, typename TR>

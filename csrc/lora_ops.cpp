@@ -112,19 +112,26 @@ void check_common(const char* op, const Tensor& x, const Tensor& weight, const T
               ", got ", lora_B.scalar_type());
 }
 
-// How the M reduction of one gradient is split: enough blocks to give every SM several, each split at
-// least kMinRowsPerSplit rows long, no split empty. A function of the shapes and the device only, so
+// Splits of a memory-bound pass over `depth` (the reduction) for `tiles` output tiles: at most 4
+// blocks per SM (the kernels' residency), each split at least min_depth deep and a whole number of
+// 32-deep main-loop steps. Rounded down: one wave, not 1.2 (at M = 8192, K = 4096, r = 16 on 132
+// SMs rounding up gave 640 blocks for 528 slots, a last wave of 112 blocks costing a whole block time).
+int64_t split_depth(int64_t depth, int64_t tiles, int64_t min_depth) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t wanted = std::clamp<int64_t>(4 * sms / std::max<int64_t>(tiles, 1), 1,
+                                             std::clamp<int64_t>(depth / min_depth, 1, 65535));
+  return wanted == 1 ? 0 : ceil_div(ceil_div(depth, wanted), 32) * 32;
+}
+
+// How the M reduction of one gradient is split (the adapter and bias gradients' kernels): split_depth
+// over M, at least 256 rows a split, no split empty. A function of the shapes and the device only, so
 // a given GPU reproduces its results bit for bit.
 struct RowSplits {
   int64_t splits, rows_per_split;
 };
 RowSplits split_rows(int64_t M, int64_t blocks_per_split) {
-  constexpr int64_t kMinRowsPerSplit = 256;
-  constexpr int64_t kBlocksPerSM = 4;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t wanted = kBlocksPerSM * sms / std::max<int64_t>(blocks_per_split, 1);  // one wave (split_depth)
-  const int64_t most = std::min<int64_t>(std::max<int64_t>(M / kMinRowsPerSplit, 1), 65535);
-  const int64_t rows = std::max<int64_t>(ceil_div(M, std::clamp<int64_t>(wanted, 1, most)), 1);  // M = 0: one split
+  const int64_t depth = split_depth(M, blocks_per_split, 256);
+  const int64_t rows = depth > 0 ? depth : std::max<int64_t>(M, 1);  // one split of all M (M = 0: none)
   return {ceil_div(M, rows), rows};
 }
 
@@ -185,8 +192,6 @@ Dropout make_dropout(const char* op, double dropout_p, const std::optional<Tenso
   return d;
 }
 
-// xa[M, R] (fp32) = D(a)[M, K] · the rank-r factor b, D applied to a's elements when dropout.p > 0:
-// x Aᵀ in the forward (b = A [R, K], k-contiguous), gy B in the backward (b = B [N, R], no dropout).
 // Whether the narrow tensor-core kernel (lora_narrow.cu) takes a pass whose wide operand is T and
 // narrow one TR: fp16/bf16 activations with a narrow operand of their own type, or bf16 with an fp32
 // one (split into two bf16 parts; fp16's range is too small for that split, and fp32 activations
@@ -194,17 +199,6 @@ Dropout make_dropout(const char* op, double dropout_p, const std::optional<Tenso
 template <typename T, typename TR>
 constexpr bool kNarrowTakes = (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) &&
                               (std::is_same_v<TR, T> || (std::is_same_v<T, __nv_bfloat16> && std::is_same_v<TR, float>));
-
-// Splits of a memory-bound pass over `depth` (the reduction) for `tiles` output tiles: at most 4
-// blocks per SM (the kernels' residency), each split at least min_depth deep and a whole number of
-// 32-deep main-loop steps. Rounded down: one wave, not 1.2 (at M = 8192, K = 4096, r = 16 on 132
-// SMs rounding up gave 640 blocks for 528 slots, a last wave of 112 blocks costing a whole block time).
-int64_t split_depth(int64_t depth, int64_t tiles, int64_t min_depth) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t wanted = std::clamp<int64_t>(4 * sms / std::max<int64_t>(tiles, 1), 1,
-                                             std::clamp<int64_t>(depth / min_depth, 1, 65535));
-  return wanted == 1 ? 0 : ceil_div(ceil_div(depth, wanted), 32) * 32;
-}
 
 // xa[M, R] (fp32) = D(a)[M, K] · the rank-r factor b on the narrow tensor-core kernel (kNarrowTakes):
 // blocks of 64 rows by the r columns, split over K like the portable pass below.
@@ -258,7 +252,9 @@ void launch_portable_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& 
                "rank-r GEMM split sum (sum_splits)");
 }
 
-// out is a fresh contiguous [M, R] fp32 tensor (xa or g_xa).
+// xa[M, R] (fp32) = D(a)[M, K] · the rank-r factor b, D applied to a's elements when dropout.p > 0:
+// x Aᵀ in the forward (b = A [R, K], k-contiguous), gy B in the backward (b = B [N, R], no dropout).
+// out is a fresh contiguous fp32 tensor.
 template <bool kKContig, typename T, typename TA>
 void launch_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& dropout, Tensor& out, cudaStream_t stream) {
   TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.scalar_type() == at::kFloat);
@@ -273,8 +269,8 @@ void launch_rank_gemm(const Tensor& a, const Tensor& b, const Dropout& dropout, 
 // narrow fp32 one (g_xa or xa), on the narrow tensor-core kernel:
 //   grad_A[r, k] = scaling · Σ_m g_xa[m, r] D(x)[m, k]   (wide_is_p = false: u = k is out's column)
 //   grad_B[n, r] = scaling · Σ_m gy[m, n] xa[m, r]       (wide_is_p = true: u = n is out's row)
-// Split over M like reduce_rows (at most 4 blocks per SM, at least 256 rows a split); launches the
-// partials and returns their sum (in split order: deterministic, with the scale and the cast to TO).
+// Split over M like reduce_rows (split_rows); launches the partials and returns their sum (in split
+// order: deterministic, with the scale and the cast to TO).
 // With col_sum (grad_B's call; [P] in the wide operand's dtype), the same pass also gives
 // col_sum[n] = Σ_m gy[m, n], the bias gradient, from the gy tiles it has loaded anyway: one read of
 // gy (64 MiB at M = 8192, N = 4096) and one launch fewer than a separate column sum; its sum is the
@@ -285,7 +281,7 @@ std::pair<PendingSum<TO>, PendingSum<T>> narrow_reduce_rows(const T* wide, int64
                                                             const Dropout& wide_dropout, bool wide_is_p, Tensor& out,
                                                             Tensor* col_sum, cudaStream_t stream) {
   const int64_t P = out.size(0), Q = out.size(1);
-  if (P == 0 || Q == 0) return {};  // (the caller computes col_sum itself when Q = r is 0)
+  if (P == 0 || Q == 0) return {};  // (col_sum not queued either: the caller's column_sums takes r = 0)
   NarrowParams<T, float> p{};
   // u is the wide operand's column index: k (grad_A, out[j = r][u = k]) or n (grad_B, out[u = n][j = r]).
   p.U = wide_is_p ? P : Q, p.J = wide_is_p ? Q : P, p.T_len = M;
@@ -293,8 +289,8 @@ std::pair<PendingSum<TO>, PendingSum<T>> narrow_reduce_rows(const T* wide, int64
   p.r = narrow, p.ldr = ld_narrow;
   p.scale = 1.f;
   p.dropout = wide_dropout, p.dropout_row_len = p.U;  // x's element (m, k) has counter m · K + k
-  p.t_per_split = split_depth(M, ceil_div(p.U, kNarrowRows) * ceil_div(p.J, kNarrowCols), 256);
-  const int64_t splits = p.t_per_split > 0 ? ceil_div(M, p.t_per_split) : 1;
+  const auto [splits, rows] = split_rows(M, ceil_div(p.U, kNarrowRows) * ceil_div(p.J, kNarrowCols));
+  p.t_per_split = splits > 1 ? rows : 0;  // (a split's rows are a multiple of 32, as the kernel needs)
   Tensor ws = at::empty({splits, P, Q}, out.options().dtype(at::kFloat));
   p.out = ws.mutable_data_ptr<float>(), p.out_split_stride = P * Q;
   p.ldo_u = wide_is_p ? Q : 1, p.ldo_j = wide_is_p ? 1 : Q;
@@ -603,8 +599,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
     // parts), and with grad_B needed its pass gives the bias gradient too; fp16 (whose range cannot
     // hold that split) and fp32 keep the exact FMA reductions.
     PendingSum<TA> sum_A, sum_B;
-    PendingSum<T> sum_bias;
-    bool fused_bias = false;
+    PendingSum<T> sum_bias;  // from grad_B's narrow pass where it ran, else column_sums below
     if constexpr (kNarrowTakes<T, float>) {
       if (need_A) {
         sum_A = narrow_reduce_rows<TA>(ptr<T>(x), x.stride(0), ptr<float>(g_xa), R, M, scaling, dropout, false, grad_A,
@@ -612,10 +607,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
                     .first;
       }
       if (need_B) {
-        fused_bias = need_bias && R > 0 && N > 0;
         std::tie(sum_B, sum_bias) = narrow_reduce_rows<TA>(ptr<T>(gy), gy.stride(0), ptr<float>(xa), xa.stride(0), M,
                                                            scaling, Dropout{}, true, grad_B,
-                                                           fused_bias ? &grad_bias : nullptr, stream);
+                                                           need_bias ? &grad_bias : nullptr, stream);
       }
     } else {
       if (need_A) sum_A = reduce_rows<TA>(ptr<float>(g_xa), R, ptr<T>(x), x.stride(0), M, scaling, dropout, grad_A, stream);
@@ -624,7 +618,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_backward(const Tensor& gy_in, co
                                 stream);
       }
     }
-    if (need_bias && !fused_bias) sum_bias = column_sums<T>(gy, grad_bias, stream);
+    if (need_bias && sum_bias.job.count == 0) sum_bias = column_sums<T>(gy, grad_bias, stream);  // (N = 0: nothing)
     check_launch(launch_sum_splits(sum_A.job, sum_B.job, sum_bias.job, stream),
                  "adapter- and bias-gradient split sums (sum_splits)");
   });
