@@ -290,7 +290,7 @@ std::pair<PendingSum<TO>, PendingSum<T>> narrow_reduce_rows(const T* wide, int64
   p.scale = 1.f;
   p.dropout = wide_dropout, p.dropout_row_len = p.U;  // x's element (m, k) has counter m · K + k
   const auto [splits, rows] = split_rows(M, ceil_div(p.U, kNarrowRows) * ceil_div(p.J, kNarrowCols));
-  p.t_per_split = splits > 1 ? rows : 0;  // (a split's rows are a multiple of 32, as the kernel needs)
+  p.t_per_split = splits == 1 ? 0 : rows;  // split rows are a multiple of 32; M = 0: no split, no launch
   Tensor ws = at::empty({splits, P, Q}, out.options().dtype(at::kFloat));
   p.out = ws.mutable_data_ptr<float>(), p.out_split_stride = P * Q;
   p.ldo_u = wide_is_p ? Q : 1, p.ldo_j = wide_is_p ? 1 : Q;
